@@ -1,0 +1,52 @@
+"""checkpointing: a crash-safe, pickle-free checkpoint manager for PyTorch.
+
+Three lines::
+
+    from checkpointing import CheckpointManager, CheckpointManagerOptions
+    with CheckpointManager("runs/exp1/ckpt", CheckpointManagerOptions(max_to_keep=3)) as mgr:
+        mgr.restore(state, missing_ok=True)
+        ...
+        mgr.save(step, state, metrics={"loss": loss})
+"""
+
+from checkpointing.coordination import Coordinator, SingleProcess
+from checkpointing.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DirectoryLockedError,
+    InvalidOptionError,
+    ItemNotFoundError,
+    ReadOnlyError,
+    StepAlreadyExistsError,
+    StepOrderError,
+    UnsupportedTypeError,
+)
+from checkpointing.format.naming import EpochIterNaming, PrefixNaming, StepNaming, checkpoint_n_naming
+from checkpointing.manager import CheckpointManager, StepReport, TensorMetadata
+from checkpointing.options import CheckpointManagerOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointManagerOptions",
+    "CheckpointNotFoundError",
+    "Coordinator",
+    "CorruptCheckpointError",
+    "DirectoryLockedError",
+    "EpochIterNaming",
+    "InvalidOptionError",
+    "ItemNotFoundError",
+    "PrefixNaming",
+    "ReadOnlyError",
+    "SingleProcess",
+    "StepAlreadyExistsError",
+    "StepNaming",
+    "StepOrderError",
+    "StepReport",
+    "TensorMetadata",
+    "UnsupportedTypeError",
+    "checkpoint_n_naming",
+]

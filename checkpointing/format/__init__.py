@@ -1,0 +1,1 @@
+"""State <-> files: tree structure, safetensors data, the commit record, step names."""

@@ -1,0 +1,132 @@
+"""Reading the arrays of one committed step, verified against its commit record."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from checkpointing.errors import CorruptCheckpointError
+from checkpointing.format.record import Record
+from checkpointing.format.tensors import Entry, byte_view, digest, parse_dtype, read_header, read_into
+
+
+class StepReader:
+    """Reads tensors of a step, each file opened once and only when needed.
+
+    Sizes are always checked against the record; checksums when ``verify`` is set.
+    Tensors read without a destination are memoized, so tensors that shared storage when
+    saved share it again.
+    """
+
+    def __init__(self, record: Record, open_file: Callable[[str], BinaryIO], *, verify: bool,
+                 where: str) -> None:
+        self._record = record
+        self._open_file = open_file
+        self._verify = verify
+        self._where = where
+        self._files: dict[str, tuple[BinaryIO, dict[str, Entry]]] = {}
+        self._memo: dict[tuple[str, str], torch.Tensor] = {}
+
+    def close(self) -> None:
+        for f, _ in self._files.values():
+            f.close()
+        self._files.clear()
+        self._memo.clear()
+
+    def __enter__(self) -> StepReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, tag: str, body: dict[str, Any], dest: torch.Tensor | None) -> Any:
+        """The value of a "tensor" or "ndarray" tree node (see format.tree.unflatten)."""
+        if tag == "ndarray":
+            dtype = np.dtype(body["dtype"])
+            nbytes = math.prod(body["shape"]) * dtype.itemsize
+            raw = self._tensor({**body, "dtype": "uint8", "shape": [nbytes]}, None)
+            return raw.numpy().view(dtype).reshape(body["shape"])
+        return self._tensor(body, dest)
+
+    def _tensor(self, body: dict[str, Any], dest: torch.Tensor | None) -> torch.Tensor:
+        dtype, shape = parse_dtype(body["dtype"]), tuple(body["shape"])
+        if "stride" in body:  # a view into a shared storage blob
+            base = self._blob(body, None, torch.uint8, (self._entry(body).end - self._entry(body).start,))
+            view = torch.empty(0, dtype=dtype).set_(
+                base.untyped_storage(), body["offset"], shape, tuple(body["stride"])
+            )
+            return _fill(dest, view)
+        if (
+            dest is not None
+            and dest.device.type == "cpu"
+            and dest.dtype == dtype
+            and tuple(dest.shape) == shape
+            and dest.is_contiguous()
+        ):
+            return self._blob(body, dest, dtype, shape)
+        return _fill(dest, self._blob(body, None, dtype, shape))
+
+    def _blob(self, body: dict[str, Any], dest: torch.Tensor | None, dtype: torch.dtype,
+              shape: tuple[int, ...]) -> torch.Tensor:
+        memo_key = (body["file"], body["key"])
+        if dest is None and memo_key in self._memo:
+            return self._memo[memo_key]
+        f, _ = self._open(body["file"])
+        out = torch.empty(shape, dtype=dtype) if dest is None else dest.detach()
+        data = byte_view(out)
+        read_into(f, self._entry(body), data, self._path(body["file"]))
+        if self._verify and digest(data) != body["checksum"]:
+            raise CorruptCheckpointError(
+                f"{self._path(body['file'])}: checksum mismatch in tensor {body['key']!r}; "
+                f"the file is corrupt. Restore another step (all_steps()) or a copy."
+            )
+        if dest is None:
+            self._memo[memo_key] = out
+        return out
+
+    def _entry(self, body: dict[str, Any]) -> Entry:
+        _, entries = self._open(body["file"])
+        try:
+            return entries[body["key"]]
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"{self._path(body['file'])}: tensor {body['key']!r} is missing"
+            ) from None
+
+    def _open(self, filename: str) -> tuple[BinaryIO, dict[str, Entry]]:
+        if filename not in self._files:
+            info = self._record.files.get(filename)
+            if info is None:
+                raise CorruptCheckpointError(f"{self._path(filename)} is not in the commit record")
+            f = self._open_file(filename)
+            try:
+                size = f.seek(0, 2)
+                if size != info.size:
+                    raise CorruptCheckpointError(
+                        f"{self._path(filename)}: size {size} bytes, the commit record says "
+                        f"{info.size}; the file is truncated or corrupt"
+                    )
+                head, entries = read_header(f, self._path(filename))
+                if self._verify and digest(head) != info.header_checksum:
+                    raise CorruptCheckpointError(f"{self._path(filename)}: header checksum mismatch")
+            except BaseException:
+                f.close()
+                raise
+            self._files[filename] = (f, entries)
+        return self._files[filename]
+
+    def _path(self, filename: str) -> str:
+        return f"{self._where}/{filename}"
+
+
+def _fill(dest: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Copy into ``dest`` when it can take ``value`` as is (e.g. on another device)."""
+    if dest is not None and dest.shape == value.shape and dest.dtype == value.dtype:
+        with torch.no_grad():
+            dest.copy_(value)
+        return dest
+    return value

@@ -1,0 +1,247 @@
+"""Nested state <-> a JSON tree plus a list of tensor blobs.
+
+The JSON tree keeps the structure and every non-tensor leaf, exactly: a node is a JSON
+scalar (int, str, bool, null, finite float), a list, or a one-key object tagged with its
+kind (``dict``, ``tuple``, ``float``, ``bytes``, ``npscalar``, ``tensor``, ``ndarray``).
+Dicts are stored as ``[key, node]`` pairs so int keys (optimizer state) stay ints.
+
+Tensors become `Blob`s that `format.tensors` writes into safetensors files; their tree
+nodes say which file and key hold the bytes. Tensors that share storage are stored once:
+identical views point at the same blob, other views of one storage point at a blob of
+the whole storage with their own offset and strides, so restore shares them again.
+
+Nothing here is pickle: reading a tree never runs code.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from checkpointing.errors import UnsupportedTypeError
+
+Node = Any  # a JSON value
+SUPPORTED = (
+    "torch.Tensor, numpy.ndarray, numpy scalars, int, float, bool, str, bytes, None, "
+    "list, tuple, dict with str or int keys, and objects with state_dict()/load_state_dict()"
+)
+
+
+@dataclasses.dataclass
+class Blob:
+    """One run of bytes to store: a tensor (or a whole shared storage)."""
+
+    item: str
+    key: str
+    tensor: torch.Tensor
+    nodes: list[dict[str, Any]]  # tree nodes reading these bytes; the writer adds file/key
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
+@dataclasses.dataclass
+class FlatState:
+    items: dict[str, Node]
+    blobs: list[Blob]
+
+
+def is_stateful(obj: object) -> bool:
+    """Objects restored in place: modules, optimizers, schedulers, user objects."""
+    return (
+        not isinstance(obj, Mapping)
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+def to_state(obj: Any) -> Any:
+    """The saveable value of ``obj``: its state_dict() when it has one."""
+    return obj.state_dict() if is_stateful(obj) else obj
+
+
+def flatten(state: Mapping[str, Any]) -> FlatState:
+    """Split a mapping of items into JSON trees and tensor blobs.
+
+    Raises `UnsupportedTypeError` naming the path of the first leaf that cannot be
+    stored, before anything is written.
+    """
+    flattener = _Flattener()
+    items = {name: flattener.node(to_state(value), name, (name,)) for name, value in state.items()}
+    flattener.share_views()
+    return FlatState(items=items, blobs=flattener.blobs)
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.blobs: list[Blob] = []
+        self._keys: dict[str, set[str]] = {}
+        # storage identity -> [(tensor, node, item, key)], to find shared storage
+        self._by_storage: dict[tuple[str, int], list[tuple[torch.Tensor, dict[str, Any], str, str]]] = {}
+
+    def node(self, value: Any, item: str, path: tuple[Any, ...]) -> Node:
+        if value is None or isinstance(value, bool | int | str):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"float": repr(value)}
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value, item, path)
+        if isinstance(value, np.ndarray):
+            return self._ndarray(value, item, path)
+        if isinstance(value, np.generic) and value.dtype.kind in "biufc":
+            return {"npscalar": [value.dtype.str, base64.b64encode(value.tobytes()).decode()]}
+        if isinstance(value, bytes):
+            return {"bytes": base64.b64encode(value).decode()}
+        if isinstance(value, Mapping):
+            pairs = []
+            for key, child in value.items():
+                if not isinstance(key, str | int) or isinstance(key, bool):
+                    raise UnsupportedTypeError(
+                        f"cannot save dict key {key!r} ({type(key).__name__}) at "
+                        f"{_path(path)}: keys must be str or int"
+                    )
+                pairs.append([key, self.node(to_state(child), item, (*path, key))])
+            return {"dict": pairs}
+        if type(value) is list:
+            return [self.node(to_state(v), item, (*path, i)) for i, v in enumerate(value)]
+        if type(value) is tuple:
+            return {"tuple": [self.node(to_state(v), item, (*path, i)) for i, v in enumerate(value)]}
+        raise UnsupportedTypeError(
+            f"cannot save {type(value).__module__}.{type(value).__qualname__} at "
+            f"{_path(path)}. Supported: {SUPPORTED}. Convert it, or give it "
+            f"state_dict()/load_state_dict()."
+        )
+
+    def _tensor(self, tensor: torch.Tensor, item: str, path: tuple[Any, ...]) -> Node:
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            raise UnsupportedTypeError(
+                f"cannot save tensor subclass {type(tensor).__name__} at {_path(path)}: "
+                f"convert it to a plain tensor (sharded tensors need torch.distributed)"
+            )
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
+            raise UnsupportedTypeError(
+                f"cannot save a {tensor.layout} / quantized / meta tensor at {_path(path)}: "
+                f"only dense tensors with data are supported"
+            )
+        tensor = tensor.detach()
+        node: dict[str, Any] = {"dtype": str(tensor.dtype).removeprefix("torch."),
+                                "shape": list(tensor.shape)}
+        key = self._unique_key(item, path)
+        if tensor.numel():
+            ident = (str(tensor.device), tensor.untyped_storage().data_ptr())
+            self._by_storage.setdefault(ident, []).append((tensor, node, item, key))
+        else:
+            self.blobs.append(Blob(item, key, tensor, [node]))
+        return {"tensor": node}
+
+    def _ndarray(self, array: np.ndarray, item: str, path: tuple[Any, ...]) -> Node:
+        if array.dtype.hasobject:
+            raise UnsupportedTypeError(
+                f"cannot save a numpy array of Python objects at {_path(path)}"
+            )
+        node: dict[str, Any] = {"dtype": array.dtype.str, "shape": list(array.shape)}
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        self.blobs.append(Blob(item, self._unique_key(item, path), torch.from_numpy(raw), [node]))
+        return {"ndarray": node}
+
+    def share_views(self) -> None:
+        """Turn the tensors seen into blobs, storing shared storage once."""
+        for group in self._by_storage.values():
+            first, _, item, key = group[0]
+            nodes = [node for _, node, _, _ in group]
+            if all(_same_view(first, t) for t, *_ in group[1:]):
+                self.blobs.append(Blob(item, key, first, nodes))
+                continue
+            # Views that differ: store the whole storage once, each node as a view of it.
+            storage = first.untyped_storage()
+            whole = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage)
+            for tensor, node, _, _ in group:
+                node.update(offset=tensor.storage_offset(), stride=list(tensor.stride()))
+            self.blobs.append(Blob(item, self._unique_key(item, (item, f"{key}~storage")), whole, nodes))
+
+    def _unique_key(self, item: str, path: tuple[Any, ...]) -> str:
+        taken = self._keys.setdefault(item, set())
+        base = "/".join(str(p) for p in path[1:]) or item
+        key, n = base, 1
+        while key in taken or key == "__metadata__":
+            key, n = f"{base}~{n}", n + 1
+        taken.add(key)
+        return key
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.storage_offset() == b.storage_offset()
+    )
+
+
+def _path(path: tuple[Any, ...]) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def iter_tensor_nodes(node: Node) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("tensor" | "ndarray", node) for every array leaf of a tree."""
+    if isinstance(node, list):
+        for child in node:
+            yield from iter_tensor_nodes(child)
+    elif isinstance(node, dict):
+        ((tag, body),) = node.items()
+        if tag in ("tensor", "ndarray"):
+            yield tag, body
+        elif tag == "dict":
+            for _, child in body:
+                yield from iter_tensor_nodes(child)
+        elif tag == "tuple":
+            for child in body:
+                yield from iter_tensor_nodes(child)
+
+
+ReadArray = Callable[[str, dict[str, Any], "torch.Tensor | None"], Any]
+
+
+def unflatten(node: Node, read: ReadArray, target: Any = None) -> Any:
+    """Rebuild a value from its tree.
+
+    ``read(tag, body, dest)`` returns the value of a "tensor"/"ndarray" node, filled
+    into ``dest`` when ``dest`` is a matching tensor of the target. Stateful targets get
+    their state loaded in place (``load_state_dict``) and are returned themselves.
+    """
+    if is_stateful(target):
+        target.load_state_dict(unflatten(node, read, target.state_dict()))
+        return target
+    if node is None or isinstance(node, bool | int | str | float):
+        return node
+    if isinstance(node, list):
+        return [unflatten(n, read, _nth(target, i, len(node))) for i, n in enumerate(node)]
+    ((tag, body),) = node.items()
+    if tag == "dict":
+        sub = target if isinstance(target, Mapping) else {}
+        return {k: unflatten(v, read, sub.get(k)) for k, v in body}
+    if tag == "tuple":
+        return tuple(unflatten(n, read, _nth(target, i, len(body))) for i, n in enumerate(body))
+    if tag == "float":
+        return float(body)
+    if tag == "bytes":
+        return base64.b64decode(body)
+    if tag == "npscalar":
+        dtype, data = body
+        return np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype))[0]
+    if tag in ("tensor", "ndarray"):
+        return read(tag, body, target if isinstance(target, torch.Tensor) else None)
+    raise ValueError(f"unknown tree node {tag!r}")
+
+
+def _nth(target: Any, i: int, length: int) -> Any:
+    if isinstance(target, list | tuple) and len(target) == length:
+        return target[i]
+    return None

@@ -1,0 +1,441 @@
+"""`CheckpointManager`: save, list, restore and prune the checkpoints of one run.
+
+Reading guide, in the order data flows on ``save``: the save policy decides
+(`policies.save`), the state is flattened into a JSON tree plus tensor blobs
+(`format.tree`), blobs are streamed into safetensors files under a temporary name
+(`format.tensors`, `storage`), the commit record is written last (`format.record`),
+the step becomes visible atomically, and retention deletes what no rule keeps
+(`policies.retention`). Restore runs the other way (`format.reader`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from checkpointing.coordination import Coordinator, SingleProcess
+from checkpointing.errors import (
+    CheckpointNotFoundError,
+    InvalidOptionError,
+    ItemNotFoundError,
+    ReadOnlyError,
+    StepAlreadyExistsError,
+    StepOrderError,
+)
+from checkpointing.format import tensors, tree
+from checkpointing.format.naming import PrefixNaming, StepNaming
+from checkpointing.format.reader import StepReader
+from checkpointing.format.record import RECORD_NAME, FileInfo, Record, to_json_value
+from checkpointing.options import CheckpointManagerOptions
+from checkpointing.policies.preemption import PreemptionWatcher
+from checkpointing.policies.retention import (
+    CheckpointInfo,
+    RetentionDecision,
+    decide_retention,
+    retention_policy_from_options,
+)
+from checkpointing.policies.save import SaveContext, decide_save, save_policy_from_options
+from checkpointing.storage import LocalStorage, Storage
+
+logger = logging.getLogger("checkpointing")
+
+PROTECTED_NAME = "protected.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMetadata:
+    """What `CheckpointManager.item_metadata` reports for an array, without reading it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """One line of `CheckpointManager.retention_report`."""
+
+    step: int
+    kept: bool
+    reasons: tuple[str, ...]
+    committed_at: float
+    nbytes: int
+    metrics: dict[str, Any] | None
+
+
+class CheckpointManager:
+    """Saves and restores the state of a training run in ``directory``.
+
+    >>> with CheckpointManager("runs/exp1/ckpt", CheckpointManagerOptions(max_to_keep=3)) as mgr:
+    ...     mgr.restore(state, missing_ok=True)
+    ...     mgr.save(step, state, metrics={"loss": loss})
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        options: CheckpointManagerOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        coordinator: Coordinator | None = None,
+    ) -> None:
+        self.options = options or CheckpointManagerOptions()
+        self._clock = clock
+        self._coordinator = coordinator or SingleProcess()
+        self._naming: StepNaming = self.options.step_naming or PrefixNaming(
+            self.options.step_prefix, self.options.step_format_fixed_length
+        )
+        self._save_policy = save_policy_from_options(self.options)
+        self._retention = retention_policy_from_options(self.options)
+        self._storage: Storage = LocalStorage(
+            directory, create=self.options.create and not self.options.read_only
+        )
+        self._records: dict[int, Record] = {}
+        self._protected: set[int] = set()
+        self._closed = False
+        self._preemption = PreemptionWatcher()
+        if not self.options.read_only:
+            self._storage.lock()
+            if self.options.cleanup_tmp_directories and self._coordinator.is_primary:
+                for name in self._storage.cleanup():
+                    logger.info("removed leftover of an interrupted save: %s", name)
+        if self.options.save_on_preemption:
+            self._preemption.install(self.options.preemption_signals)
+        self.reload()
+
+    # ---------------------------------------------------------------- listing
+
+    @property
+    def directory(self) -> str:
+        return self._storage.url
+
+    def reload(self) -> None:
+        """Rescan the directory for steps written or deleted by other processes."""
+        found: dict[int, Record] = {}
+        for name in self._storage.committed(RECORD_NAME):
+            step = self._naming.parse(name)
+            if step is None:
+                continue
+            known = self._records.get(step)
+            found[step] = known if known is not None else self._read_record(name)
+        self._records = dict(sorted(found.items()))
+        self._protected = self._load_protected()
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, ascending (from the cache; see `reload`)."""
+        return list(self._records)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None (from the cache; see `reload`)."""
+        return next(reversed(self._records), None)
+
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        """The metrics saved with ``step``."""
+        return self._record(step).metrics
+
+    def item_metadata(self, step: int | None = None) -> dict[str, Any]:
+        """Items of a step with arrays described by `TensorMetadata`, reading no tensor data."""
+        record = self._record(self._resolve(step))
+
+        def describe(tag: str, body: dict[str, Any], _: Any) -> TensorMetadata:
+            import numpy as np
+
+            size = np.dtype(body["dtype"]).itemsize if tag == "ndarray" else tensors.parse_dtype(
+                body["dtype"]
+            ).itemsize
+            shape = tuple(body["shape"])
+            return TensorMetadata(shape, body["dtype"], size * math.prod(shape))
+
+        return {name: tree.unflatten(node, describe) for name, node in record.items.items()}
+
+    # ------------------------------------------------------------------ saving
+
+    def should_save(self, step: int) -> bool:
+        """Whether the save policy wants ``step`` saved. Never for a step at or below
+        the latest committed one."""
+        latest = self.latest_step()
+        return decide_save(
+            self._save_policy,
+            SaveContext(
+                step=step,
+                latest_step=latest,
+                last_save_time=None if latest is None else self._records[latest].committed_at,
+                now=self._clock(),
+                preempted=self._preemption.triggered,
+            ),
+        )
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once a preemption signal arrived: save ``step`` and exit the loop."""
+        del step  # same answer for every step; kept for Orbax's signature
+        return self._preemption.triggered
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save ``state`` as ``step`` if the save policy (or ``force``) says so.
+
+        ``state`` maps item names to values: modules, optimizers and other objects with
+        ``state_dict()``, tensors, numpy arrays, Python scalars and containers. Returns
+        False when the policy declined. A step that already exists raises
+        `StepAlreadyExistsError`. A step below the latest raises `StepOrderError` unless
+        ``force`` is set: a lower step usually means the loop forgot to resume, and saving
+        it would make "latest" lie.
+        """
+        self._check_writable()
+        _check_step(step)
+        if step in self._records:
+            raise StepAlreadyExistsError(
+                f"step {step} already has a checkpoint in {self.directory}; delete(step) it "
+                f"first if you mean to replace it"
+            )
+        latest = self.latest_step()
+        if latest is not None and step < latest and not force:
+            raise StepOrderError(
+                f"step {step} is below the latest checkpoint ({latest}) in {self.directory}. "
+                f"Did the loop resume with restore()? Pass force=True to save it anyway."
+            )
+        if not force and not self.should_save(step):
+            return False
+        if not isinstance(state, Mapping) or not all(isinstance(k, str) and k for k in state):
+            raise InvalidOptionError(
+                "state must be a mapping of item names (non-empty str) to values, e.g. "
+                "{'model': model, 'optimizer': optimizer}"
+            )
+        started = self._clock()
+        record_metrics = None if metrics is None else to_json_value(metrics, "metrics")
+        record_metadata = None if metadata is None else to_json_value(metadata, "metadata")
+        flat = tree.flatten(state)
+        record = self._write(step, flat, started, record_metrics, record_metadata)
+        self._records[step] = record
+        self._records = dict(sorted(self._records.items()))
+        self._preemption.reset()
+        self._apply_retention()
+        return True
+
+    def _write(self, step: int, flat: tree.FlatState, started: float,
+               metrics: dict[str, Any] | None, metadata: dict[str, Any] | None) -> Record:
+        name = self._naming.name(step)
+        writer = self._storage.begin(name)
+        try:
+            files: dict[str, FileInfo] = {}
+            for filename, blobs in _group_by_file(flat).items():
+                f = writer.open(filename)
+                try:
+                    written = tensors.write_file(f, blobs, filename)
+                finally:
+                    f.close()
+                files[filename] = FileInfo(written.size, written.header_checksum, written.checksum)
+            record = Record(step=step, created_at=started, committed_at=self._clock(),
+                            items=flat.items, files=files, metrics=metrics, metadata=metadata)
+            writer.commit(RECORD_NAME, record.to_json())
+        except BaseException:
+            writer.abort()
+            raise
+        logger.debug("committed step %d to %s", step, self.directory)
+        return record
+
+    # --------------------------------------------------------------- restoring
+
+    def restore(
+        self,
+        target: Mapping[str, Any] | None = None,
+        *,
+        step: int | None = None,
+        items: Iterable[str] | None = None,
+        missing_ok: bool = False,
+    ) -> dict[str, Any] | None:
+        """Restore a step (the latest by default).
+
+        With ``target`` (a mapping like the one given to `save`), objects with
+        ``load_state_dict`` are loaded in place, tensors of matching shape and dtype are
+        filled in place, and the tree is returned with the restored items replaced.
+        Without it, the saved items come back as containers of CPU tensors. ``items``
+        restricts the restore to those items and reads only their bytes. With no
+        checkpoint: `CheckpointNotFoundError`, or None if ``missing_ok``.
+        """
+        if target is not None and not isinstance(target, Mapping):
+            raise InvalidOptionError(
+                f"target must be a mapping of item names, like the state given to save(); "
+                f"got {type(target).__name__}"
+            )
+        if step is None and self.latest_step() is None:
+            if missing_ok:
+                return None
+            raise CheckpointNotFoundError(f"no checkpoint in {self.directory}")
+        step = self._resolve(step)
+        record = self._record(step)
+        names = list(items) if items is not None else list(target or record.items)
+        missing = [n for n in names if n not in record.items]
+        if missing:
+            raise ItemNotFoundError(
+                f"step {step} has no item {', '.join(map(repr, missing))}; it has "
+                f"{', '.join(map(repr, record.items))}"
+            )
+        where = f"{self.directory}/{self._naming.name(step)}"
+        with StepReader(
+            record,
+            lambda filename: self._storage.open_read(f"{self._naming.name(step)}/{filename}"),
+            verify=self.options.verify_checksums,
+            where=where,
+        ) as reader:
+            restored = {
+                name: tree.unflatten(record.items[name], reader.read,
+                                     None if target is None else target.get(name))
+                for name in names
+            }
+        return restored if target is None else {**target, **restored}
+
+    # ---------------------------------------------------------------- deleting
+
+    def delete(self, step: int) -> None:
+        """Delete a committed step."""
+        self._check_writable()
+        self._record(step)
+        self._storage.delete(self._naming.name(step))
+        del self._records[step]
+        if step in self._protected:
+            self._protected.discard(step)
+            self._save_protected()
+
+    def protect(self, step: int) -> None:
+        """Pin ``step`` so that retention never deletes it (persisted in the directory)."""
+        self._check_writable()
+        self._record(step)
+        self._protected.add(step)
+        self._save_protected()
+
+    def unprotect(self, step: int) -> None:
+        """Undo `protect`; the step is subject to retention at the next save."""
+        self._check_writable()
+        self._protected.discard(step)
+        self._save_protected()
+
+    def retention_report(self) -> list[StepReport]:
+        """For every committed step: kept or not, and by which rule(s)."""
+        decision = self._decide()
+        return [
+            StepReport(
+                step=step,
+                kept=step in decision.keep,
+                reasons=decision.keep.get(step, ()),
+                committed_at=record.committed_at,
+                nbytes=sum(f.size for f in record.files.values()),
+                metrics=record.metrics,
+            )
+            for step, record in self._records.items()
+        ]
+
+    def _decide(self) -> RetentionDecision:
+        infos = [CheckpointInfo(step, r.committed_at, r.metrics) for step, r in self._records.items()]
+        return decide_retention(
+            infos,
+            self._retention,
+            now=self._clock(),
+            protected=self._protected,
+            always_keep_latest=self.options.always_keep_latest,
+        )
+
+    def _apply_retention(self) -> None:
+        if not self._coordinator.is_primary:
+            return
+        for step in self._decide().delete:
+            logger.info("retention deletes step %d", step)
+            self._storage.delete(self._naming.name(step))
+            del self._records[step]
+
+    # --------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Release the directory lock and signal handlers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._preemption.uninstall()
+        self._storage.unlock()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- helpers
+
+    def _check_writable(self) -> None:
+        if self.options.read_only:
+            raise ReadOnlyError(f"this manager of {self.directory} is read-only")
+        if self._closed:
+            raise ReadOnlyError(f"this manager of {self.directory} is closed")
+
+    def _resolve(self, step: int | None) -> int:
+        if step is None:
+            latest = self.latest_step()
+            if latest is None:
+                raise CheckpointNotFoundError(f"no checkpoint in {self.directory}")
+            return latest
+        return step
+
+    def _record(self, step: int) -> Record:
+        try:
+            return self._records[step]
+        except KeyError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; committed steps: "
+                f"{self.all_steps() or 'none'} (call reload() to see other processes' saves)"
+            ) from None
+
+    def _read_record(self, name: str) -> Record:
+        path = f"{name}/{RECORD_NAME}"
+        return Record.from_json(self._storage.read_bytes(path), f"{self.directory}/{path}")
+
+    def _load_protected(self) -> set[int]:
+        if not self._storage.exists(PROTECTED_NAME):
+            return set()
+        return set(json.loads(self._storage.read_bytes(PROTECTED_NAME)))
+
+    def _save_protected(self) -> None:
+        self._storage.write_bytes(PROTECTED_NAME, json.dumps(sorted(self._protected)).encode())
+
+
+def _check_step(step: object) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise InvalidOptionError(f"step must be an int >= 0, got {step!r}")
+
+
+def _group_by_file(flat: tree.FlatState) -> dict[str, list[tree.Blob]]:
+    """Assign blobs to files: one file per item, top-level arrays together in one."""
+    file_of: dict[str, str] = {}
+    used: set[str] = set()
+
+    def allocate(base: str) -> str:
+        name, n = f"{base}.safetensors", 1
+        while name.lower() in used:
+            name, n = f"{base}-{n}.safetensors", n + 1
+        used.add(name.lower())
+        return name
+
+    shared = None
+    for item, node in flat.items.items():
+        if isinstance(node, dict) and next(iter(node)) in ("tensor", "ndarray"):
+            shared = shared or allocate("tensors")
+            file_of[item] = shared
+        else:
+            file_of[item] = allocate(re.sub(r"[^A-Za-z0-9_.-]", "_", item).strip(".") or "item")
+    groups: dict[str, list[tree.Blob]] = {}
+    for blob in flat.blobs:
+        groups.setdefault(file_of[blob.item], []).append(blob)
+    return groups

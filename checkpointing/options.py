@@ -1,0 +1,164 @@
+"""`CheckpointManagerOptions`: what to save, when, and what to keep.
+
+Field names follow Orbax's `CheckpointManagerOptions` so that users can carry their
+configuration over. Every value is checked at construction, and a bad one raises
+`InvalidOptionError` naming the field, before any file is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import signal
+from collections.abc import Callable, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from checkpointing.errors import InvalidOptionError
+
+if TYPE_CHECKING:
+    from checkpointing.format.naming import StepNaming
+    from checkpointing.policies.retention import RetentionPolicy
+    from checkpointing.policies.save import SavePolicy
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointManagerOptions:
+    """Configuration of a `CheckpointManager`. All fields are optional.
+
+    Save policy (a save happens when any configured rule says so):
+      save_interval_steps: save when ``step % n == 0``. When no save rule at all is
+        configured, every ``save()`` call saves (as if this were 1).
+      save_on_steps: explicit steps to save at.
+      save_interval_secs: save when this long has passed since the last committed save.
+      save_on_initial: save the first step seen when the directory has no checkpoint.
+      save_on_preemption: install a SIGTERM/SIGUSR1 handler (chained to any existing
+        one); after a signal, ``should_save`` says yes and ``reached_preemption`` is True.
+      save_policy: a policy object used instead of all the fields above.
+
+    Retention (a checkpoint survives if any rule keeps it; deletion runs after a commit):
+      max_to_keep: keep the newest N (or, with a best rule, the best N). None keeps all.
+      keep_period: keep every step divisible by this forever.
+      keep_time_interval: keep one checkpoint per interval (seconds or timedelta).
+      best_fn / best_metric / best_mode: rank checkpoints by their metrics.
+      keep_checkpoints_without_metrics: with a best rule, never delete unranked ones.
+      always_keep_latest: never delete the newest checkpoint (the resume point). False
+        reproduces Orbax, which may delete it when it ranks outside the best N.
+      retention_policy: a policy object used instead of the retention fields.
+
+    Layout and behaviour:
+      step_prefix / step_format_fixed_length: step directory names, ``step_00000100``.
+      step_naming: a `StepNaming` object used instead of the two fields above.
+      create: create the directory if missing.
+      cleanup_tmp_directories: remove leftovers of crashed saves at start-up.
+      read_only: never write, delete or lock (evaluation jobs).
+      verify_checksums: check every file's checksum on restore (sizes are always checked).
+      enable_async_checkpointing: ``save()`` returns after a snapshot; writing happens in
+        the background.
+      async_timeout_secs: fail a background save that takes longer than this.
+    """
+
+    save_interval_steps: int | None = None
+    save_on_steps: Collection[int] | None = None
+    save_interval_secs: float | None = None
+    save_on_initial: bool = False
+    save_on_preemption: bool = False
+    preemption_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
+    save_policy: SavePolicy | None = None
+
+    max_to_keep: int | None = None
+    keep_period: int | None = None
+    keep_time_interval: float | datetime.timedelta | None = None
+    best_fn: Callable[[Mapping[str, Any]], float] | None = None
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] = "max"
+    keep_checkpoints_without_metrics: bool = True
+    always_keep_latest: bool = True
+    retention_policy: RetentionPolicy | None = None
+
+    step_prefix: str | None = "step"
+    step_format_fixed_length: int | None = 8
+    step_naming: StepNaming | None = None
+    create: bool = True
+    cleanup_tmp_directories: bool = True
+    read_only: bool = False
+    verify_checksums: bool = True
+    enable_async_checkpointing: bool = True
+    async_timeout_secs: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("save_interval_steps", self.save_interval_steps)
+        _check_positive_int("max_to_keep", self.max_to_keep, allow_zero=True)
+        _check_positive_int("keep_period", self.keep_period)
+        _check_positive_int("step_format_fixed_length", self.step_format_fixed_length)
+        _check_positive_number("save_interval_secs", self.save_interval_secs)
+        _check_positive_number("async_timeout_secs", self.async_timeout_secs)
+        if isinstance(self.keep_time_interval, datetime.timedelta):
+            object.__setattr__(
+                self, "keep_time_interval", self.keep_time_interval.total_seconds()
+            )
+        _check_positive_number("keep_time_interval", self.keep_time_interval)
+        if self.save_on_steps is not None:
+            if isinstance(self.save_on_steps, str | bytes) or not all(
+                _is_int(s) and s >= 0 for s in self.save_on_steps
+            ):
+                raise InvalidOptionError(
+                    f"save_on_steps must be a collection of non-negative ints, "
+                    f"got {self.save_on_steps!r}"
+                )
+            object.__setattr__(self, "save_on_steps", frozenset(self.save_on_steps))
+        if self.best_mode not in ("min", "max"):
+            raise InvalidOptionError(
+                f"best_mode must be 'min' or 'max', got {self.best_mode!r}"
+            )
+        if self.best_fn is not None and self.best_metric is not None:
+            raise InvalidOptionError("set best_fn or best_metric, not both")
+        if self.best_fn is not None and not callable(self.best_fn):
+            raise InvalidOptionError(f"best_fn must be callable, got {self.best_fn!r}")
+        if self.best_metric is not None and (
+            not isinstance(self.best_metric, str) or not self.best_metric.strip("/")
+        ):
+            raise InvalidOptionError(
+                f"best_metric must be a '/'-separated key path, got {self.best_metric!r}"
+            )
+        if self.step_prefix is not None and (
+            not isinstance(self.step_prefix, str)
+            or not self.step_prefix
+            or "/" in self.step_prefix
+            or self.step_prefix.startswith(".")
+        ):
+            raise InvalidOptionError(
+                f"step_prefix must be a non-empty name without '/' or a leading '.', "
+                f"got {self.step_prefix!r}"
+            )
+        for name in ("preemption_signals",):
+            if not all(isinstance(s, int) for s in self.preemption_signals):
+                raise InvalidOptionError(f"{name} must be signal numbers")
+
+    @property
+    def has_best_rule(self) -> bool:
+        return self.best_fn is not None or self.best_metric is not None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    low = 0 if allow_zero else 1
+    if not _is_int(value) or value < low:  # type: ignore[operator]
+        raise InvalidOptionError(f"{name} must be an int >= {low} or None, got {value!r}")
+
+
+def _check_positive_number(name: str, value: object) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidOptionError(f"{name} must be a positive number or None, got {value!r}")

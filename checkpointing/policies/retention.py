@@ -1,0 +1,338 @@
+"""What to keep: pure retention rules over a list of committed checkpoints.
+
+Each rule returns the steps it keeps with the reasons why; a checkpoint survives if any
+rule keeps it. Rules see only the plain data of the checkpoints still on disk (step,
+commit time, metrics), so a new process deciding from the survivors reaches the same
+answer and deleting again removes nothing more.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import math
+import numbers
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from checkpointing.errors import InvalidOptionError
+from checkpointing.policies.save import _is_int, _is_positive_number
+
+if TYPE_CHECKING:
+    from checkpointing.options import CheckpointManagerOptions
+
+Reasons = Mapping[int, tuple[str, ...]]
+
+REASON_LATEST = "latest"
+REASON_PROTECTED = "protected"
+REASON_SAVING = "saving"
+REASON_NO_METRICS = "no metrics"
+REASON_KEEP_ALL = "max_to_keep=None"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint as retention sees it."""
+
+    step: int
+    time: float  # commit time, clock seconds
+    metrics: Mapping[str, Any] | None  # may be nested
+
+
+@runtime_checkable
+class RetentionPolicy(Protocol):
+    """Anything with this ``keep`` method can decide what survives."""
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        """Return ``{step: reasons}`` for the checkpoints this rule keeps.
+
+        ``checkpoints`` are sorted by step, ascending. A step that is absent, or maps to
+        no reason, is not kept by this rule. ``now`` is the manager's clock, for rules
+        that depend on age.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class KeepLatest:
+    """Keep the ``n`` newest checkpoints."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        _check_count("KeepLatest", self.n)
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        kept = checkpoints[max(0, len(checkpoints) - self.n) :]
+        return {c.step: (f"latest {self.n}",) for c in kept}
+
+
+@dataclass(frozen=True)
+class KeepEveryNSteps:
+    """Keep every step divisible by ``n``, forever (Orbax's ``keep_period``)."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise InvalidOptionError(f"KeepEveryNSteps needs an int n >= 1, got {self.n!r}")
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        reason = (f"every {self.n} steps",)
+        return {c.step: reason for c in checkpoints if c.step % self.n == 0}
+
+
+@dataclass(frozen=True)
+class KeepEveryNSeconds:
+    """Keep about one checkpoint per ``secs`` of commit time (Orbax's ``keep_time_interval``).
+
+    Walking oldest first, the oldest checkpoint is kept, then each one committed at least
+    ``secs`` after the previously kept one. The walk depends only on checkpoints it keeps,
+    so deleting the others never changes it.
+    """
+
+    secs: float
+
+    def __post_init__(self) -> None:
+        if not _is_positive_number(self.secs):
+            raise InvalidOptionError(
+                f"KeepEveryNSeconds needs a positive number of seconds, got {self.secs!r}"
+            )
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        reason = (f"one per {self.secs:g}s",)
+        kept: dict[int, tuple[str, ...]] = {}
+        last_time: float | None = None
+        for c in checkpoints:
+            if last_time is None or c.time >= last_time + self.secs:
+                kept[c.step] = reason
+                last_time = c.time
+        return kept
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Keep the ``n`` best checkpoints by a metric.
+
+    ``metric`` is a ``"/"``-separated path into the metrics dict (``"eval/loss"``) or a
+    function of the metrics. A checkpoint is unranked when it has no metrics, the path is
+    missing, or the value is not a finite number (a function may return NaN to say so).
+    Unranked checkpoints are all kept when ``keep_without_metrics``; otherwise they only
+    fill the slots the ranked ones leave free, newest first, as Orbax does. Between equal
+    scores the newer step wins.
+    """
+
+    n: int
+    metric: str | Callable[[Mapping[str, Any]], float]
+    mode: Literal["min", "max"] = "max"
+    keep_without_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        _check_count("KeepBest", self.n)
+        if self.mode not in ("min", "max"):
+            raise InvalidOptionError(f"KeepBest mode must be 'min' or 'max', got {self.mode!r}")
+        if isinstance(self.metric, str):
+            if not self.metric.strip("/"):
+                raise InvalidOptionError(
+                    f"KeepBest metric must be a '/'-separated key path, got {self.metric!r}"
+                )
+        elif not callable(self.metric):
+            raise InvalidOptionError(
+                f"KeepBest metric must be a key path or a function, got {self.metric!r}"
+            )
+
+    @property
+    def _label(self) -> str:
+        """The reason given for a ranked checkpoint, e.g. ``best 2 by loss (min)``."""
+        if isinstance(self.metric, str):
+            name = self.metric.strip("/")
+        else:
+            name = getattr(self.metric, "__name__", "<lambda>")
+            name = "best_fn" if name == "<lambda>" else name
+        return f"best {self.n} by {name} ({self.mode})"
+
+    def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
+        """The value ranked on, higher is better whatever the mode; None when unranked."""
+        if metrics is None:
+            return None
+        if isinstance(self.metric, str):
+            value: Any = metrics
+            for key in filter(None, self.metric.split("/")):
+                if not isinstance(value, Mapping) or key not in value:
+                    return None
+                value = value[key]
+        else:
+            value = self.metric(metrics)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            return None
+        number = float(value)
+        if not math.isfinite(number):
+            return None
+        return number if self.mode == "max" else -number
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        ranked: list[tuple[float, int]] = []
+        unranked: list[int] = []
+        for c in checkpoints:
+            score = self._score(c.metrics)
+            if score is None:
+                unranked.append(c.step)
+            else:
+                ranked.append((score, c.step))
+        ranked.sort()  # worst first; equal scores: older first, so the newer one is kept
+        best = (self._label,)
+        kept = {step: best for _, step in ranked[max(0, len(ranked) - self.n) :]}
+        if self.keep_without_metrics:
+            kept.update((step, (REASON_NO_METRICS,)) for step in unranked)
+        else:
+            free = max(0, self.n - len(ranked))
+            filler = (f"{self._label}: unranked, free slot",)
+            kept.update((step, filler) for step in unranked[max(0, len(unranked) - free) :])
+        return kept
+
+
+@dataclass(frozen=True)
+class KeepSteps:
+    """Keep exactly these steps (milestones worth keeping whatever else happens)."""
+
+    steps: Collection[int]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, str | bytes) or not all(
+            _is_int(s) and s >= 0 for s in self.steps
+        ):
+            raise InvalidOptionError(
+                f"KeepSteps needs a collection of non-negative ints, got {self.steps!r}"
+            )
+        object.__setattr__(self, "steps", frozenset(self.steps))
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        return {c.step: ("listed steps",) for c in checkpoints if c.step in self.steps}
+
+
+@dataclass(frozen=True, init=False)
+class KeepAnyOf:
+    """Keep what any of the rules keeps, with all of their reasons."""
+
+    policies: tuple[RetentionPolicy, ...]
+
+    def __init__(self, *policies: RetentionPolicy) -> None:
+        if not policies:
+            raise InvalidOptionError("KeepAnyOf needs at least one retention policy")
+        for policy in policies:
+            if not isinstance(policy, RetentionPolicy):
+                raise InvalidOptionError(
+                    f"KeepAnyOf takes retention policies (with keep), got {policy!r}"
+                )
+        object.__setattr__(self, "policies", policies)
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        merged: dict[int, tuple[str, ...]] = {}
+        for policy in self.policies:
+            for step, reasons in policy.keep(checkpoints, now).items():
+                merged[step] = _union(merged.get(step, ()), reasons)
+        return merged
+
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    """The outcome: every surviving step with its (non-empty) reasons, and what to delete."""
+
+    keep: Mapping[int, tuple[str, ...]]
+    delete: tuple[int, ...]  # ascending
+
+
+def decide_retention(
+    checkpoints: Collection[CheckpointInfo],
+    policy: RetentionPolicy | None,
+    *,
+    now: float,
+    protected: Collection[int] = (),
+    in_progress: Collection[int] = (),
+    always_keep_latest: bool = True,
+) -> RetentionDecision:
+    """Decide which of ``checkpoints`` survive.
+
+    ``policy`` None keeps everything. On top of the policy, the newest checkpoint is kept
+    when ``always_keep_latest`` (it is the resume point; False reproduces Orbax, which
+    deletes it when it ranks outside the best N), and ``protected`` and ``in_progress``
+    steps are never deleted. Steps in those two that are not among ``checkpoints`` are
+    ignored.
+    """
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    steps = [c.step for c in ordered]
+    duplicates = sorted({a for a, b in itertools.pairwise(steps) if a == b})
+    if duplicates:
+        raise InvalidOptionError(f"steps {duplicates} appear twice among the checkpoints")
+    present = set(steps)
+    kept: dict[int, tuple[str, ...]] = {}
+
+    def add(step: int, reasons: tuple[str, ...]) -> None:
+        kept[step] = _union(kept.get(step, ()), reasons)
+
+    if policy is None:
+        for step in steps:
+            add(step, (REASON_KEEP_ALL,))
+    else:
+        for step, reasons in policy.keep(ordered, now).items():
+            if step not in present:
+                raise InvalidOptionError(
+                    f"retention policy {policy!r} kept step {step}, "
+                    f"which is not among the checkpoints"
+                )
+            add(step, tuple(reasons))
+    if always_keep_latest and steps:
+        add(steps[-1], (REASON_LATEST,))
+    for extra, reason in ((protected, REASON_PROTECTED), (in_progress, REASON_SAVING)):
+        for step in present.intersection(extra):
+            add(step, (reason,))
+    return RetentionDecision(
+        keep={step: kept[step] for step in steps if kept.get(step)},
+        delete=tuple(step for step in steps if not kept.get(step)),
+    )
+
+
+def retention_policy_from_options(
+    options: CheckpointManagerOptions,
+) -> RetentionPolicy | None:
+    """Build the retention policy the option fields describe, with Orbax's semantics.
+
+    Nothing is deleted unless ``max_to_keep`` is set (None is returned: keep all). It then
+    counts the newest checkpoints, or with ``best_fn``/``best_metric`` the best ones;
+    ``keep_period`` and ``keep_time_interval`` keep more on top. ``retention_policy``
+    replaces all of these fields.
+    """
+    if options.retention_policy is not None:
+        return options.retention_policy
+    n = options.max_to_keep
+    if n is None:
+        return None
+    metric = options.best_fn if options.best_fn is not None else options.best_metric
+    rules: list[RetentionPolicy] = [
+        KeepLatest(n)
+        if metric is None
+        else KeepBest(
+            n,
+            metric,
+            mode=options.best_mode,
+            keep_without_metrics=options.keep_checkpoints_without_metrics,
+        )
+    ]
+    if options.keep_period is not None:
+        rules.append(KeepEveryNSteps(options.keep_period))
+    interval = options.keep_time_interval
+    if isinstance(interval, datetime.timedelta):
+        interval = interval.total_seconds()
+    if interval is not None:
+        rules.append(KeepEveryNSeconds(interval))
+    return rules[0] if len(rules) == 1 else KeepAnyOf(*rules)
+
+
+def _check_count(name: str, n: object) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise InvalidOptionError(f"{name} needs an int n >= 0, got {n!r}")
+
+
+def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(first + second))

@@ -1,0 +1,74 @@
+"""The storage interface: the only way the manager touches files.
+
+Paths are relative to the checkpoint directory and use ``/``. A step is written through
+a `StepWriter`, which keeps it invisible until `StepWriter.commit` has written the commit
+record; how that is made atomic is the backend's business (rename on a local disk, the
+record uploaded last on an object store).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import BinaryIO
+
+
+class StepWriter(abc.ABC):
+    """Writes the files of one step; nothing is visible before `commit`."""
+
+    @abc.abstractmethod
+    def open(self, filename: str) -> BinaryIO:
+        """A new file of this step, open for writing; durable once closed."""
+
+    @abc.abstractmethod
+    def commit(self, record_name: str, record: bytes) -> None:
+        """Write the commit record last and make the step visible, durably."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Remove everything written so far. Safe to call after a failed commit."""
+
+
+class Storage(abc.ABC):
+    """A checkpoint directory."""
+
+    url: str
+
+    @abc.abstractmethod
+    def committed(self, record_name: str) -> list[str]:
+        """Names of the subdirectories that hold ``record_name``."""
+
+    @abc.abstractmethod
+    def begin(self, name: str) -> StepWriter:
+        """Start writing the step directory ``name``."""
+
+    @abc.abstractmethod
+    def open_read(self, path: str) -> BinaryIO:
+        """Open a file for reading; it supports seek and readinto."""
+
+    @abc.abstractmethod
+    def read_bytes(self, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Replace a small file atomically (never seen half-written)."""
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def size(self, path: str) -> int: ...
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> None:
+        """Delete a step directory; it disappears from listings first."""
+
+    @abc.abstractmethod
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of crashed saves and deletes; return what was removed."""
+
+    @abc.abstractmethod
+    def lock(self) -> None:
+        """Take the writer lock, or raise `DirectoryLockedError` if another holds it."""
+
+    @abc.abstractmethod
+    def unlock(self) -> None: ...

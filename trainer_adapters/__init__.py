@@ -1,0 +1,1 @@
+"""Adapters that plug `checkpointing.CheckpointManager` into existing trainers."""
