@@ -31,7 +31,7 @@ def ensure_env() -> None:
     if not PY.exists():
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / ".installed"
-    want = hashlib.sha256(((ROOT / "pyproject.toml").read_bytes() + TORCH.encode())).hexdigest()
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return
     pip = (PY, "-m", "pip", "install", "--disable-pip-version-check", "-q")
@@ -47,7 +47,9 @@ def main(argv: list[str]) -> int:
     ensure_env()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if argv[0] == "demo":
-        return subprocess.run([str(PY), "examples/demo.py", *argv[1:]], cwd=ROOT, env=env).returncode
+        return subprocess.run(
+            [str(PY), "examples/demo.py", *argv[1:]], cwd=ROOT, env=env
+        ).returncode
     checks = [
         [str(PY), "-m", "ruff", "check", "."],
         [str(PY), "-m", "mypy", "checkpointing", "trainer_adapters"],

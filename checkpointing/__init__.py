@@ -22,7 +22,12 @@ from checkpointing.errors import (
     StepOrderError,
     UnsupportedTypeError,
 )
-from checkpointing.format.naming import EpochIterNaming, PrefixNaming, StepNaming, checkpoint_n_naming
+from checkpointing.format.naming import (
+    EpochIterNaming,
+    PrefixNaming,
+    StepNaming,
+    checkpoint_n_naming,
+)
 from checkpointing.manager import CheckpointManager, StepReport, TensorMetadata
 from checkpointing.options import CheckpointManagerOptions
 

@@ -10,18 +10,23 @@ the step becomes visible atomically, and retention deletes what no rule keeps
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
-import math
 import logging
+import math
 import os
 import re
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers
 from checkpointing.coordination import Coordinator, SingleProcess
 from checkpointing.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     InvalidOptionError,
     ItemNotFoundError,
@@ -46,7 +51,29 @@ from checkpointing.storage import LocalStorage, Storage
 
 logger = logging.getLogger("checkpointing")
 
+# Managers with a save possibly in flight, finished at interpreter exit (see `close`).
+_open_managers: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_saves_at_exit() -> None:
+    for manager in list(_open_managers):
+        try:
+            manager.close()
+        except Exception:
+            logger.exception("a checkpoint save failed while the interpreter exited")
+
+
 PROTECTED_NAME = "protected.json"
+
+
+@dataclasses.dataclass
+class _SaveJob:
+    step: int
+    started: float
+    flat: tree.FlatState
+    metrics: dict[str, Any] | None
+    metadata: dict[str, Any] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +128,13 @@ class CheckpointManager:
         self._protected: set[int] = set()
         self._closed = False
         self._preemption = PreemptionWatcher()
+        self._writer = BackgroundWriter()
+        self._buffers = SnapshotBuffers()
+        self._last_stats: SaveStats | None = None
+        # Guards retention and deletes against restores on other threads (the
+        # background writer deletes while the caller may be reading).
+        self._lock = threading.Lock()
+        self._reading: dict[int, int] = {}  # step -> number of restores reading it
         if not self.options.read_only:
             self._storage.lock()
             if self.options.cleanup_tmp_directories and self._coordinator.is_primary:
@@ -109,6 +143,7 @@ class CheckpointManager:
         if self.options.save_on_preemption:
             self._preemption.install(self.options.preemption_signals)
         self.reload()
+        _open_managers.add(self)
 
     # ---------------------------------------------------------------- listing
 
@@ -147,9 +182,11 @@ class CheckpointManager:
         def describe(tag: str, body: dict[str, Any], _: Any) -> TensorMetadata:
             import numpy as np
 
-            size = np.dtype(body["dtype"]).itemsize if tag == "ndarray" else tensors.parse_dtype(
-                body["dtype"]
-            ).itemsize
+            size = (
+                np.dtype(body["dtype"]).itemsize
+                if tag == "ndarray"
+                else tensors.parse_dtype(body["dtype"]).itemsize
+            )
             shape = tuple(body["shape"])
             return TensorMetadata(shape, body["dtype"], size * math.prod(shape))
 
@@ -190,19 +227,23 @@ class CheckpointManager:
 
         ``state`` maps item names to values: modules, optimizers and other objects with
         ``state_dict()``, tensors, numpy arrays, Python scalars and containers. Returns
-        False when the policy declined. A step that already exists raises
-        `StepAlreadyExistsError`. A step below the latest raises `StepOrderError` unless
-        ``force`` is set: a lower step usually means the loop forgot to resume, and saving
-        it would make "latest" lie.
+        False when the policy declined. With async checkpointing on, returns once the
+        state is copied; the caller may then mutate it.
+
+        A step that already exists raises `StepAlreadyExistsError`. A step below the
+        latest raises `StepOrderError` unless ``force`` is set: a lower step usually
+        means the loop forgot to resume, and saving it would make "latest" lie.
         """
         self._check_writable()
+        self._writer.raise_error()
         _check_step(step)
-        if step in self._records:
+        in_flight = self._writer.step_in_flight
+        if step in self._records or step == in_flight:
             raise StepAlreadyExistsError(
                 f"step {step} already has a checkpoint in {self.directory}; delete(step) it "
                 f"first if you mean to replace it"
             )
-        latest = self.latest_step()
+        latest = max((s for s in (self.latest_step(), in_flight) if s is not None), default=None)
         if latest is not None and step < latest and not force:
             raise StepOrderError(
                 f"step {step} is below the latest checkpoint ({latest}) in {self.directory}. "
@@ -215,37 +256,83 @@ class CheckpointManager:
                 "state must be a mapping of item names (non-empty str) to values, e.g. "
                 "{'model': model, 'optimizer': optimizer}"
             )
-        started = self._clock()
-        record_metrics = None if metrics is None else to_json_value(metrics, "metrics")
-        record_metadata = None if metadata is None else to_json_value(metadata, "metadata")
-        flat = tree.flatten(state)
-        record = self._write(step, flat, started, record_metrics, record_metadata)
-        self._records[step] = record
-        self._records = dict(sorted(self._records.items()))
+        started, t0 = self._clock(), time.perf_counter()
+        job = _SaveJob(
+            step=step,
+            started=started,
+            flat=tree.flatten(state),
+            metrics=None if metrics is None else to_json_value(metrics, "metrics"),
+            metadata=None if metadata is None else to_json_value(metadata, "metadata"),
+        )
+        self._writer.wait()
         self._preemption.reset()
-        self._apply_retention()
+        if not self.options.enable_async_checkpointing:
+            self._persist(job, t0)
+            return True
+        job.flat.blobs = self._buffers.snapshot(job.flat.blobs)
+        blocking = time.perf_counter() - t0
+        self._writer.start(
+            step, lambda: self._persist(job, t0, blocking), self.options.async_timeout_secs
+        )
         return True
 
-    def _write(self, step: int, flat: tree.FlatState, started: float,
-               metrics: dict[str, Any] | None, metadata: dict[str, Any] | None) -> Record:
-        name = self._naming.name(step)
+    def wait_until_finished(self) -> None:
+        """Block until the save in flight is committed; raise its failure, if any."""
+        self._writer.wait()
+
+    def check_for_errors(self) -> None:
+        """Raise the failure of a finished background save, without waiting."""
+        self._writer.raise_error()
+
+    def is_saving_in_progress(self) -> bool:
+        return self._writer.busy
+
+    def last_save_stats(self) -> SaveStats | None:
+        """Timings of the newest committed save of this manager."""
+        return self._last_stats
+
+    def _persist(self, job: _SaveJob, t0: float, blocking: float | None = None) -> None:
+        """Write, commit, cache and apply retention (on the background thread if async)."""
+        t1 = time.perf_counter()
+        record = self._write(job)
+        self._records = dict(sorted({**self._records, job.step: record}.items()))
+        self._apply_retention()
+        done = time.perf_counter()
+        self._last_stats = SaveStats(
+            step=job.step,
+            blocking_secs=done - t0 if blocking is None else blocking,
+            background_secs=0.0 if blocking is None else done - t1,
+            nbytes=sum(f.size for f in record.files.values()),
+        )
+        logger.debug("saved step %d: %s", job.step, self._last_stats)
+
+    def _write(self, job: _SaveJob) -> Record:
+        name = self._naming.name(job.step)
         writer = self._storage.begin(name)
         try:
             files: dict[str, FileInfo] = {}
-            for filename, blobs in _group_by_file(flat).items():
+            for filename, blobs in _group_by_file(job.flat).items():
                 f = writer.open(filename)
                 try:
                     written = tensors.write_file(f, blobs, filename)
                 finally:
                     f.close()
                 files[filename] = FileInfo(written.size, written.header_checksum, written.checksum)
-            record = Record(step=step, created_at=started, committed_at=self._clock(),
-                            items=flat.items, files=files, metrics=metrics, metadata=metadata)
+            record = Record(
+                step=job.step,
+                created_at=job.started,
+                committed_at=self._clock(),
+                items=job.flat.items,
+                files=files,
+                metrics=job.metrics,
+                metadata=job.metadata,
+            )
+            if self._writer.abandoned:
+                raise CheckpointError(f"save of step {job.step} abandoned after its timeout")
             writer.commit(RECORD_NAME, record.to_json())
         except BaseException:
             writer.abort()
             raise
-        logger.debug("committed step %d to %s", step, self.directory)
         return record
 
     # --------------------------------------------------------------- restoring
@@ -265,19 +352,34 @@ class CheckpointManager:
         filled in place, and the tree is returned with the restored items replaced.
         Without it, the saved items come back as containers of CPU tensors. ``items``
         restricts the restore to those items and reads only their bytes. With no
-        checkpoint: `CheckpointNotFoundError`, or None if ``missing_ok``.
+        checkpoint: `CheckpointNotFoundError`, or None if ``missing_ok``. A save of
+        this manager still in flight is waited for when it is the step asked for.
         """
         if target is not None and not isinstance(target, Mapping):
             raise InvalidOptionError(
                 f"target must be a mapping of item names, like the state given to save(); "
                 f"got {type(target).__name__}"
             )
-        if step is None and self.latest_step() is None:
-            if missing_ok:
-                return None
-            raise CheckpointNotFoundError(f"no checkpoint in {self.directory}")
+        if step is None or step == self._writer.step_in_flight:
+            self._writer.wait()  # a save in flight is about to be the step asked for
+        if missing_ok and (step if step is not None else self.latest_step()) not in self._records:
+            return None
         step = self._resolve(step)
-        record = self._record(step)
+        with self._lock:
+            record = self._record(step)
+            self._reading[step] = self._reading.get(step, 0) + 1
+        try:
+            return self._restore(record, target, items)
+        finally:
+            with self._lock:
+                self._reading[step] -= 1
+                if not self._reading[step]:
+                    del self._reading[step]
+
+    def _restore(
+        self, record: Record, target: Mapping[str, Any] | None, items: Iterable[str] | None
+    ) -> dict[str, Any]:
+        step = record.step
         names = list(items) if items is not None else list(target or record.items)
         missing = [n for n in names if n not in record.items]
         if missing:
@@ -293,8 +395,9 @@ class CheckpointManager:
             where=where,
         ) as reader:
             restored = {
-                name: tree.unflatten(record.items[name], reader.read,
-                                     None if target is None else target.get(name))
+                name: tree.unflatten(
+                    record.items[name], reader.read, None if target is None else target.get(name)
+                )
                 for name in names
             }
         return restored if target is None else {**target, **restored}
@@ -304,12 +407,16 @@ class CheckpointManager:
     def delete(self, step: int) -> None:
         """Delete a committed step."""
         self._check_writable()
-        self._record(step)
+        with self._lock:
+            self._record(step)
+            self._delete(step)
+            if step in self._protected:
+                self._protected.discard(step)
+                self._save_protected()
+
+    def _delete(self, step: int) -> None:
         self._storage.delete(self._naming.name(step))
-        del self._records[step]
-        if step in self._protected:
-            self._protected.discard(step)
-            self._save_protected()
+        self._records = {s: r for s, r in self._records.items() if s != step}
 
     def protect(self, step: int) -> None:
         """Pin ``step`` so that retention never deletes it (persisted in the directory)."""
@@ -340,32 +447,42 @@ class CheckpointManager:
         ]
 
     def _decide(self) -> RetentionDecision:
-        infos = [CheckpointInfo(step, r.committed_at, r.metrics) for step, r in self._records.items()]
+        infos = [
+            CheckpointInfo(step, r.committed_at, r.metrics) for step, r in self._records.items()
+        ]
         return decide_retention(
             infos,
             self._retention,
             now=self._clock(),
             protected=self._protected,
+            in_progress=self._reading,
             always_keep_latest=self.options.always_keep_latest,
         )
 
     def _apply_retention(self) -> None:
         if not self._coordinator.is_primary:
             return
-        for step in self._decide().delete:
-            logger.info("retention deletes step %d", step)
-            self._storage.delete(self._naming.name(step))
-            del self._records[step]
+        with self._lock:
+            for step in self._decide().delete:
+                logger.info("retention deletes step %d", step)
+                self._delete(step)
 
     # --------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Release the directory lock and signal handlers. Idempotent."""
+        """Finish the save in flight, then release the lock and signal handlers.
+
+        Idempotent. Raises the failure of the last background save, if any.
+        """
         if self._closed:
             return
         self._closed = True
-        self._preemption.uninstall()
-        self._storage.unlock()
+        _open_managers.discard(self)
+        try:
+            self._writer.wait()
+        finally:
+            self._preemption.uninstall()
+            self._storage.unlock()
 
     def __enter__(self) -> CheckpointManager:
         return self

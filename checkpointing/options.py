@@ -94,9 +94,7 @@ class CheckpointManagerOptions:
         _check_positive_number("save_interval_secs", self.save_interval_secs)
         _check_positive_number("async_timeout_secs", self.async_timeout_secs)
         if isinstance(self.keep_time_interval, datetime.timedelta):
-            object.__setattr__(
-                self, "keep_time_interval", self.keep_time_interval.total_seconds()
-            )
+            object.__setattr__(self, "keep_time_interval", self.keep_time_interval.total_seconds())
         _check_positive_number("keep_time_interval", self.keep_time_interval)
         if self.save_on_steps is not None:
             if isinstance(self.save_on_steps, str | bytes) or not all(
@@ -108,9 +106,7 @@ class CheckpointManagerOptions:
                 )
             object.__setattr__(self, "save_on_steps", frozenset(self.save_on_steps))
         if self.best_mode not in ("min", "max"):
-            raise InvalidOptionError(
-                f"best_mode must be 'min' or 'max', got {self.best_mode!r}"
-            )
+            raise InvalidOptionError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if self.best_fn is not None and self.best_metric is not None:
             raise InvalidOptionError("set best_fn or best_metric, not both")
         if self.best_fn is not None and not callable(self.best_fn):

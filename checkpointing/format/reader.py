@@ -11,7 +11,14 @@ import torch
 
 from checkpointing.errors import CorruptCheckpointError
 from checkpointing.format.record import Record
-from checkpointing.format.tensors import Entry, byte_view, digest, parse_dtype, read_header, read_into
+from checkpointing.format.tensors import (
+    Entry,
+    byte_view,
+    digest,
+    parse_dtype,
+    read_header,
+    read_into,
+)
 
 
 class StepReader:
@@ -22,8 +29,9 @@ class StepReader:
     saved share it again.
     """
 
-    def __init__(self, record: Record, open_file: Callable[[str], BinaryIO], *, verify: bool,
-                 where: str) -> None:
+    def __init__(
+        self, record: Record, open_file: Callable[[str], BinaryIO], *, verify: bool, where: str
+    ) -> None:
         self._record = record
         self._open_file = open_file
         self._verify = verify
@@ -55,7 +63,9 @@ class StepReader:
     def _tensor(self, body: dict[str, Any], dest: torch.Tensor | None) -> torch.Tensor:
         dtype, shape = parse_dtype(body["dtype"]), tuple(body["shape"])
         if "stride" in body:  # a view into a shared storage blob
-            base = self._blob(body, None, torch.uint8, (self._entry(body).end - self._entry(body).start,))
+            base = self._blob(
+                body, None, torch.uint8, (self._entry(body).end - self._entry(body).start,)
+            )
             view = torch.empty(0, dtype=dtype).set_(
                 base.untyped_storage(), body["offset"], shape, tuple(body["stride"])
             )
@@ -70,8 +80,13 @@ class StepReader:
             return self._blob(body, dest, dtype, shape)
         return _fill(dest, self._blob(body, None, dtype, shape))
 
-    def _blob(self, body: dict[str, Any], dest: torch.Tensor | None, dtype: torch.dtype,
-              shape: tuple[int, ...]) -> torch.Tensor:
+    def _blob(
+        self,
+        body: dict[str, Any],
+        dest: torch.Tensor | None,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+    ) -> torch.Tensor:
         memo_key = (body["file"], body["key"])
         if dest is None and memo_key in self._memo:
             return self._memo[memo_key]
@@ -112,7 +127,9 @@ class StepReader:
                     )
                 head, entries = read_header(f, self._path(filename))
                 if self._verify and digest(head) != info.header_checksum:
-                    raise CorruptCheckpointError(f"{self._path(filename)}: header checksum mismatch")
+                    raise CorruptCheckpointError(
+                        f"{self._path(filename)}: header checksum mismatch"
+                    )
             except BaseException:
                 f.close()
                 raise

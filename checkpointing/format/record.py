@@ -98,9 +98,7 @@ def to_json_value(value: Any, what: str) -> Any:
         return [to_json_value(v, what) for v in value]
     if value is None or isinstance(value, bool | int | str):
         return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    elif isinstance(value, np.generic | np.ndarray) and value.size == 1:
+    if isinstance(value, torch.Tensor | np.generic | np.ndarray) and math.prod(value.shape) == 1:
         value = value.item()
     if isinstance(value, bool | int):
         return value

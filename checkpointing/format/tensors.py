@@ -32,12 +32,24 @@ CHECKSUM_ALGORITHM = "xxh3_64"
 _CHUNK = 64 << 20  # bytes per write/read call: large enough to be I/O-bound
 
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.complex64: "C64",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
 }
 
 
@@ -62,7 +74,7 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +96,11 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     for blob in blobs:
         dtype = _SAFETENSORS_DTYPES.get(blob.tensor.dtype)
         shape = list(blob.tensor.shape) if dtype else [blob.nbytes]
-        header[blob.key] = {"dtype": dtype or "U8", "shape": shape,
-                            "data_offsets": [offset, offset + blob.nbytes]}
+        header[blob.key] = {
+            "dtype": dtype or "U8",
+            "shape": shape,
+            "data_offsets": [offset, offset + blob.nbytes],
+        }
         offset += blob.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -134,8 +149,12 @@ def read_header(f: BinaryIO, filename: str) -> tuple[bytes, dict[str, Entry]]:
         parsed = json.loads(body)
         base = 8 + length
         entries = {
-            key: Entry(v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0],
-                       base + v["data_offsets"][1])
+            key: Entry(
+                v["dtype"],
+                tuple(v["shape"]),
+                base + v["data_offsets"][0],
+                base + v["data_offsets"][1],
+            )
             for key, v in parsed.items()
             if key != "__metadata__"
         }
@@ -153,7 +172,7 @@ def read_into(f: BinaryIO, entry: Entry, dest: memoryview, filename: str) -> Non
     f.seek(entry.start)
     pos = 0
     while pos < len(dest):
-        n = f.readinto(dest[pos : pos + _CHUNK])
+        n = f.readinto(dest[pos : pos + _CHUNK])  # type: ignore[attr-defined]
         if not n:
             raise CorruptCheckpointError(f"{filename}: file is truncated")
         pos += n

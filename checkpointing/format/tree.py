@@ -84,7 +84,9 @@ class _Flattener:
         self.blobs: list[Blob] = []
         self._keys: dict[str, set[str]] = {}
         # storage identity -> [(tensor, node, item, key)], to find shared storage
-        self._by_storage: dict[tuple[str, int], list[tuple[torch.Tensor, dict[str, Any], str, str]]] = {}
+        self._by_storage: dict[
+            tuple[str, int], list[tuple[torch.Tensor, dict[str, Any], str, str]]
+        ] = {}
 
     def node(self, value: Any, item: str, path: tuple[Any, ...]) -> Node:
         if value is None or isinstance(value, bool | int | str):
@@ -112,7 +114,9 @@ class _Flattener:
         if type(value) is list:
             return [self.node(to_state(v), item, (*path, i)) for i, v in enumerate(value)]
         if type(value) is tuple:
-            return {"tuple": [self.node(to_state(v), item, (*path, i)) for i, v in enumerate(value)]}
+            return {
+                "tuple": [self.node(to_state(v), item, (*path, i)) for i, v in enumerate(value)]
+            }
         raise UnsupportedTypeError(
             f"cannot save {type(value).__module__}.{type(value).__qualname__} at "
             f"{_path(path)}. Supported: {SUPPORTED}. Convert it, or give it "
@@ -131,8 +135,10 @@ class _Flattener:
                 f"only dense tensors with data are supported"
             )
         tensor = tensor.detach()
-        node: dict[str, Any] = {"dtype": str(tensor.dtype).removeprefix("torch."),
-                                "shape": list(tensor.shape)}
+        node: dict[str, Any] = {
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "shape": list(tensor.shape),
+        }
         key = self._unique_key(item, path)
         if tensor.numel():
             ident = (str(tensor.device), tensor.untyped_storage().data_ptr())
@@ -164,7 +170,9 @@ class _Flattener:
             whole = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage)
             for tensor, node, _, _ in group:
                 node.update(offset=tensor.storage_offset(), stride=list(tensor.stride()))
-            self.blobs.append(Blob(item, self._unique_key(item, (item, f"{key}~storage")), whole, nodes))
+            self.blobs.append(
+                Blob(item, self._unique_key(item, (item, f"{key}~storage")), whole, nodes)
+            )
 
     def _unique_key(self, item: str, path: tuple[Any, ...]) -> str:
         taken = self._keys.setdefault(item, set())

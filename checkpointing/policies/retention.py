@@ -13,7 +13,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from checkpointing.errors import InvalidOptionError
@@ -26,18 +26,18 @@ Reasons = Mapping[int, tuple[str, ...]]
 
 REASON_LATEST = "latest"
 REASON_PROTECTED = "protected"
-REASON_SAVING = "saving"
+REASON_IN_PROGRESS = "in progress"
 REASON_NO_METRICS = "no metrics"
 REASON_KEEP_ALL = "max_to_keep=None"
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint as retention sees it."""
+    """A committed checkpoint as retention sees it. Hashable although metrics are a dict."""
 
     step: int
     time: float  # commit time, clock seconds
-    metrics: Mapping[str, Any] | None  # may be nested
+    metrics: Mapping[str, Any] | None = field(hash=False)  # may be nested
 
 
 @runtime_checkable
@@ -284,7 +284,7 @@ def decide_retention(
             add(step, tuple(reasons))
     if always_keep_latest and steps:
         add(steps[-1], (REASON_LATEST,))
-    for extra, reason in ((protected, REASON_PROTECTED), (in_progress, REASON_SAVING)):
+    for extra, reason in ((protected, REASON_PROTECTED), (in_progress, REASON_IN_PROGRESS)):
         for step in present.intersection(extra):
             add(step, (reason,))
     return RetentionDecision(

@@ -16,7 +16,7 @@ from typing import BinaryIO
 import filelock
 
 from checkpointing.errors import CheckpointError, CheckpointNotFoundError, DirectoryLockedError
-from checkpointing.storage.base import Storage, StepWriter
+from checkpointing.storage.base import StepWriter, Storage
 
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
@@ -113,7 +113,7 @@ class LocalStorage(Storage):
         except FileNotFoundError as e:
             raise CheckpointNotFoundError(f"missing file {self._path(path)}") from e
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return f  # type: ignore[return-value]
+        return f
 
     def read_bytes(self, path: str) -> bytes:
         with self.open_read(path) as f:

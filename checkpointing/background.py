@@ -1,0 +1,134 @@
+"""Async save: snapshot the state into reused buffers, persist it on a background thread.
+
+The training thread pays only for the copy. Buffers are kept between saves (keyed by the
+tensor's place in the state, reallocated only when its shape or dtype changes), so once
+warm a save allocates nothing; tensors on an accelerator are staged into pinned host
+buffers on a side stream. At most one save is in flight: the next one waits for it,
+which is also what makes reusing the buffers safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from checkpointing.errors import CheckpointError
+from checkpointing.format.tree import Blob
+
+logger = logging.getLogger("checkpointing")
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveStats:
+    """Timings of one save, from `CheckpointManager.last_save_stats`.
+
+    ``blocking_secs`` is what the training thread waited (snapshot, or the whole save
+    when synchronous); ``background_secs`` is the write, commit and retention after it.
+    """
+
+    step: int
+    blocking_secs: float
+    background_secs: float
+    nbytes: int
+
+
+class SnapshotBuffers:
+    """Host copies of the tensors of a state, reused from one save to the next."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+
+    def snapshot(self, blobs: list[Blob]) -> list[Blob]:
+        """Copies of ``blobs`` whose tensors the caller may mutate right after."""
+        stream = None
+        out = []
+        for blob in blobs:
+            src = blob.tensor
+            buf = self._buffer((blob.item, blob.key), src)
+            if src.device.type == "cuda":
+                stream = stream or torch.cuda.Stream(device=src.device)  # type: ignore[no-untyped-call]
+                stream.wait_stream(torch.cuda.current_stream(src.device))
+                with torch.cuda.stream(stream):
+                    buf.copy_(src, non_blocking=True)
+            else:
+                buf.copy_(src)
+            out.append(dataclasses.replace(blob, tensor=buf))
+        if stream is not None:
+            stream.synchronize()
+        return out
+
+    def _buffer(self, key: tuple[str, str], like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.device.type == "cuda")
+            self._buffers[key] = buf
+        return buf
+
+
+class BackgroundWriter:
+    """Runs one job at a time on a daemon thread and keeps its failure for the caller."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._abandoned = threading.Event()
+        self._step: int | None = None
+        self._deadline: float | None = None
+
+    @property
+    def step_in_flight(self) -> int | None:
+        return self._step if self.busy else None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def abandoned(self) -> bool:
+        """Set when the caller gave up on the job (timeout): it must not commit."""
+        return self._abandoned.is_set()
+
+    def start(self, step: int, job: Callable[[], None], timeout: float | None) -> None:
+        """Run ``job`` for ``step``; it fails if not done ``timeout`` seconds from now."""
+        assert not self.busy, "wait() before starting another job"
+        self._abandoned.clear()
+        self._step = step
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as e:  # surfaced on the caller's next call
+                logger.debug("background save of step %d failed", step, exc_info=True)
+                if hasattr(e, "add_note"):
+                    e.add_note(f"(raised by the background save of step {step})")
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"checkpointing-save-{step}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for the job in flight (up to its deadline); raise its failure, once."""
+        if self._thread is not None:
+            remaining = None if self._deadline is None else self._deadline - time.monotonic()
+            self._thread.join(None if remaining is None else max(remaining, 0.0))
+            if self._thread.is_alive():
+                self._abandoned.set()
+                self._error = CheckpointError(
+                    f"the background save of step {self._step} did not finish in time "
+                    f"(async_timeout_secs); it was abandoned and will not be committed. "
+                    f"Check the storage, or raise the timeout."
+                )
+            self._thread = None
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        """Raise the failure of a finished job, once."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
