@@ -28,6 +28,7 @@ from checkpointing.coordination import Coordinator, SingleProcess
 from checkpointing.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     InvalidOptionError,
     ItemNotFoundError,
     ReadOnlyError,
@@ -158,8 +159,9 @@ class CheckpointManager:
             step = self._naming.parse(name)
             if step is None:
                 continue
-            known = self._records.get(step)
-            found[step] = known if known is not None else self._read_record(name)
+            record = self._records.get(step) or self._read_record(name)
+            if record is not None:
+                found[step] = record
         self._records = dict(sorted(found.items()))
         self._protected = self._load_protected()
 
@@ -402,6 +404,29 @@ class CheckpointManager:
             }
         return restored if target is None else {**target, **restored}
 
+    def verify(self, step: int | None = None) -> None:
+        """Check every file of a step (the latest by default) against its record.
+
+        Raises `CorruptCheckpointError` naming the first bad file.
+        """
+        step = self._resolve(step)
+        record = self._record(step)
+        name = self._naming.name(step)
+        for filename, info in record.files.items():
+            where = f"{self.directory}/{name}/{filename}"
+            try:
+                f = self._storage.open_read(f"{name}/{filename}")
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"{where} is missing") from None
+            with f:
+                size = f.seek(0, 2)
+                if size != info.size:
+                    raise CorruptCheckpointError(
+                        f"{where}: size {size} bytes, the commit record says {info.size}"
+                    )
+                if tensors.file_checksums(f, where) != (info.header_checksum, info.checksum):
+                    raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
+
     # ---------------------------------------------------------------- deleting
 
     def delete(self, step: int) -> None:
@@ -515,9 +540,16 @@ class CheckpointManager:
                 f"{self.all_steps() or 'none'} (call reload() to see other processes' saves)"
             ) from None
 
-    def _read_record(self, name: str) -> Record:
+    def _read_record(self, name: str) -> Record | None:
+        """The record of a listed step; None if it vanished or is unreadable (logged)."""
         path = f"{name}/{RECORD_NAME}"
-        return Record.from_json(self._storage.read_bytes(path), f"{self.directory}/{path}")
+        try:
+            return Record.from_json(self._storage.read_bytes(path), f"{self.directory}/{path}")
+        except FileNotFoundError:  # deleted by another process since the listing
+            return None
+        except CorruptCheckpointError as e:
+            logger.warning("ignoring step directory %s: %s", name, e)
+            return None
 
     def _load_protected(self) -> set[int]:
         if not self._storage.exists(PROTECTED_NAME):

@@ -34,12 +34,14 @@ class CheckpointManagerOptions:
       save_on_initial: save the first step seen when the directory has no checkpoint.
       save_on_preemption: install a SIGTERM/SIGUSR1 handler (chained to any existing
         one); after a signal, ``should_save`` says yes and ``reached_preemption`` is True.
-      save_policy: a policy object used instead of all the fields above.
+      save_policy: a policy object used instead of the step, time and initial-save
+        fields (``save_on_preemption`` still applies).
 
     Retention (a checkpoint survives if any rule keeps it; deletion runs after a commit):
       max_to_keep: keep the newest N (or, with a best rule, the best N). None keeps all.
-      keep_period: keep every step divisible by this forever.
-      keep_time_interval: keep one checkpoint per interval (seconds or timedelta).
+      keep_period: with max_to_keep, also keep every step divisible by this forever.
+      keep_time_interval: with max_to_keep, also keep one checkpoint per interval
+        (seconds or timedelta; stored as seconds).
       best_fn / best_metric / best_mode: rank checkpoints by their metrics.
       keep_checkpoints_without_metrics: with a best rule, never delete unranked ones.
       always_keep_latest: never delete the newest checkpoint (the resume point). False
@@ -93,7 +95,7 @@ class CheckpointManagerOptions:
         _check_positive_int("step_format_fixed_length", self.step_format_fixed_length)
         _check_positive_number("save_interval_secs", self.save_interval_secs)
         _check_positive_number("async_timeout_secs", self.async_timeout_secs)
-        if isinstance(self.keep_time_interval, datetime.timedelta):
+        if isinstance(self.keep_time_interval, datetime.timedelta):  # accepted, like Orbax
             object.__setattr__(self, "keep_time_interval", self.keep_time_interval.total_seconds())
         _check_positive_number("keep_time_interval", self.keep_time_interval)
         if self.save_on_steps is not None:

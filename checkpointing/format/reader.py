@@ -117,7 +117,12 @@ class StepReader:
             info = self._record.files.get(filename)
             if info is None:
                 raise CorruptCheckpointError(f"{self._path(filename)} is not in the commit record")
-            f = self._open_file(filename)
+            try:
+                f = self._open_file(filename)
+            except FileNotFoundError as e:
+                raise CorruptCheckpointError(
+                    f"{self._path(filename)} is missing; the checkpoint is incomplete"
+                ) from e
             try:
                 size = f.seek(0, 2)
                 if size != info.size:

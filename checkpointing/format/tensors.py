@@ -53,7 +53,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def digest(data: memoryview | bytes) -> str:
+def digest(data: memoryview | bytes | bytearray) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
@@ -176,3 +176,14 @@ def read_into(f: BinaryIO, entry: Entry, dest: memoryview, filename: str) -> Non
         if not n:
             raise CorruptCheckpointError(f"{filename}: file is truncated")
         pos += n
+
+
+def file_checksums(f: BinaryIO, filename: str) -> tuple[str, str]:
+    """(header checksum, file checksum) of a whole safetensors file, read once."""
+    head, entries = read_header(f, filename)
+    digests = [digest(head)]
+    for entry in sorted(entries.values(), key=lambda e: e.start):
+        buf = bytearray(entry.end - entry.start)
+        read_into(f, entry, memoryview(buf), filename)
+        digests.append(digest(buf))
+    return digests[0], combine(digests)

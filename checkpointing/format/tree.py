@@ -89,6 +89,9 @@ class _Flattener:
         ] = {}
 
     def node(self, value: Any, item: str, path: tuple[Any, ...]) -> Node:
+        if isinstance(value, np.generic) and value.dtype.kind in "biufc":  # before float:
+            # np.float64 is a float subclass, and must come back as np.float64
+            return {"npscalar": [value.dtype.str, base64.b64encode(value.tobytes()).decode()]}
         if value is None or isinstance(value, bool | int | str):
             return value
         if isinstance(value, float):
@@ -97,8 +100,6 @@ class _Flattener:
             return self._tensor(value, item, path)
         if isinstance(value, np.ndarray):
             return self._ndarray(value, item, path)
-        if isinstance(value, np.generic) and value.dtype.kind in "biufc":
-            return {"npscalar": [value.dtype.str, base64.b64encode(value.tobytes()).decode()]}
         if isinstance(value, bytes):
             return {"bytes": base64.b64encode(value).decode()}
         if isinstance(value, Mapping):

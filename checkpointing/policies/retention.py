@@ -231,7 +231,7 @@ class KeepAnyOf:
         merged: dict[int, tuple[str, ...]] = {}
         for policy in self.policies:
             for step, reasons in policy.keep(checkpoints, now).items():
-                merged[step] = _union(merged.get(step, ()), reasons)
+                merged[step] = _union(merged.get(step, ()), tuple(reasons))
         return merged
 
 
@@ -256,9 +256,9 @@ def decide_retention(
 
     ``policy`` None keeps everything. On top of the policy, the newest checkpoint is kept
     when ``always_keep_latest`` (it is the resume point; False reproduces Orbax, which
-    deletes it when it ranks outside the best N), and ``protected`` and ``in_progress``
-    steps are never deleted. Steps in those two that are not among ``checkpoints`` are
-    ignored.
+    deletes it when it ranks outside the best N), and ``protected`` (pinned by the user) and
+    ``in_progress`` (being written or read) steps are never deleted. Steps in those two
+    that are not among ``checkpoints`` are ignored.
     """
     ordered = sorted(checkpoints, key=lambda c: c.step)
     steps = [c.step for c in ordered]

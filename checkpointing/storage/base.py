@@ -43,7 +43,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def open_read(self, path: str) -> BinaryIO:
-        """Open a file for reading; it supports seek and readinto."""
+        """Open a file for reading; it supports seek and readinto.
+
+        A missing file raises `FileNotFoundError`.
+        """
 
     @abc.abstractmethod
     def read_bytes(self, path: str) -> bytes: ...

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import filelock
 
-from checkpointing.errors import CheckpointError, CheckpointNotFoundError, DirectoryLockedError
+from checkpointing.errors import CheckpointError, DirectoryLockedError
 from checkpointing.storage.base import StepWriter, Storage
 
 TMP_PREFIX = ".tmp-"
@@ -108,10 +108,7 @@ class LocalStorage(Storage):
         return self.root / path
 
     def open_read(self, path: str) -> BinaryIO:
-        try:
-            f = open(self._path(path), "rb", buffering=0)  # noqa: SIM115 - caller closes
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"missing file {self._path(path)}") from e
+        f = open(self._path(path), "rb", buffering=0)  # noqa: SIM115 - caller closes
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return f
 
@@ -131,10 +128,7 @@ class LocalStorage(Storage):
         return self._path(path).exists()
 
     def size(self, path: str) -> int:
-        try:
-            return self._path(path).stat().st_size
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"missing file {self._path(path)}") from e
+        return self._path(path).stat().st_size
 
     def delete(self, name: str) -> None:
         doomed = self.root / f"{TMP_PREFIX}{name}-deleting-{uuid.uuid4().hex[:8]}"
