@@ -43,6 +43,7 @@ from checkpointing.options import CheckpointManagerOptions
 from checkpointing.policies.preemption import PreemptionWatcher
 from checkpointing.policies.retention import (
     CheckpointInfo,
+    KeepBest,
     RetentionDecision,
     decide_retention,
     retention_policy_from_options,
@@ -129,6 +130,7 @@ class CheckpointManager:
         self._protected: set[int] = set()
         self._closed = False
         self._preemption = PreemptionWatcher()
+        self._preemption_saved = False  # a save happened after the signal
         self._writer = BackgroundWriter()
         self._buffers = SnapshotBuffers()
         self._last_stats: SaveStats | None = None
@@ -177,6 +179,20 @@ class CheckpointManager:
         """The metrics saved with ``step``."""
         return self._record(step).metrics
 
+    def best_step(self) -> int | None:
+        """The best committed step by ``best_fn``/``best_metric``; None without a best rule
+        or when no step has the metric. Between equal scores the newer step wins."""
+        metric = self.options.best_fn or self.options.best_metric
+        if metric is None:
+            return None
+        rank = KeepBest(1, metric, self.options.best_mode)
+        scored = [
+            (score, step)
+            for step, r in self._records.items()
+            if (score := rank.score(r.metrics)) is not None
+        ]
+        return max(scored)[1] if scored else None
+
     def item_metadata(self, step: int | None = None) -> dict[str, Any]:
         """Items of a step with arrays described by `TensorMetadata`, reading no tensor data."""
         record = self._record(self._resolve(step))
@@ -207,12 +223,15 @@ class CheckpointManager:
                 latest_step=latest,
                 last_save_time=None if latest is None else self._records[latest].committed_at,
                 now=self._clock(),
-                preempted=self._preemption.triggered,
+                preempted=self._preemption.triggered and not self._preemption_saved,
             ),
         )
 
     def reached_preemption(self, step: int) -> bool:
-        """True once a preemption signal arrived: save ``step`` and exit the loop."""
+        """True once a preemption signal arrived: save ``step`` and exit the loop.
+
+        Stays True; `should_save` says yes once for the signal, then follows its policy.
+        """
         del step  # same answer for every step; kept for Orbax's signature
         return self._preemption.triggered
 
@@ -267,7 +286,7 @@ class CheckpointManager:
             metadata=None if metadata is None else to_json_value(metadata, "metadata"),
         )
         self._writer.wait()
-        self._preemption.reset()
+        self._preemption_saved = self._preemption.triggered
         if not self.options.enable_async_checkpointing:
             self._persist(job, t0)
             return True

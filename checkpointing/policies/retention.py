@@ -152,7 +152,7 @@ class KeepBest:
             name = "best_fn" if name == "<lambda>" else name
         return f"best {self.n} by {name} ({self.mode})"
 
-    def _score(self, metrics: Mapping[str, Any] | None) -> float | None:
+    def score(self, metrics: Mapping[str, Any] | None) -> float | None:
         """The value ranked on, higher is better whatever the mode; None when unranked."""
         if metrics is None:
             return None
@@ -175,7 +175,7 @@ class KeepBest:
         ranked: list[tuple[float, int]] = []
         unranked: list[int] = []
         for c in checkpoints:
-            score = self._score(c.metrics)
+            score = self.score(c.metrics)
             if score is None:
                 unranked.append(c.step)
             else:
