@@ -88,23 +88,26 @@ class BackgroundWriter:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    @property
-    def abandoned(self) -> bool:
-        """Set when the caller gave up on the job (timeout): it must not commit."""
-        return self._abandoned.is_set()
+    def start(
+        self, step: int, job: Callable[[Callable[[], bool]], None], timeout: float | None
+    ) -> None:
+        """Run ``job(abandoned)`` for ``step``; it fails if not done ``timeout`` s from now.
 
-    def start(self, step: int, job: Callable[[], None], timeout: float | None) -> None:
-        """Run ``job`` for ``step``; it fails if not done ``timeout`` seconds from now."""
+        ``abandoned()`` turns True when the caller gave up on this job (its timeout
+        passed): the job must then not commit.
+        """
         assert not self.busy, "wait() before starting another job"
-        self._abandoned.clear()
+        self._abandoned = abandoned = threading.Event()
         self._step = step
         self._deadline = None if timeout is None else time.monotonic() + timeout
 
         def run() -> None:
             try:
-                job()
+                job(abandoned.is_set)
             except BaseException as e:  # surfaced on the caller's next call
                 logger.debug("background save of step %d failed", step, exc_info=True)
+                if abandoned.is_set():
+                    return  # already reported as timed out
                 if hasattr(e, "add_note"):
                     e.add_note(f"(raised by the background save of step {step})")
                 self._error = e

@@ -293,7 +293,9 @@ class CheckpointManager:
         job.flat.blobs = self._buffers.snapshot(job.flat.blobs)
         blocking = time.perf_counter() - t0
         self._writer.start(
-            step, lambda: self._persist(job, t0, blocking), self.options.async_timeout_secs
+            step,
+            lambda abandoned: self._persist(job, t0, blocking, abandoned),
+            self.options.async_timeout_secs,
         )
         return True
 
@@ -312,10 +314,16 @@ class CheckpointManager:
         """Timings of the newest committed save of this manager."""
         return self._last_stats
 
-    def _persist(self, job: _SaveJob, t0: float, blocking: float | None = None) -> None:
+    def _persist(
+        self,
+        job: _SaveJob,
+        t0: float,
+        blocking: float | None = None,
+        abandoned: Callable[[], bool] = lambda: False,
+    ) -> None:
         """Write, commit, cache and apply retention (on the background thread if async)."""
         t1 = time.perf_counter()
-        record = self._write(job)
+        record = self._write(job, abandoned)
         self._records = dict(sorted({**self._records, job.step: record}.items()))
         self._apply_retention()
         done = time.perf_counter()
@@ -327,7 +335,7 @@ class CheckpointManager:
         )
         logger.debug("saved step %d: %s", job.step, self._last_stats)
 
-    def _write(self, job: _SaveJob) -> Record:
+    def _write(self, job: _SaveJob, abandoned: Callable[[], bool]) -> Record:
         name = self._naming.name(job.step)
         writer = self._storage.begin(name)
         try:
@@ -348,7 +356,7 @@ class CheckpointManager:
                 metrics=job.metrics,
                 metadata=job.metadata,
             )
-            if self._writer.abandoned:
+            if abandoned():
                 raise CheckpointError(f"save of step {job.step} abandoned after its timeout")
             writer.commit(RECORD_NAME, record.to_json())
         except BaseException:
