@@ -44,3 +44,7 @@ class DirectoryLockedError(CheckpointError):
 
 class ReadOnlyError(CheckpointError):
     """A write was attempted through a read-only manager."""
+
+
+class DiskFullError(CheckpointError, OSError):
+    """The storage ran out of space; the save was rolled back, older steps are intact."""

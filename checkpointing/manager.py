@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from checkpointing.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DiskFullError,
     InvalidOptionError,
     ItemNotFoundError,
     ReadOnlyError,
@@ -359,8 +361,15 @@ class CheckpointManager:
             if abandoned():
                 raise CheckpointError(f"save of step {job.step} abandoned after its timeout")
             writer.commit(RECORD_NAME, record.to_json())
-        except BaseException:
+        except BaseException as e:
             writer.abort()
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    errno.ENOSPC,
+                    f"no space left to save step {job.step} in {self.directory}; the save "
+                    f"was rolled back and earlier checkpoints are intact. Free space, or "
+                    f"keep fewer checkpoints (max_to_keep).",
+                ) from e
             raise
         return record
 

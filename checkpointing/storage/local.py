@@ -37,7 +37,12 @@ class _DurableFile:
         self._f = open(path, "xb", buffering=0)  # noqa: SIM115 - closed in close()
 
     def write(self, data: bytes | memoryview) -> int:
-        return self._f.write(data) or 0
+        """Write all of ``data``: a short write (a nearly full disk) is continued until
+        it completes or raises ENOSPC, so a file is never silently cut off."""
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self._f.write(view) or 0 :]
+        return len(data)
 
     def close(self) -> None:
         if not self._f.closed:

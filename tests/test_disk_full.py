@@ -1,0 +1,142 @@
+"""A real ENOSPC, from a small tmpfs: a failed save leaves the earlier steps alone."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpointing import CheckpointManager, CheckpointManagerOptions, DiskFullError
+
+SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
+READ_ONLY = CheckpointManagerOptions(enable_async_checkpointing=False, read_only=True)
+MIB = 1 << 20
+PAGE = 4096
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def state(step: int, mib: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.arange(int(mib * MIB) // 4, dtype=torch.float32) + step}
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill_until(directory: Path, free: int) -> Path:
+    """Write a filler file leaving ``free`` bytes (a multiple of the page size)."""
+    filler = directory.parent / "filler"
+    with filler.open("wb") as f:
+        f.write(b"\0" * (free_bytes(directory) - free))
+    assert free_bytes(directory) == free, "tmpfs did not account the filler page by page"
+    return filler
+
+
+def assert_enospc(exc: BaseException) -> None:
+    """ENOSPC on ``exc`` or on an exception it wraps."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    assert any(getattr(e, "errno", None) == errno.ENOSPC for e in chain), (
+        f"expected ENOSPC, got {[f'{type(e).__name__}: {e}' for e in chain]}"
+    )
+
+
+def assert_intact(directory: Path, steps: dict[int, float]) -> None:
+    """Exactly ``steps`` (step -> size in MiB) are listed, restorable, with no leftovers."""
+    leftovers = [p.name for p in directory.iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers == [], f"a failed save left {leftovers}"
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == [
+        f"step_{s:08d}" for s in sorted(steps)
+    ], "a step directory that is not a listed checkpoint"
+    with CheckpointManager(directory, READ_ONLY) as reader:
+        assert reader.all_steps() == sorted(steps)
+        for step, mib in steps.items():
+            restored = reader.restore(step=step)
+            assert restored is not None and torch.equal(restored["w"], state(step, mib)["w"]), (
+                f"step {step} changed"
+            )
+
+
+def test_save_too_big_for_the_disk_fails_cleanly(small_disk: Path) -> None:
+    directory = small_disk / "ckpt"
+    with CheckpointManager(directory, SYNC) as mgr:
+        for step in range(1, 5):
+            mgr.save(step, state(step, 1))
+        with pytest.raises(DiskFullError, match="no space left") as info:
+            mgr.save(5, state(5, 5))
+        assert_enospc(info.value)
+        assert mgr.latest_step() == 4
+        assert mgr.all_steps() == [1, 2, 3, 4]
+        assert_intact(directory, {s: 1 for s in range(1, 5)})
+
+        mgr.delete(1)
+        mgr.delete(2)
+        assert mgr.save(5, state(5, 5))
+        assert mgr.latest_step() == 5
+    assert_intact(directory, {3: 1, 4: 1, 5: 5})
+
+
+def test_no_room_for_the_commit_record(small_disk: Path) -> None:
+    """The data files fit, the commit record does not: the step must not appear."""
+    directory = small_disk / "ckpt"
+    with CheckpointManager(directory, SYNC) as mgr:
+        mgr.save(1, state(1, 1))
+        data_size = (directory / "step_00000001" / "tensors.safetensors").stat().st_size
+        filler = fill_until(directory, -(-data_size // PAGE) * PAGE)
+        with pytest.raises(DiskFullError, match="no space left") as info:
+            mgr.save(2, state(2, 1))
+        assert_enospc(info.value)
+        assert mgr.all_steps() == [1]
+        assert_intact(directory, {1: 1})
+
+        filler.unlink()
+        assert mgr.save(2, state(2, 1))
+    assert_intact(directory, {1: 1, 2: 1})
+
+
+def many_tensors(step: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Small data, but a commit record of several pages (one entry per tensor)."""
+    return {"w": {f"t{i}": torch.full((256,), float(step)) for i in range(200)}}
+
+
+def test_commit_record_partly_written_is_not_committed(small_disk: Path) -> None:
+    directory = small_disk / "ckpt"
+    with CheckpointManager(directory, SYNC) as mgr:
+        mgr.save(1, many_tensors(1))
+        step_dir = directory / "step_00000001"
+        assert (step_dir / "checkpoint.json").stat().st_size > 2 * PAGE
+        data_size = (step_dir / "w.safetensors").stat().st_size
+        fill_until(directory, -(-data_size // PAGE) * PAGE + PAGE)  # the record's 1st page
+        with pytest.raises(DiskFullError, match="no space left") as info:
+            mgr.save(2, many_tensors(2))
+        assert_enospc(info.value)
+        assert mgr.all_steps() == [1]
