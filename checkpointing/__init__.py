@@ -9,6 +9,7 @@ Three lines::
         mgr.save(step, state, metrics={"loss": loss})
 """
 
+from checkpointing.background import SaveStats
 from checkpointing.coordination import Coordinator, SingleProcess
 from checkpointing.errors import (
     CheckpointError,
@@ -31,11 +32,32 @@ from checkpointing.format.naming import (
 )
 from checkpointing.manager import CheckpointManager, StepReport, TensorMetadata
 from checkpointing.options import CheckpointManagerOptions
+from checkpointing.policies import (
+    AnyOf,
+    AtSteps,
+    CheckpointInfo,
+    EveryNSeconds,
+    EveryNSteps,
+    InitialSave,
+    KeepAnyOf,
+    KeepBest,
+    KeepEveryNSeconds,
+    KeepEveryNSteps,
+    KeepLatest,
+    KeepSteps,
+    OnPreemption,
+    RetentionPolicy,
+    SaveContext,
+    SavePolicy,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyOf",
+    "AtSteps",
     "CheckpointError",
+    "CheckpointInfo",
     "CheckpointManager",
     "CheckpointManagerOptions",
     "CheckpointNotFoundError",
@@ -44,10 +66,24 @@ __all__ = [
     "DirectoryLockedError",
     "DiskFullError",
     "EpochIterNaming",
+    "EveryNSeconds",
+    "EveryNSteps",
+    "InitialSave",
     "InvalidOptionError",
     "ItemNotFoundError",
+    "KeepAnyOf",
+    "KeepBest",
+    "KeepEveryNSeconds",
+    "KeepEveryNSteps",
+    "KeepLatest",
+    "KeepSteps",
+    "OnPreemption",
     "PrefixNaming",
     "ReadOnlyError",
+    "RetentionPolicy",
+    "SaveContext",
+    "SavePolicy",
+    "SaveStats",
     "SingleProcess",
     "StepAlreadyExistsError",
     "StepNaming",

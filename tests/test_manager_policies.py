@@ -133,3 +133,20 @@ def test_preemption_signal_makes_the_next_step_save(tmp_path: Path) -> None:
         assert mgr.reached_preemption(5), "the loop still learns it should exit"
         assert not mgr.should_save(6), "one save answers one signal"
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.default_int_handler, None)
+
+
+def test_user_policy_objects_replace_the_fields(tmp_path: Path) -> None:
+    from checkpointing import AnyOf, AtSteps, KeepAnyOf, KeepLatest, KeepSteps, SaveContext
+
+    class EveryPrime:
+        def should_save(self, ctx: SaveContext) -> bool:
+            return ctx.step > 1 and all(ctx.step % d for d in range(2, ctx.step))
+
+    opts = {
+        "save_policy": AnyOf(EveryPrime(), AtSteps([10])),
+        "retention_policy": KeepAnyOf(KeepLatest(1), KeepSteps([3])),
+    }
+    with _mgr(tmp_path, **opts) as mgr:
+        saved = [s for s in range(12) if mgr.save(s, STATE)]
+        assert saved == [2, 3, 5, 7, 10, 11]
+        assert mgr.all_steps() == [3, 11]
