@@ -49,7 +49,7 @@ class SnapshotBuffers:
         out = []
         for blob in blobs:
             src = blob.tensor
-            buf = self._buffer((blob.item, blob.key), src)
+            buf = self._buffer((blob.group, blob.key), src)
             if src.device.type == "cuda":
                 stream = stream or torch.cuda.Stream(device=src.device)  # type: ignore[no-untyped-call]
                 stream.wait_stream(torch.cuda.current_stream(src.device))

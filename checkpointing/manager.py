@@ -602,25 +602,17 @@ def _check_step(step: object) -> None:
 
 
 def _group_by_file(flat: tree.FlatState) -> dict[str, list[tree.Blob]]:
-    """Assign blobs to files: one file per item, top-level arrays together in one."""
-    file_of: dict[str, str] = {}
+    """One safetensors file per item, named after it; arrays that are items share one."""
     used: set[str] = set()
-
-    def allocate(base: str) -> str:
-        name, n = f"{base}.safetensors", 1
-        while name.lower() in used:
+    file_of: dict[str, str] = {}
+    for group in dict.fromkeys(blob.group for blob in flat.blobs):
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", group).strip(".") or "item"
+        name, n = f"{base if group != tree.LEAVES else 'tensors'}.safetensors", 1
+        while name.lower() in used:  # also on case-insensitive file systems
             name, n = f"{base}-{n}.safetensors", n + 1
         used.add(name.lower())
-        return name
-
-    shared = None
-    for item, node in flat.items.items():
-        if isinstance(node, dict) and next(iter(node)) in ("tensor", "ndarray"):
-            shared = shared or allocate("tensors")
-            file_of[item] = shared
-        else:
-            file_of[item] = allocate(re.sub(r"[^A-Za-z0-9_.-]", "_", item).strip(".") or "item")
+        file_of[group] = name
     groups: dict[str, list[tree.Blob]] = {}
     for blob in flat.blobs:
-        groups.setdefault(file_of[blob.item], []).append(blob)
+        groups.setdefault(file_of[blob.group], []).append(blob)
     return groups

@@ -28,7 +28,9 @@ def test_three_line_usage_saves_on_interval_and_resumes(tmp_path: Path) -> None:
     state = tiny_training_state()
     with CheckpointManager(tmp_path / "ckpt", opts) as mgr:
         assert mgr.restore(state, missing_ok=True) is None
-        saved = [step for step in range(7) if mgr.save(step, state, metrics={"loss": 1 / (step + 1)})]
+        saved = [
+            step for step in range(7) if mgr.save(step, state, metrics={"loss": 1 / (step + 1)})
+        ]
     assert saved == [0, 2, 4, 6]
 
     fresh = tiny_training_state(seed=1)
@@ -133,7 +135,11 @@ def test_metrics_metadata_and_item_metadata(make_manager) -> None:  # type: igno
 def test_read_only_manager_refuses_writes(make_manager, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     make_manager(enable_async_checkpointing=False).save(1, {"x": torch.ones(1)})
     ro = make_manager(read_only=True)
-    for call in (lambda: ro.save(2, {"x": torch.ones(1)}), lambda: ro.delete(1), lambda: ro.protect(1)):
+    for call in (
+        lambda: ro.save(2, {"x": torch.ones(1)}),
+        lambda: ro.delete(1),
+        lambda: ro.protect(1),
+    ):
         with pytest.raises(ReadOnlyError):
             call()
     assert ro.all_steps() == [1]
@@ -150,7 +156,9 @@ def test_unsupported_leaf_fails_before_writing(make_manager, tmp_path: Path) -> 
     mgr = make_manager()
     with pytest.raises(UnsupportedTypeError, match="extra/hooks/0"):
         mgr.save(1, {"model": torch.nn.Linear(2, 2), "extra": {"hooks": [object()]}})
-    assert mgr.all_steps() == [] and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".lock"]
+    assert mgr.all_steps() == [] and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        ".lock"
+    ]
 
 
 @pytest.mark.parametrize(

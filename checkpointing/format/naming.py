@@ -41,7 +41,7 @@ class PrefixNaming:
 
     def parse(self, name: str) -> int | None:
         head = "" if self.prefix is None else re.escape(self.prefix) + "_"
-        match = re.fullmatch(head + r"(\d+)", name)
+        match = re.fullmatch(head + r"([0-9]+)", name)
         return int(match.group(1)) if match else None
 
 
@@ -63,5 +63,5 @@ class EpochIterNaming:
         return f"epoch_{self.epoch_of(step)}_iter_{step}"
 
     def parse(self, name: str) -> int | None:
-        match = re.fullmatch(r"epoch_(\d+)_iter_(\d+)", name)
+        match = re.fullmatch(r"epoch_([0-9]+)_iter_([0-9]+)", name)
         return int(match.group(2)) if match else None

@@ -76,6 +76,7 @@ class StepReader:
             and dest.dtype == dtype
             and tuple(dest.shape) == shape
             and dest.is_contiguous()
+            and (dest.dim() == 0 or dest.stride(-1) == 1)  # else byte_view would copy
         ):
             return self._blob(body, dest, dtype, shape)
         return _fill(dest, self._blob(body, None, dtype, shape))

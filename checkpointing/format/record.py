@@ -61,7 +61,7 @@ class Record:
     def from_json(cls, data: bytes, where: str) -> Record:
         try:
             body = json.loads(data)
-            if body.get("format") != FORMAT_NAME:
+            if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
                 raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} commit record")
             if body["version"] > FORMAT_VERSION:
                 raise CorruptCheckpointError(
@@ -78,7 +78,7 @@ class Record:
                 metadata=body.get("metadata"),
                 version=int(body["version"]),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"{where}: unreadable commit record ({e})") from e
 
 

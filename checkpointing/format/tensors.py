@@ -69,11 +69,19 @@ def parse_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a CPU tensor, without a copy when it is contiguous."""
-    flat = tensor.detach().reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
+    flat = tensor.detach()
+    if flat.element_size() in _SAME_SIZE_INT:  # copy kernels exist for every int type
+        flat = flat.view(_SAME_SIZE_INT[flat.element_size()])
+    flat = flat.reshape(-1)
+    if not flat.numel():
+        return memoryview(b"")
+    if flat.stride(0) != 1:  # a 1-element view may keep its stride: is_contiguous() says yes
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -33,12 +34,15 @@ SUPPORTED = (
 )
 
 
+LEAVES = ""  # the group of the arrays that are items themselves; they share one file
+
+
 @dataclasses.dataclass
 class Blob:
     """One run of bytes to store: a tensor (or a whole shared storage)."""
 
-    item: str
-    key: str
+    group: str  # the file it goes to: its item's name, or LEAVES
+    key: str  # unique within the group
     tensor: torch.Tensor
     nodes: list[dict[str, Any]]  # tree nodes reading these bytes; the writer adds file/key
 
@@ -83,7 +87,7 @@ class _Flattener:
     def __init__(self) -> None:
         self.blobs: list[Blob] = []
         self._keys: dict[str, set[str]] = {}
-        # storage identity -> [(tensor, node, item, key)], to find shared storage
+        # storage identity -> [(tensor, node, group, key)], to find shared storage
         self._by_storage: dict[
             tuple[str, int], list[tuple[torch.Tensor, dict[str, Any], str, str]]
         ] = {}
@@ -140,44 +144,50 @@ class _Flattener:
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "shape": list(tensor.shape),
         }
-        key = self._unique_key(item, path)
+        group, key = self._place(item, path)
         if tensor.numel():
             ident = (str(tensor.device), tensor.untyped_storage().data_ptr())
-            self._by_storage.setdefault(ident, []).append((tensor, node, item, key))
+            self._by_storage.setdefault(ident, []).append((tensor, node, group, key))
         else:
-            self.blobs.append(Blob(item, key, tensor, [node]))
+            self.blobs.append(Blob(group, key, tensor, [node]))
         return {"tensor": node}
 
     def _ndarray(self, array: np.ndarray, item: str, path: tuple[Any, ...]) -> Node:
-        if array.dtype.hasobject:
+        if array.dtype.hasobject or array.dtype.fields is not None:
             raise UnsupportedTypeError(
-                f"cannot save a numpy array of Python objects at {_path(path)}"
+                f"cannot save a numpy array of Python objects or of a structured dtype at "
+                f"{_path(path)}; save its fields as separate arrays"
             )
         node: dict[str, Any] = {"dtype": array.dtype.str, "shape": list(array.shape)}
         raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        self.blobs.append(Blob(item, self._unique_key(item, path), torch.from_numpy(raw), [node]))
+        with warnings.catch_warnings():  # read-only arrays are fine: we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(raw)
+        self.blobs.append(Blob(*self._place(item, path), data, [node]))
         return {"ndarray": node}
 
     def share_views(self) -> None:
         """Turn the tensors seen into blobs, storing shared storage once."""
         for group in self._by_storage.values():
-            first, _, item, key = group[0]
+            first, _, place, key = group[0]
             nodes = [node for _, node, _, _ in group]
             if all(_same_view(first, t) for t, *_ in group[1:]):
-                self.blobs.append(Blob(item, key, first, nodes))
+                self.blobs.append(Blob(place, key, first, nodes))
                 continue
             # Views that differ: store the whole storage once, each node as a view of it.
             storage = first.untyped_storage()
             whole = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage)
             for tensor, node, _, _ in group:
                 node.update(offset=tensor.storage_offset(), stride=list(tensor.stride()))
-            self.blobs.append(
-                Blob(item, self._unique_key(item, (item, f"{key}~storage")), whole, nodes)
-            )
+            self.blobs.append(Blob(place, self._unique_key(place, f"{key}~storage"), whole, nodes))
 
-    def _unique_key(self, item: str, path: tuple[Any, ...]) -> str:
-        taken = self._keys.setdefault(item, set())
-        base = "/".join(str(p) for p in path[1:]) or item
+    def _place(self, item: str, path: tuple[Any, ...]) -> tuple[str, str]:
+        """The group and unique key of the array at ``path`` (its path inside the item)."""
+        group = item if len(path) > 1 else LEAVES
+        return group, self._unique_key(group, "/".join(str(p) for p in path[1:]) or item)
+
+    def _unique_key(self, group: str, base: str) -> str:
+        taken = self._keys.setdefault(group, set())
         key, n = base, 1
         while key in taken or key == "__metadata__":
             key, n = f"{base}~{n}", n + 1

@@ -272,7 +272,7 @@ class TestDecideRetention:
         )
         assert decision.keep == {
             2: ("protected",),
-            3: ("saving",),
+            3: ("in progress",),
             5: ("latest 1", "latest", "protected"),
         }
         assert decision.delete == (1, 4)
@@ -384,37 +384,41 @@ class TestOrbaxCompatibleMode:
         assert orbax_survivors(range(1, 11), max_to_keep=2, keep_period=4) == {4, 8, 9, 10}
 
     def test_nothing_deleted_without_max_to_keep(self) -> None:
-        assert orbax_survivors(range(1, 6), keep_period=2, keep_time_interval=1) == set(
-            range(1, 6)
-        )
+        assert orbax_survivors(range(1, 6), keep_period=2, keep_time_interval=1) == set(range(1, 6))
 
     def test_best_deletes_the_newest_when_ranked_out(self) -> None:
         # loss:   5  3  4  1  6   -> best two by min loss are steps 4 and 2; 5 is deleted
         metrics = [{"loss": v} for v in (5, 3, 4, 1, 6)]
-        kw = {"max_to_keep": 2, "best_metric": "loss", "best_mode": "min"}
+        kw: dict[str, Any] = {"max_to_keep": 2, "best_metric": "loss", "best_mode": "min"}
         assert orbax_survivors(range(1, 6), metrics=metrics, **kw) == {2, 4}
 
     def test_keep_time_interval(self) -> None:
         # Saves every 1000 s, one per hour: oldest (t=0) then first at >= 3600 (t=4000),
         # next would need >= 7600; plus the newest one.
         times = [1000.0 * i for i in range(8)]
-        result = orbax_survivors(
-            range(1, 9), times=times, max_to_keep=1, keep_time_interval=3600
-        )
+        result = orbax_survivors(range(1, 9), times=times, max_to_keep=1, keep_time_interval=3600)
         assert result == {1, 5, 8}
 
     def test_unranked_kept_by_default(self) -> None:
-        kw = {"max_to_keep": 1, "best_metric": "acc"}
+        kw: dict[str, Any] = {"max_to_keep": 1, "best_metric": "acc"}
         result = orbax_survivors(range(1, 5), metrics=acc(None, 0.5, None, 0.7), **kw)
         assert result == {1, 3, 4}
 
     def test_unranked_fill_free_slots(self) -> None:
-        kw = {"max_to_keep": 3, "best_metric": "acc", "keep_checkpoints_without_metrics": False}
+        kw: dict[str, Any] = {
+            "max_to_keep": 3,
+            "best_metric": "acc",
+            "keep_checkpoints_without_metrics": False,
+        }
         result = orbax_survivors(range(1, 5), metrics=acc(None, 0.5, None, None), **kw)
         assert result == {2, 3, 4}
 
     def test_unranked_newest_deleted(self) -> None:
-        kw = {"max_to_keep": 2, "best_metric": "acc", "keep_checkpoints_without_metrics": False}
+        kw: dict[str, Any] = {
+            "max_to_keep": 2,
+            "best_metric": "acc",
+            "keep_checkpoints_without_metrics": False,
+        }
         result = orbax_survivors(range(1, 6), metrics=acc(0.9, None, 0.1, 0.5, None), **kw)
         assert result == {1, 4}
 
@@ -424,12 +428,12 @@ class TestOrbaxCompatibleMode:
 
     @pytest.mark.parametrize("mode", ["min", "max"])
     def test_ties_keep_the_newest(self, mode: str) -> None:
-        kw = {"max_to_keep": 1, "best_metric": "acc", "best_mode": mode}
+        kw: dict[str, Any] = {"max_to_keep": 1, "best_metric": "acc", "best_mode": mode}
         assert orbax_survivors(range(1, 4), metrics=acc(0.5, 0.5, 0.5), **kw) == {3}
 
     def test_best_with_time_interval(self) -> None:
         metrics = [{"loss": v} for v in (4, 3, 2, 1)]
-        kw = {"max_to_keep": 1, "best_metric": "loss", "best_mode": "min"}
+        kw: dict[str, Any] = {"max_to_keep": 1, "best_metric": "loss", "best_mode": "min"}
         result = orbax_survivors(
             range(1, 5), times=[0, 50, 100, 150], metrics=metrics, keep_time_interval=100, **kw
         )
@@ -438,7 +442,11 @@ class TestOrbaxCompatibleMode:
     def test_deliberate_difference_unranked_on_keep_period(self) -> None:
         # Orbax with max_to_keep=0, a best rule and keep_checkpoints_without_metrics=False
         # deletes unranked checkpoints even on keep_period; here keep_period still keeps them.
-        kw = {"max_to_keep": 0, "best_metric": "acc", "keep_checkpoints_without_metrics": False}
+        kw: dict[str, Any] = {
+            "max_to_keep": 0,
+            "best_metric": "acc",
+            "keep_checkpoints_without_metrics": False,
+        }
         assert orbax_survivors([2, 3], metrics=acc(None, None), keep_period=2, **kw) == {2}
 
     def test_default_mode_also_keeps_the_newest(self) -> None:
@@ -464,7 +472,8 @@ def orbax_reference(
     n: int | None,
     period: int | None,
     interval: float | None,
-    score: Callable[[Metrics], float | None] | None,
+    value: Callable[[Metrics], float | None] | None,
+    mode: str,
     keep_without: bool,
 ) -> set[int]:
     """Steps Orbax deletes from ``cps`` (sorted by step), written from its documented
@@ -472,19 +481,24 @@ def orbax_reference(
     keep_time_interval or keep_period."""
     if n is None or len(cps) <= n:
         return set()
-    if score is None:
+    if value is None:
         unranked: list[CheckpointInfo] = []
         ranked = list(cps)
     else:
-        unranked = [c for c in cps if score(c.metrics) is None]
-        ranked = sorted((c for c in cps if score(c.metrics) is not None), key=_key(score))
+        scores = {c.step: value(c.metrics) for c in cps}
+        unranked = [c for c in cps if scores[c.step] is None]
+        ranked = sorted(
+            (c for c in cps if scores[c.step] is not None),
+            key=lambda c: scores[c.step] or 0.0,
+            reverse=mode == "min",
+        )
     if keep_without:
-        active = set(unranked) | set(ranked[len(ranked) - n :] if n else [])
-        candidates = ranked[: len(ranked) - n]
+        active = set(unranked) | set(ranked[-n:] if n else [])
+        candidates = ranked[:-n] if n else ranked
     else:
         ordered = unranked + ranked
-        active = set(ordered[len(ordered) - n :] if n else [])
-        candidates = ordered[: len(ordered) - n] if n else ranked
+        active = set(ordered[-n:] if n else [])
+        candidates = ordered[:-n] if n else ranked
     chain = [cps[0]]
     for c in cps[1:]:
         if interval is not None and c.time >= chain[-1].time + interval:
@@ -497,16 +511,7 @@ def orbax_reference(
     return {c.step for c in cps} - {c.step for c in active | spared}
 
 
-def _key(score: Callable[[Metrics], float | None]) -> Callable[[CheckpointInfo], float]:
-    def key(c: CheckpointInfo) -> float:
-        value = score(c.metrics)
-        assert value is not None
-        return value
-
-    return key
-
-
-metric_values = st.one_of(
+metric_values: st.SearchStrategy[Metrics] = st.one_of(
     st.none(),
     st.just({}),
     st.just({"loss": math.nan}),
@@ -538,20 +543,12 @@ def retention_options(draw: st.DrawFn) -> CheckpointManagerOptions:
     )
 
 
-def score_of(options: CheckpointManagerOptions) -> Callable[[Metrics], float | None] | None:
-    if options.best_metric is None:
-        return None
-
-    def score(m: Metrics) -> float | None:
-        value = None if m is None else m.get("loss")
-        if not isinstance(value, float) or math.isnan(value):
-            return None
-        return value if options.best_mode == "max" else -value
-
-    return score
+def loss_of(m: Metrics) -> float | None:
+    value = None if m is None else m.get("loss")
+    return None if not isinstance(value, float) or math.isnan(value) else value
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     save_histories(),
     retention_options(),
@@ -568,7 +565,7 @@ def test_incremental_saves_with_restarts(
 ) -> None:
     policy = retention_policy_from_options(options)
     n = options.max_to_keep
-    score = score_of(options)
+    sign = 1.0 if options.best_mode == "max" else -1.0
     interval = options.keep_time_interval
     assert not isinstance(interval, datetime.timedelta)
 
@@ -599,15 +596,14 @@ def test_incremental_saves_with_restarts(
                 others |= {a.step for a in alive if a.step % options.keep_period == 0}
             if interval is not None:
                 others |= set(KeepEveryNSeconds(interval).keep(alive, 0.0))
-            if score is not None:
+            if options.best_metric is not None:
                 ranked = sorted(
-                    (a for a in alive if score(a.metrics) is not None),
-                    key=lambda a: (_key(score)(a), a.step),
+                    (sign * loss, a.step) for a in alive if (loss := loss_of(a.metrics)) is not None
                 )
-                best = {a.step for a in ranked[len(ranked) - n :]} if n else set()
+                best = {step for _, step in ranked[-n:]} if n else set()
                 assert best <= keep  # the best n survive
                 if options.keep_checkpoints_without_metrics:
-                    others |= {a.step for a in alive if score(a.metrics) is None}
+                    others |= {a.step for a in alive if loss_of(a.metrics) is None}
             assert len(keep - others) <= n  # nothing else beyond max_to_keep
 
         alive = [a for a in alive if a.step in keep]
@@ -623,7 +619,7 @@ def test_incremental_saves_with_restarts(
         assert set(once.keep) == {a.step for a in alive}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(save_histories(), retention_options())
 def test_orbax_mode_matches_reference(
     cps: list[CheckpointInfo], options: CheckpointManagerOptions
@@ -642,7 +638,8 @@ def test_orbax_mode_matches_reference(
             n=n,
             period=options.keep_period,
             interval=interval,
-            score=score_of(options),
+            value=loss_of if best else None,
+            mode=options.best_mode,
             keep_without=options.keep_checkpoints_without_metrics,
         )
         decision = decide_retention(alive, policy, now=c.time, always_keep_latest=False)

@@ -129,7 +129,13 @@ class TestSimpleRules:
         assert not OnPreemption().should_save(ctx(5, 3))
 
     def test_rules_are_save_policies(self) -> None:
-        rules = [EveryNSteps(2), AtSteps([1]), EveryNSeconds(1), InitialSave(), OnPreemption()]
+        rules: list[SavePolicy] = [
+            EveryNSteps(2),
+            AtSteps([1]),
+            EveryNSeconds(1),
+            InitialSave(),
+            OnPreemption(),
+        ]
         assert all(isinstance(rule, SavePolicy) for rule in [*rules, AnyOf(*rules)])
 
 

@@ -1,0 +1,246 @@
+"""The commit record: JSON round trip, version and garbage rejection, and the conversion
+of metrics/metadata to strict JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from checkpointing import CheckpointManager, CheckpointManagerOptions
+from checkpointing.errors import CorruptCheckpointError, InvalidOptionError
+from checkpointing.format.record import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    RECORD_NAME,
+    FileInfo,
+    Record,
+    to_json_value,
+)
+
+WHERE = "/ckpt/step_00000007/checkpoint.json"
+
+
+def sample_record(**overrides: Any) -> Record:
+    fields: dict[str, Any] = {
+        "step": 7,
+        "created_at": 1_700_000_000.25,
+        "committed_at": 1_700_000_003.5,
+        "items": {
+            "model": {"dict": [["w", {"tensor": {"dtype": "float32", "shape": [2, 3]}}]]},
+            "extra": {"dict": [[1, {"tuple": [1, "a", None, {"float": "nan"}]}]]},
+            "epoch": 3,
+        },
+        "files": {"model.safetensors": FileInfo(size=128, header_checksum="ab", checksum="cd")},
+        "metrics": {"loss": 0.5, "acc": "nan"},
+        "metadata": {"run": "exp1", "tags": ["a", "b"]},
+    }
+    return Record(**{**fields, **overrides})
+
+
+def record_body(**overrides: Any) -> bytes:
+    """A valid serialized record with top-level fields replaced."""
+    return json.dumps({**json.loads(sample_record().to_json()), **overrides}).encode()
+
+
+def strict_loads(data: bytes) -> Any:
+    def reject(constant: str) -> None:
+        raise AssertionError(f"record is not strict JSON: contains {constant}")
+
+    return json.loads(data, parse_constant=reject)
+
+
+# ------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize(
+    "record",
+    [sample_record(), sample_record(metrics=None, metadata=None, items={}, files={})],
+    ids=["full", "empty"],
+)
+def test_record_json_round_trip(record: Record) -> None:
+    data = record.to_json()
+    assert Record.from_json(data, WHERE) == record
+
+
+def test_record_json_is_strict_and_self_describing() -> None:
+    body = strict_loads(sample_record().to_json())
+    assert body["format"] == FORMAT_NAME
+    assert body["version"] == FORMAT_VERSION
+    assert body["checksum_algorithm"] == "xxh3_64"
+    assert body["torch_version"] == torch.__version__
+    assert body["files"]["model.safetensors"] == {
+        "size": 128,
+        "header_checksum": "ab",
+        "checksum": "cd",
+    }
+
+
+def test_int_dict_keys_in_items_survive_as_pairs() -> None:
+    restored = Record.from_json(sample_record().to_json(), WHERE)
+    ((key, _),) = restored.items["extra"]["dict"]
+    assert key == 1 and type(key) is int, "dict pairs keep int keys through JSON"
+
+
+def test_older_or_equal_version_is_read() -> None:
+    for version in range(1, FORMAT_VERSION + 1):
+        assert Record.from_json(record_body(version=version), WHERE).version == version
+
+
+# -------------------------------------------------------------------- rejection
+
+
+def test_newer_version_is_rejected_with_upgrade_hint() -> None:
+    newer = record_body(version=FORMAT_VERSION + 1)
+    with pytest.raises(CorruptCheckpointError, match="newer") as info:
+        Record.from_json(newer, WHERE)
+    assert WHERE in str(info.value), "the error names the record's location"
+    assert "upgrade" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff\xfe\x00",
+        b"{",
+        b"not json",
+        b'{"format": "checkpointing"}',
+        record_body(format="orbax"),
+        json.dumps({k: v for k, v in json.loads(record_body()).items() if k != "items"}).encode(),
+        record_body(version="2"),
+        record_body(step="seven"),
+        record_body(created_at=None),
+        record_body(files={"a.safetensors": {"size": 1}}),
+        record_body(files={"a.safetensors": [1, 2, 3]}),
+        record_body(files={"a.safetensors": {"size": 1, "header_checksum": "a", "x": "b"}}),
+    ],
+    ids=[
+        "empty",
+        "binary",
+        "truncated",
+        "text",
+        "only-format",
+        "foreign-format",
+        "missing-items",
+        "version-str",
+        "step-str",
+        "created-null",
+        "fileinfo-missing-fields",
+        "fileinfo-list",
+        "fileinfo-extra-field",
+    ],
+)
+def test_garbage_is_rejected_as_corrupt(data: bytes) -> None:
+    with pytest.raises(CorruptCheckpointError, match=WHERE):
+        Record.from_json(data, WHERE)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[]", b"null", b"42", b'"checkpointing"', record_body(files=[])],
+    ids=["list", "null", "number", "string", "files-list"],
+)
+def test_non_object_json_is_rejected_as_corrupt(data: bytes) -> None:
+    with pytest.raises(CorruptCheckpointError):
+        Record.from_json(data, WHERE)
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def test_metrics_numbers_from_tensors_and_numpy_become_python_numbers() -> None:
+    converted = to_json_value(
+        {
+            "loss": torch.tensor(0.5),
+            "bf16": torch.tensor(1.5, dtype=torch.bfloat16),
+            "one_elem": torch.tensor([[2.0]]),
+            "count": torch.tensor(7),
+            "flag": torch.tensor(True),
+            "np_f32": np.float32(0.25),
+            "np_f64": np.float64(0.125),
+            "np_i64": np.int64(3),
+            "np_u8": np.uint8(255),
+            "np_bool": np.bool_(False),
+            "np_arr": np.array([4.0]),
+            "np_0d": np.array(5),
+            "py": [1, 2.5, True, None, "s"],
+            "nested": {"t": (torch.tensor(1.0), np.int32(2))},
+        },
+        "metrics",
+    )
+    expected = {
+        "loss": 0.5,
+        "bf16": 1.5,
+        "one_elem": 2.0,
+        "count": 7,
+        "flag": True,
+        "np_f32": 0.25,
+        "np_f64": 0.125,
+        "np_i64": 3,
+        "np_u8": 255,
+        "np_bool": False,
+        "np_arr": 4.0,
+        "np_0d": 5,
+        "py": [1, 2.5, True, None, "s"],
+        "nested": {"t": [1.0, 2]},
+    }
+    assert converted == expected
+    for key, value in expected.items():
+        assert type(converted[key]) is type(value), f"{key}: {type(converted[key])}"
+    assert type(converted["nested"]["t"][1]) is int
+    json.dumps(converted, allow_nan=False)  # plain JSON, nothing numpy or torch left
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (math.nan, "nan"),
+        (math.inf, "inf"),
+        (-math.inf, "-inf"),
+        (torch.tensor(math.nan), "nan"),
+        (torch.tensor(-math.inf, dtype=torch.float16), "-inf"),
+        (np.float32(math.inf), "inf"),
+        (np.float64(-math.inf), "-inf"),
+        (np.array([math.nan]), "nan"),
+    ],
+)
+def test_non_finite_metrics_become_strings(value: Any, expected: str) -> None:
+    assert to_json_value({"m": value}, "metrics") == {"m": expected}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {1: 0.5},
+        {"nested": {("a",): 1}},
+        {"t": torch.ones(2)},
+        {"a": np.zeros(3)},
+        {"t": torch.ones(0)},
+        {"o": object()},
+        {"c": 1 + 2j},
+        {"b": b"bytes"},
+    ],
+    ids=["int-key", "tuple-key", "tensor", "ndarray", "empty-tensor", "object", "complex", "bytes"],
+)
+def test_metrics_that_are_not_json_numbers_are_rejected(value: dict[Any, Any]) -> None:
+    with pytest.raises(InvalidOptionError, match="metrics"):
+        to_json_value(value, "metrics")
+
+
+def test_manager_stores_converted_metrics_and_metadata_as_strict_json(tmp_path: Path) -> None:
+    opts = CheckpointManagerOptions(enable_async_checkpointing=False)
+    metrics = {"loss": torch.tensor(math.nan), "acc": np.float32(0.75), "n": np.int64(4)}
+    with CheckpointManager(tmp_path, opts) as mgr:
+        mgr.save(3, {"x": torch.ones(1)}, metrics=metrics, metadata={"inf": math.inf})
+        assert mgr.metrics(3) == {"loss": "nan", "acc": 0.75, "n": 4}
+    on_disk = strict_loads((tmp_path / "step_00000003" / RECORD_NAME).read_bytes())
+    assert on_disk["metrics"] == {"loss": "nan", "acc": 0.75, "n": 4}
+    assert on_disk["metadata"] == {"inf": "inf"}
+    with CheckpointManager(tmp_path, CheckpointManagerOptions(read_only=True)) as reader:
+        assert reader.metrics(3) == {"loss": "nan", "acc": 0.75, "n": 4}
