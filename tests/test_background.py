@@ -14,7 +14,12 @@ import psutil
 import pytest
 import torch
 
-from checkpointing import CheckpointError, CheckpointManager, CheckpointManagerOptions
+from checkpointing import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointManagerOptions,
+    DiskFullError,
+)
 from checkpointing.format import tensors
 
 
@@ -56,8 +61,9 @@ def test_writer_failure_surfaces_once_and_leaves_no_trace(
 
         monkeypatch.setattr(tensors, "write_file", failing_write)
         mgr.save(2, {"x": torch.ones(3)})
-        with pytest.raises(OSError, match="injected"):
+        with pytest.raises(DiskFullError, match="step 2") as info:
             mgr.wait_until_finished()
+        assert "injected" in str(info.value.__cause__)
         mgr.check_for_errors()  # raised once only
         mgr.wait_until_finished()
         assert mgr.all_steps() == [1], "the failed step is not listed; retention did not run"
