@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers
+from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers, parallel_map
 from checkpointing.coordination import Coordinator, SingleProcess
 from checkpointing.errors import (
     CheckpointError,
@@ -143,7 +143,8 @@ class CheckpointManager:
         if not self.options.read_only:
             self._storage.lock()
             if self.options.cleanup_tmp_directories and self._coordinator.is_primary:
-                for name in self._storage.cleanup():
+                is_step = lambda name: self._naming.parse(name) is not None  # noqa: E731
+                for name in self._storage.cleanup(is_step, RECORD_NAME):
                     logger.info("removed leftover of an interrupted save: %s", name)
         if self.options.save_on_preemption:
             self._preemption.install(self.options.preemption_signals)
@@ -341,14 +342,18 @@ class CheckpointManager:
         name = self._naming.name(job.step)
         writer = self._storage.begin(name)
         try:
-            files: dict[str, FileInfo] = {}
-            for filename, blobs in _group_by_file(job.flat).items():
-                f = writer.open(filename)
-                try:
-                    written = tensors.write_file(f, blobs, filename)
-                finally:
-                    f.close()
-                files[filename] = FileInfo(written.size, written.header_checksum, written.checksum)
+            groups = _group_by_file(job.flat)
+            written = parallel_map(
+                lambda name: writer.write(
+                    name, lambda f: tensors.write_file(f, groups[name], name)
+                ),
+                list(groups),
+                self._storage.parallelism,
+            )
+            files = {
+                name: FileInfo(w.size, w.header_checksum, w.checksum)
+                for name, w in zip(groups, written, strict=True)
+            }
             record = Record(
                 step=job.step,
                 created_at=job.started,
@@ -476,7 +481,7 @@ class CheckpointManager:
                 self._save_protected()
 
     def _delete(self, step: int) -> None:
-        self._storage.delete(self._naming.name(step))
+        self._storage.delete(self._naming.name(step), RECORD_NAME)
         self._records = {s: r for s, r in self._records.items() if s != step}
 
     def protect(self, step: int) -> None:

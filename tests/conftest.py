@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions
 
@@ -25,14 +24,3 @@ def make_manager(tmp_path: Path) -> Iterator[Callable[..., CheckpointManager]]:
     yield make
     for mgr in managers:
         mgr.close()
-
-
-def tiny_training_state(seed: int = 0) -> dict[str, Any]:
-    """A model, its AdamW state after one step, and a scheduler."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model(torch.randn(4, 8)).square().mean().backward()
-    opt.step()
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
-    return {"model": model, "optimizer": opt, "scheduler": sched, "extra": {"epoch": 3}}

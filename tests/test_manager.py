@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_training_state
+from states import tiny_training_state
 
 from checkpointing import (
     CheckpointManager,

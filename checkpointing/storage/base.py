@@ -9,15 +9,20 @@ record uploaded last on an object store).
 from __future__ import annotations
 
 import abc
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
+
+T = TypeVar("T")
 
 
 class StepWriter(abc.ABC):
     """Writes the files of one step; nothing is visible before `commit`."""
 
     @abc.abstractmethod
-    def open(self, filename: str) -> BinaryIO:
-        """A new file of this step, open for writing; durable once closed."""
+    def write(self, filename: str, produce: Callable[[BinaryIO], T]) -> T:
+        """Create ``filename`` in this step and fill it with ``produce(file)``; the file
+        is durable when this returns. May call ``produce`` again on a fresh file to
+        retry a transient failure."""
 
     @abc.abstractmethod
     def commit(self, record_name: str, record: bytes) -> None:
@@ -32,6 +37,7 @@ class Storage(abc.ABC):
     """A checkpoint directory."""
 
     url: str
+    parallelism: int = 1  # how many files to write or read at once
 
     @abc.abstractmethod
     def committed(self, record_name: str) -> list[str]:
@@ -62,12 +68,15 @@ class Storage(abc.ABC):
     def size(self, path: str) -> int: ...
 
     @abc.abstractmethod
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, record_name: str) -> None:
         """Delete a step directory; it disappears from listings first."""
 
     @abc.abstractmethod
-    def cleanup(self) -> list[str]:
-        """Remove leftovers of crashed saves and deletes; return what was removed."""
+    def cleanup(self, is_step: Callable[[str], bool], record_name: str) -> list[str]:
+        """Remove leftovers of crashed saves and deletes; return what was removed.
+
+        ``is_step`` tells step directory names, so that foreign files are left alone.
+        """
 
     @abc.abstractmethod
     def lock(self) -> None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import filelock
 
 from checkpointing.errors import CheckpointError, DirectoryLockedError
 from checkpointing.storage.base import StepWriter, Storage
 
+T = TypeVar("T")
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
 
@@ -65,8 +67,9 @@ class _LocalStepWriter(StepWriter):
         self._tmp = root / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
         self._tmp.mkdir()
 
-    def open(self, filename: str) -> BinaryIO:
-        return _DurableFile(self._tmp / filename)  # type: ignore[return-value]
+    def write(self, filename: str, produce: Callable[[BinaryIO], T]) -> T:
+        with _DurableFile(self._tmp / filename) as f:
+            return produce(f)  # type: ignore[arg-type]
 
     def commit(self, record_name: str, record: bytes) -> None:
         with _DurableFile(self._tmp / record_name) as f:
@@ -135,13 +138,13 @@ class LocalStorage(Storage):
     def size(self, path: str) -> int:
         return self._path(path).stat().st_size
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, record_name: str) -> None:
         doomed = self.root / f"{TMP_PREFIX}{name}-deleting-{uuid.uuid4().hex[:8]}"
         os.rename(self.root / name, doomed)
         _fsync_dir(self.root)
         shutil.rmtree(doomed)
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self, is_step: Callable[[str], bool], record_name: str) -> list[str]:
         removed = []
         for entry in os.scandir(self.root):
             if entry.name.startswith(TMP_PREFIX):
