@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers, parallel_map
 from checkpointing.coordination import Coordinator, SingleProcess
@@ -51,7 +53,8 @@ from checkpointing.policies.retention import (
     retention_policy_from_options,
 )
 from checkpointing.policies.save import SaveContext, decide_save, save_policy_from_options
-from checkpointing.storage import LocalStorage, Storage
+from checkpointing.storage import FsspecStorage, Storage, open_storage
+from checkpointing.storage.cache import fetch_step
 
 logger = logging.getLogger("checkpointing")
 
@@ -114,6 +117,8 @@ class CheckpointManager:
         directory: str | os.PathLike[str],
         options: CheckpointManagerOptions | None = None,
         *,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
     ) -> None:
@@ -125,9 +130,13 @@ class CheckpointManager:
         )
         self._save_policy = save_policy_from_options(self.options)
         self._retention = retention_policy_from_options(self.options)
-        self._storage: Storage = LocalStorage(
-            directory, create=self.options.create and not self.options.read_only
+        self._storage: Storage = open_storage(
+            directory,
+            create=self.options.create and not self.options.read_only,
+            storage_options=storage_options,
         )
+        # Steps of a remote directory are restored from a local copy (see storage.cache).
+        self._cache_dir = Path(cache_dir or _default_cache_dir(self._storage.url))
         self._records: dict[int, Record] = {}
         self._protected: set[int] = set()
         self._closed = False
@@ -430,12 +439,19 @@ class CheckpointManager:
                 f"step {step} has no item {', '.join(map(repr, missing))}; it has "
                 f"{', '.join(map(repr, record.items))}"
             )
-        where = f"{self.directory}/{self._naming.name(step)}"
+        name = self._naming.name(step)
+        if isinstance(self._storage, FsspecStorage):
+            local = fetch_step(self._storage, name, record, self._cache_dir)
+            open_file: Callable[[str], BinaryIO] = lambda filename: open(  # noqa: E731, SIM115
+                local / filename, "rb", buffering=0
+            )
+        else:
+            open_file = lambda filename: self._storage.open_read(f"{name}/{filename}")  # noqa: E731
         with StepReader(
             record,
-            lambda filename: self._storage.open_read(f"{self._naming.name(step)}/{filename}"),
+            open_file,
             verify=self.options.verify_checksums,
-            where=where,
+            where=f"{self.directory}/{name}",
         ) as reader:
             restored = {
                 name: tree.unflatten(
@@ -621,3 +637,8 @@ def _group_by_file(flat: tree.FlatState) -> dict[str, list[tree.Blob]]:
     for blob in flat.blobs:
         groups.setdefault(file_of[blob.group], []).append(blob)
     return groups
+
+
+def _default_cache_dir(url: str) -> Path:
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "checkpointing" / digest

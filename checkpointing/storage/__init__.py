@@ -1,6 +1,23 @@
 """Storage backends. The manager reaches files only through `Storage`."""
 
+from __future__ import annotations
+
+import os
+from typing import Any
+
 from checkpointing.storage.base import StepWriter, Storage
 from checkpointing.storage.local import LocalStorage
+from checkpointing.storage.remote import FsspecStorage
 
-__all__ = ["LocalStorage", "StepWriter", "Storage"]
+
+def open_storage(
+    directory: str | os.PathLike[str], *, create: bool, storage_options: dict[str, Any] | None
+) -> Storage:
+    """Local disk for paths and ``file://`` URLs, fsspec for every other URL."""
+    text = os.fspath(directory)
+    if "://" in text and not text.startswith("file://"):
+        return FsspecStorage(text, storage_options=storage_options)
+    return LocalStorage(text.removeprefix("file://"), create=create)
+
+
+__all__ = ["FsspecStorage", "LocalStorage", "StepWriter", "Storage", "open_storage"]

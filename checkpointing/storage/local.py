@@ -24,7 +24,7 @@ TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -74,7 +74,7 @@ class _LocalStepWriter(StepWriter):
     def commit(self, record_name: str, record: bytes) -> None:
         with _DurableFile(self._tmp / record_name) as f:
             f.write(record)
-        _fsync_dir(self._tmp)
+        fsync_dir(self._tmp)
         try:
             os.rename(self._tmp, self._final)
         except OSError as e:
@@ -82,7 +82,7 @@ class _LocalStepWriter(StepWriter):
                 f"cannot move the new checkpoint into place at {self._final}: {e}. "
                 f"Remove the foreign directory of that name."
             ) from e
-        _fsync_dir(self._root)
+        fsync_dir(self._root)
 
     def abort(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -130,7 +130,7 @@ class LocalStorage(Storage):
         with _DurableFile(tmp) as f:
             f.write(data)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def exists(self, path: str) -> bool:
         return self._path(path).exists()
@@ -141,7 +141,7 @@ class LocalStorage(Storage):
     def delete(self, name: str, record_name: str) -> None:
         doomed = self.root / f"{TMP_PREFIX}{name}-deleting-{uuid.uuid4().hex[:8]}"
         os.rename(self.root / name, doomed)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(doomed)
 
     def cleanup(self, is_step: Callable[[str], bool], record_name: str) -> list[str]:
