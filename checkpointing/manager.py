@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers, parallel_map
 from checkpointing.coordination import Coordinator, SingleProcess
 from checkpointing.errors import (
@@ -149,15 +151,20 @@ class CheckpointManager:
         # background writer deletes while the caller may be reading).
         self._lock = threading.Lock()
         self._reading: dict[int, int] = {}  # step -> number of restores reading it
-        if not self.options.read_only:
-            self._storage.lock()
-            if self.options.cleanup_tmp_directories and self._coordinator.is_primary:
-                is_step = lambda name: self._naming.parse(name) is not None  # noqa: E731
-                for name in self._storage.cleanup(is_step, RECORD_NAME):
-                    logger.info("removed leftover of an interrupted save: %s", name)
         if self.options.save_on_preemption:
             self._preemption.install(self.options.preemption_signals)
-        self.reload()
+        try:
+            if not self.options.read_only:
+                self._storage.lock()
+                if self.options.cleanup_tmp_directories and self._coordinator.is_primary:
+                    is_step = lambda name: self._naming.parse(name) is not None  # noqa: E731
+                    for name in self._storage.cleanup(is_step, RECORD_NAME):
+                        logger.info("removed leftover of an interrupted save: %s", name)
+            self.reload()
+        except BaseException:
+            self._preemption.uninstall()
+            self._storage.unlock()
+            raise
         _open_managers.add(self)
 
     # ---------------------------------------------------------------- listing
@@ -176,8 +183,10 @@ class CheckpointManager:
             record = self._records.get(step) or self._read_record(name)
             if record is not None:
                 found[step] = record
-        self._records = dict(sorted(found.items()))
-        self._protected = self._load_protected()
+        protected = self._load_protected()
+        with self._lock:
+            self._records = dict(sorted(found.items()))
+            self._protected = protected
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending (from the cache; see `reload`)."""
@@ -210,8 +219,6 @@ class CheckpointManager:
         record = self._record(self._resolve(step))
 
         def describe(tag: str, body: dict[str, Any], _: Any) -> TensorMetadata:
-            import numpy as np
-
             size = (
                 np.dtype(body["dtype"]).itemsize
                 if tag == "ndarray"
@@ -336,7 +343,8 @@ class CheckpointManager:
         """Write, commit, cache and apply retention (on the background thread if async)."""
         t1 = time.perf_counter()
         record = self._write(job, abandoned)
-        self._records = dict(sorted({**self._records, job.step: record}.items()))
+        with self._lock:
+            self._records = dict(sorted({**self._records, job.step: record}.items()))
         self._apply_retention()
         done = time.perf_counter()
         self._last_stats = SaveStats(
