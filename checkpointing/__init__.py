@@ -50,6 +50,7 @@ from checkpointing.policies import (
     SaveContext,
     SavePolicy,
 )
+from checkpointing.watch import checkpoints_iterator
 
 __version__ = "0.1.0"
 
@@ -92,4 +93,5 @@ __all__ = [
     "TensorMetadata",
     "UnsupportedTypeError",
     "checkpoint_n_naming",
+    "checkpoints_iterator",
 ]

@@ -9,8 +9,10 @@ which is also what makes reusing the buffers safe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -105,6 +107,7 @@ class BackgroundWriter:
         self._deadline = None if timeout is None else time.monotonic() + timeout
 
         def run() -> None:
+            _lower_priority()
             try:
                 job(abandoned.is_set)
             except BaseException as e:  # surfaced on the caller's next call
@@ -138,6 +141,12 @@ class BackgroundWriter:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+
+def _lower_priority() -> None:
+    """Let the training threads win the CPU over this one (Linux nices threads alone)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:

@@ -11,6 +11,7 @@ the step becomes visible atomically, and retention deletes what no rule keeps
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -22,12 +23,13 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from checkpointing import watch
 from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers, parallel_map
 from checkpointing.coordination import Coordinator, SingleProcess
 from checkpointing.errors import (
@@ -74,6 +76,7 @@ def _finish_saves_at_exit() -> None:
 
 
 PROTECTED_NAME = "protected.json"
+RECORDED_METRICS_NAME = "recorded_metrics.json"  # metrics written back by evaluators
 
 
 @dataclasses.dataclass
@@ -141,6 +144,7 @@ class CheckpointManager:
         self._cache_dir = Path(cache_dir or _default_cache_dir(self._storage.url))
         self._records: dict[int, Record] = {}
         self._protected: set[int] = set()
+        self._recorded: dict[int, dict[str, Any]] = {}  # step -> metrics recorded later
         self._closed = False
         self._preemption = PreemptionWatcher()
         self._preemption_saved = False  # a save happened after the signal
@@ -184,9 +188,11 @@ class CheckpointManager:
             if record is not None:
                 found[step] = record
         protected = self._load_protected()
+        recorded = self._load_recorded_metrics()
         with self._lock:
             self._records = dict(sorted(found.items()))
             self._protected = protected
+            self._recorded = recorded
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending (from the cache; see `reload`)."""
@@ -197,8 +203,9 @@ class CheckpointManager:
         return next(reversed(self._records), None)
 
     def metrics(self, step: int) -> dict[str, Any] | None:
-        """The metrics saved with ``step``."""
-        return self._record(step).metrics
+        """The metrics saved with ``step``, updated by those recorded for it later."""
+        saved, recorded = self._record(step).metrics, self._recorded.get(step)
+        return saved if recorded is None else {**(saved or {}), **recorded}
 
     def best_step(self) -> int | None:
         """The best committed step by ``best_fn``/``best_metric``; None without a best rule
@@ -209,8 +216,8 @@ class CheckpointManager:
         rank = KeepBest(1, metric, self.options.best_mode)
         scored = [
             (score, step)
-            for step, r in self._records.items()
-            if (score := rank.score(r.metrics)) is not None
+            for step in self._records
+            if (score := rank.score(self.metrics(step))) is not None
         ]
         return max(scored)[1] if scored else None
 
@@ -492,6 +499,31 @@ class CheckpointManager:
                 if tensors.file_checksums(f, where) != (info.header_checksum, info.checksum):
                     raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
 
+    # ------------------------------------------------------- evaluation jobs
+
+    @contextlib.contextmanager
+    def reading(self, step: int) -> Iterator[bool]:
+        """Keep the training job's retention away from ``step`` during the block.
+
+        Yields whether the step still exists once the lease is held (it may have been
+        deleted just before). Works on read-only managers: leases are theirs to write.
+        """
+        with watch.lease(self._storage, step):
+            yield self._storage.exists(f"{self._naming.name(step)}/{RECORD_NAME}")
+
+    def iter_new_checkpoints(self, **kwargs: Any) -> Iterator[int]:
+        """New committed steps as they appear; see `checkpointing.checkpoints_iterator`."""
+        return watch.iter_new_checkpoints(self, **kwargs)
+
+    def record_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Store metrics for ``step`` beside it (not in its commit record), e.g. from a
+        separate evaluation job; best-N retention uses them after the writer's next
+        `reload` or save. Allowed on read-only managers."""
+        name = self._naming.name(self._record(step).step)
+        merged = {**self._recorded.get(step, {}), **to_json_value(metrics, "metrics")}
+        self._storage.write_bytes(f"{name}/{RECORDED_METRICS_NAME}", json.dumps(merged).encode())
+        self._recorded = {**self._recorded, step: merged}
+
     # ---------------------------------------------------------------- deleting
 
     def delete(self, step: int) -> None:
@@ -536,24 +568,28 @@ class CheckpointManager:
             for step, record in self._records.items()
         ]
 
-    def _decide(self) -> RetentionDecision:
+    def _decide(self, leased: Iterable[int] = ()) -> RetentionDecision:
         infos = [
-            CheckpointInfo(step, r.committed_at, r.metrics) for step, r in self._records.items()
+            CheckpointInfo(step, r.committed_at, self.metrics(step))
+            for step, r in self._records.items()
         ]
         return decide_retention(
             infos,
             self._retention,
             now=self._clock(),
             protected=self._protected,
-            in_progress=self._reading,
+            in_progress={*self._reading, *leased},
             always_keep_latest=self.options.always_keep_latest,
         )
 
     def _apply_retention(self) -> None:
-        if not self._coordinator.is_primary:
+        if not self._coordinator.is_primary or self._retention is None:
             return
+        recorded = self._load_recorded_metrics()
+        leased = watch.leased_steps(self._storage, time.time())
         with self._lock:
-            for step in self._decide().delete:
+            self._recorded = recorded
+            for step in self._decide(leased).delete:
                 logger.info("retention deletes step %d", step)
                 self._delete(step)
 
@@ -620,6 +656,15 @@ class CheckpointManager:
         if not self._storage.exists(PROTECTED_NAME):
             return set()
         return set(json.loads(self._storage.read_bytes(PROTECTED_NAME)))
+
+    def _load_recorded_metrics(self) -> dict[int, dict[str, Any]]:
+        recorded = {}
+        for name in self._storage.committed(RECORDED_METRICS_NAME):
+            step = self._naming.parse(name)
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                path = f"{name}/{RECORDED_METRICS_NAME}"
+                recorded[step] = json.loads(self._storage.read_bytes(path))
+        return {s: m for s, m in recorded.items() if s is not None}
 
     def _save_protected(self) -> None:
         self._storage.write_bytes(PROTECTED_NAME, json.dumps(sorted(self._protected)).encode())

@@ -65,6 +65,14 @@ class Storage(abc.ABC):
     def exists(self, path: str) -> bool: ...
 
     @abc.abstractmethod
+    def listdir(self, path: str) -> list[str]:
+        """Names in a directory; empty if it does not exist."""
+
+    @abc.abstractmethod
+    def remove(self, path: str) -> None:
+        """Remove a file; no error if it is already gone."""
+
+    @abc.abstractmethod
     def size(self, path: str) -> int: ...
 
     @abc.abstractmethod

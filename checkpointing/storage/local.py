@@ -7,6 +7,7 @@ a step is never half-deleted in sight.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -126,6 +127,7 @@ class LocalStorage(Storage):
 
     def write_bytes(self, path: str, data: bytes) -> None:
         target = self._path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}")
         with _DurableFile(tmp) as f:
             f.write(data)
@@ -134,6 +136,16 @@ class LocalStorage(Storage):
 
     def exists(self, path: str) -> bool:
         return self._path(path).exists()
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return os.listdir(self._path(path))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(path))
 
     def size(self, path: str) -> int:
         return self._path(path).stat().st_size

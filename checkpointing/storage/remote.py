@@ -81,6 +81,21 @@ class FsspecStorage(Storage):
     def exists(self, path: str) -> bool:
         return bool(self.retry(lambda: self.fs.exists(self._path(path))))
 
+    def listdir(self, path: str) -> list[str]:
+        self.fs.invalidate_cache(self._path(path))
+        try:
+            entries = self.retry(lambda: self.fs.ls(self._path(path), detail=False))
+        except FileNotFoundError:
+            return []
+        return [e.rstrip("/").split("/")[-1] for e in entries]
+
+    def remove(self, path: str) -> None:
+        def attempt() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._path(path))
+
+        self.retry(attempt)
+
     def size(self, path: str) -> int:
         return int(self.retry(lambda: self.fs.size(self._path(path))))
 

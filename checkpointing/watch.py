@@ -1,0 +1,136 @@
+"""Evaluation jobs: follow a directory's new steps, read them under leases, report back.
+
+A reader lease is a small file ``.leases/<step>.<id>.json`` holding its expiry time. While
+it lives, the training job's retention leaves that step alone and deletes it at a later
+save, once the lease is released or has expired. A holder renews its lease from a
+thread, so a reader that crashed pins a step for one time-to-live at most. Expiry uses
+wall-clock time, so the machines' clocks must roughly agree (within the TTL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from checkpointing.storage import Storage
+
+if TYPE_CHECKING:
+    from checkpointing.manager import CheckpointManager
+
+LEASE_DIR = ".leases"
+LEASE_TTL_SECS = 120.0
+
+
+@contextlib.contextmanager
+def lease(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterator[None]:
+    """Hold a reader lease on ``step`` for the duration of the block."""
+    path = f"{LEASE_DIR}/{step}.{uuid.uuid4().hex}.json"
+    stop = threading.Event()
+
+    def write() -> None:
+        storage.write_bytes(
+            path, json.dumps({"step": step, "expires_at": time.time() + ttl}).encode()
+        )
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            with contextlib.suppress(Exception):  # the next renewal tries again
+                write()
+
+    write()
+    renewer = threading.Thread(target=renew, name=f"checkpointing-lease-{step}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        storage.remove(path)
+
+
+def leased_steps(storage: Storage, now: float) -> set[int]:
+    """Steps under a live lease (expired leases are removed on the way)."""
+    steps = set()
+    for name in storage.listdir(LEASE_DIR):
+        path = f"{LEASE_DIR}/{name}"
+        try:
+            body = json.loads(storage.read_bytes(path))
+        except (FileNotFoundError, ValueError):
+            continue  # released meanwhile, or being replaced
+        if body["expires_at"] > now:
+            steps.add(int(body["step"]))
+        else:
+            storage.remove(path)
+    return steps
+
+
+def iter_new_checkpoints(
+    manager: CheckpointManager,
+    *,
+    min_interval_secs: float = 0,
+    timeout: float | None = None,
+    timeout_fn: Callable[[], bool] | None = None,
+    poll_interval_secs: float = 1.0,
+    every_step: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> Iterator[int]:
+    """Yield committed steps as they appear, each under a reader lease for the loop body.
+
+    By default only the newest new step is yielded (Orbax's semantics); with
+    ``every_step`` every new step, in order. After ``timeout`` seconds without a new step
+    the iterator ends, unless ``timeout_fn`` is given and returns False (keep waiting).
+    Steps deleted before their turn are skipped.
+    """
+    last: int | None = None
+    last_yield = -float("inf")
+    while True:
+        sleep(max(0.0, last_yield + min_interval_secs - monotonic()))
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            manager.reload()
+            new = [s for s in manager.all_steps() if last is None or s > last]
+            if new:
+                break
+            if deadline is not None and monotonic() >= deadline:
+                if timeout_fn is None or timeout_fn():
+                    return
+                deadline = monotonic() + (timeout or 0)
+            sleep(poll_interval_secs)
+        for step in new if every_step else new[-1:]:
+            last = step
+            with manager.reading(step) as present:
+                if present:
+                    last_yield = monotonic()
+                    yield step
+
+
+def checkpoints_iterator(
+    directory: str,
+    *,
+    min_interval_secs: float = 0,
+    timeout: float | None = None,
+    timeout_fn: Callable[[], bool] | None = None,
+    poll_interval_secs: float = 1.0,
+    every_step: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[int]:
+    """Follow ``directory`` (local or remote) read-only; see `iter_new_checkpoints`."""
+    from checkpointing.manager import CheckpointManager
+    from checkpointing.options import CheckpointManagerOptions
+
+    options = CheckpointManagerOptions(read_only=True)
+    with CheckpointManager(directory, options, storage_options=storage_options) as manager:
+        yield from iter_new_checkpoints(
+            manager,
+            min_interval_secs=min_interval_secs,
+            timeout=timeout,
+            timeout_fn=timeout_fn,
+            poll_interval_secs=poll_interval_secs,
+            every_step=every_step,
+        )
