@@ -1,4 +1,8 @@
-"""The ``checkpointing`` command: look into checkpoint directories without writing Python."""
+"""The ``checkpointing`` command: look into and manage checkpoint directories.
+
+Every command takes local paths and fsspec URLs (s3://, gs://, ...) alike. User
+mistakes end with one line on stderr and exit code 2; a failed verification exits 1.
+"""
 
 from __future__ import annotations
 
@@ -6,82 +10,220 @@ import argparse
 import dataclasses
 import datetime
 import json
+import shlex
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
 
 from checkpointing.errors import CheckpointError
-from checkpointing.manager import CheckpointManager
+from checkpointing.manager import CheckpointManager, TensorMetadata
 from checkpointing.options import CheckpointManagerOptions
 
 
-def _open(directory: str) -> CheckpointManager:
-    return CheckpointManager(directory, CheckpointManagerOptions(read_only=True))
+def _open(directory: str, **options: Any) -> CheckpointManager:
+    return CheckpointManager(directory, CheckpointManagerOptions(read_only=True, **options))
+
+
+def _retention_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_to_keep": args.max_to_keep,
+        "keep_period": args.keep_period,
+        "best_metric": args.best_metric,
+        "best_mode": args.best_mode,
+    }
 
 
 def _ls(args: argparse.Namespace) -> int:
-    with _open(args.directory) as mgr:
+    with _open(args.directory, **_retention_options(args)) as mgr:
         rows = mgr.retention_report()
+        leased = mgr.leased_steps()
     if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        print(json.dumps([{**dataclasses.asdict(r), "leased": r.step in leased} for r in rows]))
         return 0
-    print(f"{'step':>10}  {'committed (UTC)':<19}  {'size':>10}  {'kept by':<30}  metrics")
+    print(f"{'step':>10}  {'committed (UTC)':<19}  {'size':>10}  {'kept by':<28}  metrics")
     for r in rows:
         when = datetime.datetime.fromtimestamp(r.committed_at, datetime.timezone.utc)
+        kept = ", ".join(r.reasons) or "(deleted at next save)"
+        kept += " [leased]" if r.step in leased else ""
+        metrics = json.dumps(r.metrics) if r.metrics is not None else ""
         print(
-            f"{r.step:>10}  {when:%Y-%m-%d %H:%M:%S}  {_size(r.nbytes):>10}  "
-            f"{', '.join(r.reasons) or '(would be deleted)':<30}  "
-            f"{json.dumps(r.metrics) if r.metrics is not None else ''}"
+            f"{r.step:>10}  {when:%Y-%m-%d %H:%M:%S}  {_size(r.nbytes):>10}  {kept:<28}  {metrics}"
         )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with _open(args.directory) as mgr:
+        step = args.step if args.step is not None else mgr.latest_step()
+        items = mgr.item_metadata(step)
+    print(f"step {step}")
+    for item, tree in items.items():
+        print(f"{item}:")
+        for path, leaf in _leaves(tree):
+            if isinstance(leaf, TensorMetadata):
+                print(
+                    f"  {path:<50} {leaf.dtype:<12} {list(leaf.shape)!s:<20} {_size(leaf.nbytes)}"
+                )
+            else:
+                print(f"  {path:<50} {leaf!r}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     with _open(args.directory) as mgr:
-        steps = (
-            mgr.all_steps()
-            if args.all
-            else [args.step if args.step is not None else mgr.latest_step()]
-        )
-        if steps == [None]:
-            raise CheckpointError(f"no checkpoint in {mgr.directory}")
+        steps = mgr.all_steps() if args.all else [args.step]
         bad = 0
         for step in steps:
             try:
                 mgr.verify(step)
-                print(f"step {step}: ok")
+                print(f"step {mgr.latest_step() if step is None else step}: ok")
             except CheckpointError as e:
                 print(f"step {step}: {e}")
                 bad += 1
     return 1 if bad else 0
 
 
-def _size(n: int) -> str:
+def _prune(args: argparse.Namespace) -> int:
+    options = {**_retention_options(args), "read_only": args.dry_run}
+    with CheckpointManager(args.directory, CheckpointManagerOptions(**options)) as mgr:
+        steps = mgr.prune(dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(steps)} step(s): {' '.join(map(str, steps)) or '-'}")
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    with _open(args.source) as src, CheckpointManager(args.destination) as dst:
+        total = sum(r.nbytes for r in src.retention_report())
+        with _progress(total, f"{args.source} -> {args.destination}") as advance:
+            copied = src.copy_to(dst, progress=advance)
+    print(f"copied {len(copied)} step(s): {' '.join(map(str, copied)) or '-'}")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    if not args.command:
+        raise CheckpointError("watch needs a command after --, e.g. -- echo {step} {path}")
+    with _open(args.directory) as mgr:
+        for step in mgr.iter_new_checkpoints(
+            timeout=args.timeout, poll_interval_secs=args.poll, every_step=args.every_step
+        ):
+            path = mgr.step_directory(step)
+            command = [part.format(step=step, path=path) for part in args.command]
+            print(f"step {step}: {shlex.join(command)}", flush=True)
+            code = subprocess.call(command)
+            if code:
+                print(f"command exited with {code}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    with _open(args.directory) as mgr:
+        restored = mgr.restore(step=args.step, items=[args.item])
+    assert restored is not None
+    flat = {p: t.clone() for p, t in _leaves(restored[args.item]) if isinstance(t, torch.Tensor)}
+    save_file(flat, args.output)  # clones: safetensors refuses tensors that share memory
+    print(f"wrote {len(flat)} tensors of {args.item!r} to {args.output}")
+    return 0
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    children: Any = None
+    if isinstance(tree, dict):
+        children = tree.items()
+    elif isinstance(tree, list | tuple):
+        children = enumerate(tree)
+    if children is None:
+        yield prefix or "<value>", tree
+        return
+    for key, child in children:
+        yield from _leaves(child, f"{prefix}/{key}" if prefix else str(key))
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Callable[[int], object]]:
+    """A progress bar on a terminal; silence in pipes and logs."""
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="checkpointing", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="name", required=True)
+
+    def command(
+        name: str, run: Callable[[argparse.Namespace], int], help: str, *, directory: bool = True
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        if directory:
+            sub.add_argument("directory", help="checkpoint directory (path or URL)")
+        sub.set_defaults(run=run)
+        return sub
+
+    def retention(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--max-to-keep", type=int)
+        sub.add_argument("--keep-period", type=int)
+        sub.add_argument("--best-metric", help="'/'-separated path into the metrics")
+        sub.add_argument("--best-mode", choices=("min", "max"), default="max")
+
+    ls = command("ls", _ls, "list committed steps: size, metrics, what keeps each")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    retention(ls)
+    inspect = command("inspect", _inspect, "items and tensors of a step, from headers only")
+    inspect.add_argument("--step", type=int, help="default: the latest")
+    verify = command("verify", _verify, "check sizes and checksums; exit 1 on a mismatch")
+    which = verify.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="default: the latest")
+    which.add_argument("--all", action="store_true")
+    prune = command("prune", _prune, "apply a retention configuration")
+    retention(prune)
+    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    sync = command("sync", _sync, "copy committed steps to another directory", directory=False)
+    sync.add_argument("source")
+    sync.add_argument("destination")
+    watch = command("watch", _watch, "run a command for each new checkpoint")
+    watch.add_argument("--timeout", type=float, help="stop after this long without one")
+    watch.add_argument("--poll", type=float, default=5.0, help="seconds between listings")
+    watch.add_argument("--every-step", action="store_true", help="not only the newest")
+    watch.epilog = "then: -- COMMAND ARGS..., where {step} and {path} are filled in"
+    export = command("export", _export, "write one item as a plain safetensors file")
+    export.add_argument("--step", type=int, help="default: the latest")
+    export.add_argument("--item", required=True)
+    export.add_argument("output")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="checkpointing", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    ls = commands.add_parser("ls", help="list committed steps and what retention keeps")
-    ls.add_argument("directory")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.set_defaults(run=_ls)
-    verify = commands.add_parser("verify", help="check sizes and checksums")
-    verify.add_argument("directory")
-    which = verify.add_mutually_exclusive_group()
-    which.add_argument("--step", type=int)
-    which.add_argument("--all", action="store_true")
-    verify.set_defaults(run=_verify)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = _parser().parse_args(argv[: len(argv) - len(command) - (1 if command else 0)])
+    args.command = command
     try:
         return int(args.run(args))
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:
         print(f"checkpointing: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

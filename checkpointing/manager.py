@@ -59,6 +59,7 @@ from checkpointing.policies.retention import (
 from checkpointing.policies.save import SaveContext, decide_save, save_policy_from_options
 from checkpointing.storage import FsspecStorage, Storage, open_storage
 from checkpointing.storage.cache import fetch_step
+from checkpointing.storage.transfer import copy_step
 
 logger = logging.getLogger("checkpointing")
 
@@ -511,6 +512,14 @@ class CheckpointManager:
         with watch.lease(self._storage, step):
             yield self._storage.exists(f"{self._naming.name(step)}/{RECORD_NAME}")
 
+    def leased_steps(self) -> set[int]:
+        """Steps that evaluation jobs hold a live reader lease on."""
+        return watch.leased_steps(self._storage, time.time())
+
+    def step_directory(self, step: int) -> str:
+        """The path or URL of a step's directory."""
+        return f"{self.directory}/{self._naming.name(step)}"
+
     def iter_new_checkpoints(self, **kwargs: Any) -> Iterator[int]:
         """New committed steps as they appear; see `checkpointing.checkpoints_iterator`."""
         return watch.iter_new_checkpoints(self, **kwargs)
@@ -586,12 +595,40 @@ class CheckpointManager:
         if not self._coordinator.is_primary or self._retention is None:
             return
         recorded = self._load_recorded_metrics()
-        leased = watch.leased_steps(self._storage, time.time())
+        leased = self.leased_steps()
         with self._lock:
             self._recorded = recorded
             for step in self._decide(leased).delete:
                 logger.info("retention deletes step %d", step)
                 self._delete(step)
+
+    def prune(self, *, dry_run: bool = False) -> list[int]:
+        """Apply retention now (it also runs after every save); return the steps deleted,
+        or that would be with ``dry_run``."""
+        if not dry_run:
+            self._check_writable()
+            self._writer.wait()
+            before = set(self._records)
+            self._apply_retention()
+            return sorted(before - set(self._records))
+        return list(self._decide(self.leased_steps()).delete)
+
+    def copy_to(
+        self, other: CheckpointManager, *, progress: Callable[[int], object] = lambda n: None
+    ) -> list[int]:
+        """Copy the committed steps that ``other`` lacks into it, each commit record last
+        (e.g. local disk to a bucket); return the steps copied."""
+        other._check_writable()
+        copied = []
+        for step, record in self._records.items():
+            if step in other._records:
+                continue
+            names = (self._naming.name(step), other._naming.name(step))
+            copy_step(self._storage, other._storage, names, record, progress)
+            with other._lock:
+                other._records = dict(sorted({**other._records, step: record}.items()))
+            copied.append(step)
+        return copied
 
     # --------------------------------------------------------------- lifecycle
 

@@ -1,0 +1,43 @@
+"""Copy committed steps between directories (local or remote), commit record last."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import BinaryIO
+
+from checkpointing.background import parallel_map
+from checkpointing.format.record import RECORD_NAME, Record
+from checkpointing.storage.base import Storage
+
+_COPY_CHUNK = 16 << 20
+
+
+def copy_step(
+    src: Storage,
+    dst: Storage,
+    names: tuple[str, str],
+    record: Record,
+    progress: Callable[[int], object] = lambda n: None,
+) -> None:
+    """Copy a step from ``src`` to ``dst`` (``names``: its directory in each); it appears
+    in ``dst`` only when complete.
+
+    ``progress(n)`` is called with the bytes of each chunk copied.
+    """
+
+    def copy_file(filename: str) -> None:
+        def produce(out: BinaryIO) -> None:
+            with src.open_read(f"{names[0]}/{filename}") as f:
+                while chunk := f.read(_COPY_CHUNK):
+                    out.write(chunk)
+                    progress(len(chunk))
+
+        writer.write(filename, produce)
+
+    writer = dst.begin(names[1])
+    try:
+        parallel_map(copy_file, list(record.files), max(src.parallelism, dst.parallelism))
+        writer.commit(RECORD_NAME, record.to_json())
+    except BaseException:
+        writer.abort()
+        raise
