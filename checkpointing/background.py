@@ -121,6 +121,11 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=run, name=f"checkpointing-save-{step}", daemon=True)
         self._thread.start()
 
+    def join(self) -> None:
+        """Wait for the job in flight, keeping its failure for `raise_error`."""
+        if self._thread is not None:
+            self._thread.join()
+
     def wait(self) -> None:
         """Wait for the job in flight (up to its deadline); raise its failure, once."""
         if self._thread is not None:

@@ -25,7 +25,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -47,17 +47,19 @@ from checkpointing.format import tensors, tree
 from checkpointing.format.naming import PrefixNaming, StepNaming
 from checkpointing.format.reader import StepReader
 from checkpointing.format.record import RECORD_NAME, FileInfo, Record, to_json_value
+from checkpointing.mirror import Mirror
 from checkpointing.options import CheckpointManagerOptions
 from checkpointing.policies.preemption import PreemptionWatcher
 from checkpointing.policies.retention import (
     CheckpointInfo,
     KeepBest,
     RetentionDecision,
+    RetentionPolicy,
     decide_retention,
     retention_policy_from_options,
 )
 from checkpointing.policies.save import SaveContext, decide_save, save_policy_from_options
-from checkpointing.storage import FsspecStorage, Storage, open_storage
+from checkpointing.storage import FsspecStorage, LocalStorage, Storage, open_storage
 from checkpointing.storage.cache import fetch_step
 from checkpointing.storage.transfer import copy_step
 
@@ -123,6 +125,8 @@ class CheckpointManager:
         directory: str | os.PathLike[str],
         options: CheckpointManagerOptions | None = None,
         *,
+        remote: str | None = None,
+        remote_retention: RetentionPolicy | Literal["same"] | None = "same",
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.time,
@@ -143,6 +147,15 @@ class CheckpointManager:
         )
         # Steps of a remote directory are restored from a local copy (see storage.cache).
         self._cache_dir = Path(cache_dir or _default_cache_dir(self._storage.url))
+        self._mirror = None
+        if remote is not None:
+            self._mirror = Mirror(
+                remote,
+                storage_options=storage_options,
+                retention=self._retention if remote_retention == "same" else remote_retention,
+                name_of=self._naming.name,
+                step_of=self._naming.parse,
+            )
         self._records: dict[int, Record] = {}
         self._protected: set[int] = set()
         self._recorded: dict[int, dict[str, Any]] = {}  # step -> metrics recorded later
@@ -180,6 +193,8 @@ class CheckpointManager:
 
     def reload(self) -> None:
         """Rescan the directory for steps written or deleted by other processes."""
+        if self._mirror is not None:
+            self._mirror.reload()
         found: dict[int, Record] = {}
         for name in self._storage.committed(RECORD_NAME):
             step = self._naming.parse(name)
@@ -196,12 +211,16 @@ class CheckpointManager:
             self._recorded = recorded
 
     def all_steps(self) -> list[int]:
-        """Committed steps, ascending (from the cache; see `reload`)."""
-        return list(self._records)
+        """Committed steps, ascending, of both tiers when mirrored (from the cache; see
+        `reload`)."""
+        if self._mirror is None:
+            return list(self._records)
+        return sorted({*self._records, *self._mirror.records})
 
     def latest_step(self) -> int | None:
-        """The newest committed step, or None (from the cache; see `reload`)."""
-        return next(reversed(self._records), None)
+        """The newest committed step of either tier, or None (from the cache)."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def metrics(self, step: int) -> dict[str, Any] | None:
         """The metrics saved with ``step``, updated by those recorded for it later."""
@@ -248,7 +267,7 @@ class CheckpointManager:
             SaveContext(
                 step=step,
                 latest_step=latest,
-                last_save_time=None if latest is None else self._records[latest].committed_at,
+                last_save_time=None if latest is None else self._record(latest).committed_at,
                 now=self._clock(),
                 preempted=self._preemption.triggered and not self._preemption_saved,
             ),
@@ -283,10 +302,10 @@ class CheckpointManager:
         means the loop forgot to resume, and saving it would make "latest" lie.
         """
         self._check_writable()
-        self._writer.raise_error()
+        self.check_for_errors()
         _check_step(step)
         in_flight = self._writer.step_in_flight
-        if step in self._records or step == in_flight:
+        if step in self.all_steps() or step == in_flight:
             raise StepAlreadyExistsError(
                 f"step {step} already has a checkpoint in {self.directory}; delete(step) it "
                 f"first if you mean to replace it"
@@ -327,15 +346,20 @@ class CheckpointManager:
         return True
 
     def wait_until_finished(self) -> None:
-        """Block until the save in flight is committed; raise its failure, if any."""
+        """Block until the save in flight is committed (and uploaded, when mirrored);
+        raise its failure, if any."""
         self._writer.wait()
+        if self._mirror is not None:
+            self._mirror.wait()
 
     def check_for_errors(self) -> None:
-        """Raise the failure of a finished background save, without waiting."""
+        """Raise the failure of a finished background save or upload, without waiting."""
         self._writer.raise_error()
+        if self._mirror is not None:
+            self._mirror.raise_error()
 
     def is_saving_in_progress(self) -> bool:
-        return self._writer.busy
+        return self._writer.busy or (self._mirror is not None and self._mirror.busy)
 
     def last_save_stats(self) -> SaveStats | None:
         """Timings of the newest committed save of this manager."""
@@ -354,6 +378,8 @@ class CheckpointManager:
         with self._lock:
             self._records = dict(sorted({**self._records, job.step: record}.items()))
         self._apply_retention()
+        if self._mirror is not None:
+            self._mirror.upload(self._storage, self._records, self._clock())
         done = time.perf_counter()
         self._last_stats = SaveStats(
             step=job.step,
@@ -456,11 +482,14 @@ class CheckpointManager:
                 f"{', '.join(map(repr, record.items))}"
             )
         name = self._naming.name(step)
-        if isinstance(self._storage, FsspecStorage):
-            local = fetch_step(self._storage, name, record, self._cache_dir)
+        if self._mirror is not None and step not in self._records:
+            local = self._fetch_from_mirror(step, record)
             open_file: Callable[[str], BinaryIO] = lambda filename: open(  # noqa: E731, SIM115
                 local / filename, "rb", buffering=0
             )
+        elif isinstance(self._storage, FsspecStorage):
+            local = fetch_step(self._storage, name, record, self._cache_dir)
+            open_file = lambda filename: open(local / filename, "rb", buffering=0)  # noqa: E731, SIM115
         else:
             open_file = lambda filename: self._storage.open_read(f"{name}/{filename}")  # noqa: E731
         with StepReader(
@@ -477,6 +506,18 @@ class CheckpointManager:
             }
         return restored if target is None else {**target, **restored}
 
+    def _fetch_from_mirror(self, step: int, record: Record) -> Path:
+        """Download a remote-only step: into the local directory (it becomes a local
+        step), or into the cache for read-only managers and non-local directories."""
+        assert self._mirror is not None
+        name = self._naming.name(step)
+        if self.options.read_only or not isinstance(self._storage, LocalStorage):
+            return fetch_step(self._mirror.storage, name, record, self._cache_dir)
+        local = fetch_step(self._mirror.storage, name, record, self._storage.root)
+        with self._lock:
+            self._records = dict(sorted({**self._records, step: record}.items()))
+        return local
+
     def verify(self, step: int | None = None) -> None:
         """Check every file of a step (the latest by default) against its record.
 
@@ -485,10 +526,13 @@ class CheckpointManager:
         step = self._resolve(step)
         record = self._record(step)
         name = self._naming.name(step)
+        storage = self._storage
+        if self._mirror is not None and step not in self._records:
+            storage = self._mirror.storage
         for filename, info in record.files.items():
-            where = f"{self.directory}/{name}/{filename}"
+            where = f"{storage.url}/{name}/{filename}"
             try:
-                f = self._storage.open_read(f"{name}/{filename}")
+                f = storage.open_read(f"{name}/{filename}")
             except FileNotFoundError:
                 raise CorruptCheckpointError(f"{where} is missing") from None
             with f:
@@ -536,11 +580,15 @@ class CheckpointManager:
     # ---------------------------------------------------------------- deleting
 
     def delete(self, step: int) -> None:
-        """Delete a committed step."""
+        """Delete a committed step (from both tiers, when mirrored)."""
         self._check_writable()
+        self.wait_until_finished()
         with self._lock:
             self._record(step)
-            self._delete(step)
+            if step in self._records:
+                self._delete(step)
+            if self._mirror is not None and step in self._mirror.records:
+                self._mirror.delete(step)
             if step in self._protected:
                 self._protected.discard(step)
                 self._save_protected()
@@ -642,7 +690,7 @@ class CheckpointManager:
         self._closed = True
         _open_managers.discard(self)
         try:
-            self._writer.wait()
+            self.wait_until_finished()
         finally:
             self._preemption.uninstall()
             self._storage.unlock()
@@ -673,6 +721,8 @@ class CheckpointManager:
         try:
             return self._records[step]
         except KeyError:
+            if self._mirror is not None and step in self._mirror.records:
+                return self._mirror.records[step]
             raise CheckpointNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; committed steps: "
                 f"{self.all_steps() or 'none'} (call reload() to see other processes' saves)"
