@@ -426,6 +426,8 @@ class CheckpointManager:
                     f"was rolled back and earlier checkpoints are intact. Free space, or "
                     f"keep fewer checkpoints (max_to_keep).",
                 ) from e
+            if hasattr(e, "add_note"):
+                e.add_note(f"(while saving step {job.step} to {self.directory})")
             raise
         return record
 

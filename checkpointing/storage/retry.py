@@ -45,7 +45,9 @@ _TRANSIENT_CODES = {
     "RequestTimeout",
     "InternalError",
     "ServiceUnavailable",
-    "RequestTimeTooSkewed",
+    "TooManyRequests",
+    "429",
+    "408",
 }
 _PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOSPC}
 
@@ -80,7 +82,8 @@ def _transient_here(exc: BaseException) -> bool:
     if isinstance(response, dict):
         error = response.get("Error", {})
         meta = response.get("ResponseMetadata", {})
-        if error.get("Code") in _TRANSIENT_CODES or meta.get("HTTPStatusCode", 0) >= 500:
+        status = meta.get("HTTPStatusCode", 0)
+        if error.get("Code") in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
             return True
     text = str(exc)
     return any(code in text for code in ("SlowDown", "503 Service", "500 Internal"))
