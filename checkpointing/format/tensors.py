@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO
 
@@ -29,7 +31,7 @@ from checkpointing.errors import CorruptCheckpointError
 from checkpointing.format.tree import Blob
 
 CHECKSUM_ALGORITHM = "xxh3_64"
-_CHUNK = 64 << 20  # bytes per write/read call: large enough to be I/O-bound
+_CHUNK = 16 << 20  # bytes per write/read call: I/O-bound, and fine-grained write/drop-behind
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -113,16 +115,49 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     head = struct.pack("<Q", len(head)) + head
-    digests = [digest(head)]
     _write_all(f, memoryview(head))
-    for blob in blobs:
-        tensor = blob.tensor if blob.tensor.device.type == "cpu" else blob.tensor.cpu()
-        data = byte_view(tensor)
-        digests.append(digest(data))
-        _write_all(f, data)
+    with _Hasher() as hasher:  # hashing overlaps the writes: both release the GIL
+        hasher.add(memoryview(head))
+        for blob in blobs:
+            tensor = blob.tensor if blob.tensor.device.type == "cpu" else blob.tensor.cpu()
+            data = byte_view(tensor)
+            hasher.add(data)
+            _write_all(f, data)
+    digests = hasher.digests
+    for blob, checksum in zip(blobs, digests[1:], strict=True):
         for node in blob.nodes:
-            node.update(file=filename, key=blob.key, checksum=digests[-1])
+            node.update(file=filename, key=blob.key, checksum=checksum)
     return FileWritten(len(head) + offset, digests[0], combine(digests))
+
+
+class _Hasher:
+    """Digests of byte runs, computed in order on a helper thread."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self._todo: queue.Queue[memoryview | None] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="checkpointing-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._todo.get()) is not None:
+            try:
+                self.digests.append(digest(data))
+            except BaseException as e:  # re-raised by __exit__
+                self._error = e
+
+    def add(self, data: memoryview) -> None:
+        self._todo.put(data)
+
+    def __enter__(self) -> _Hasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._todo.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _write_all(f: BinaryIO, data: memoryview) -> None:
