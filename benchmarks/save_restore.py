@@ -1,0 +1,329 @@
+"""Durable save and cold restore: this library against torch.save, safetensors, DCP,
+accelerate and the disk itself, measured in one run with the methods taking turns.
+
+    .venv/bin/python benchmarks/save_restore.py --size-gb 1 [--rounds 3] [--dir DIR] [--json OUT]
+
+Every round runs every method once (starting one further along each round), each in a
+fresh directory: durable save (file data and directories fsync'd inside the timing), then
+for each restore mode: drop the page cache, restore, touch one byte per page of what
+came back (lazy mmaps fault in). Speed ratios are "times as fast": above 1 is faster.
+
+Each timed operation starts after ``--settle`` idle seconds. On VMs with free page
+reporting (virtio-balloon) memory freed less than ~2 s earlier is cheap to reuse, while
+memory the host has taken back is slow to use again (page cache: ~2 s per GiB on the VM
+this was written on): a cold buffered read right after drop_caches then looks several
+times faster than one in a process started later. Settling makes every operation pay
+for fresh memory (page cache included) the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from checkpointing import CheckpointManager, CheckpointManagerOptions
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import (
+    GB,
+    PAGE,
+    PeakRSS,
+    Spread,
+    format_table,
+    fsync_tree,
+    make_cold,
+    state_nbytes,
+    timed,
+    touch_pages,
+    transformer_with_adam,
+    trim_heap,
+)
+
+CHUNK = 64 << 20
+OURS, DISK = "this library", "disk O_DIRECT"
+DIRECT_READ = "read O_DIRECT"
+IN_PLACE, NO_TARGET = "restore in place", "restore, no target"
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    save: Callable[[Path], object]
+    restores: dict[str, Callable[[Path], object]]
+    kind: Literal["ours", "peer", "disk", "memory"] = "peer"
+    save_label: str = "durable save"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    seconds: float
+    peak_extra: int  # bytes of RSS above the level before the operation
+
+
+# ------------------------------------------------------------------ methods
+
+
+def library(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Method:
+    options = CheckpointManagerOptions(enable_async_checkpointing=False)
+    reading = dataclasses.replace(options, read_only=True)
+
+    def save(d: Path) -> None:
+        with CheckpointManager(d, options) as mgr:
+            mgr.save(0, {"model": model, "optimizer": opt}, force=True)
+
+    def in_place(d: Path) -> None:
+        with CheckpointManager(d, reading) as mgr:
+            mgr.restore({"model": model, "optimizer": opt})
+
+    def no_target(d: Path) -> None:
+        with CheckpointManager(d, reading) as mgr:
+            touch_pages(mgr.restore())
+
+    return Method(OURS, save, {IN_PLACE: in_place, NO_TARGET: no_target}, kind="ours")
+
+
+def peers(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[Method]:
+    import safetensors.torch
+    from accelerate import Accelerator
+    from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+    def nested() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+    def flat() -> dict[str, torch.Tensor]:
+        out = {f"model.{k}": v for k, v in model.state_dict().items()}
+        for pid, state in opt.state_dict()["state"].items():
+            out |= {f"optimizer.{pid}.{k}": v for k, v in state.items()}
+        return out
+
+    def torch_save(d: Path) -> None:
+        torch.save(nested(), d / "ckpt.pt")
+        fsync_tree(d)
+
+    def st_save(d: Path) -> None:
+        safetensors.torch.save_file(flat(), d / "ckpt.safetensors")
+        fsync_tree(d)
+
+    def dcp_save(d: Path) -> None:
+        state_dict_saver.save(nested(), checkpoint_id=d)
+        fsync_tree(d)
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(model, opt)
+
+    def acc_save(d: Path) -> None:
+        accelerator.save_state(str(d))
+        fsync_tree(d)
+
+    return [
+        Method("torch.save", torch_save, {
+            "torch.load": lambda d: touch_pages(torch.load(d / "ckpt.pt", weights_only=True))
+        }),
+        Method("safetensors", st_save, {
+            "load_file": lambda d: touch_pages(safetensors.torch.load_file(d / "ckpt.safetensors"))
+        }),
+        Method("DCP", dcp_save, {
+            "dcp.load in place": lambda d: state_dict_loader.load(nested(), checkpoint_id=d)
+        }),
+        Method("accelerate", acc_save, {
+            "load_state": lambda d: accelerator.load_state(str(d))
+        }),
+    ]
+
+
+def disk(nbytes: int) -> list[Method]:
+    """The limits: ``nbytes`` (rounded up to a page) written and read in 64 MiB chunks."""
+    nbytes = -(-nbytes // PAGE) * PAGE
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+    buf.write(os.urandom(CHUNK))
+    view = memoryview(buf)
+
+    def chunks() -> list[int]:
+        return [min(CHUNK, nbytes - pos) for pos in range(0, nbytes, CHUNK)]
+
+    def write(d: Path, flags: int) -> None:
+        fd = os.open(d / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags)
+        try:
+            for n in chunks():
+                assert os.write(fd, view[:n]) == n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_tree(d)
+
+    def read(d: Path, flags: int) -> None:
+        fd = os.open(d / "raw.bin", os.O_RDONLY | flags)
+        try:
+            for n in chunks():
+                assert os.readv(fd, [view[:n]]) == n
+        finally:
+            os.close(fd)
+
+    return [
+        Method(DISK, lambda d: write(d, os.O_DIRECT), {
+            DIRECT_READ: lambda d: read(d, os.O_DIRECT),
+            "read buffered": lambda d: read(d, 0),
+        }, kind="disk", save_label="write+fsync"),
+        Method("disk buffered", lambda d: write(d, 0), {}, kind="disk",
+               save_label="write+fsync"),
+    ]
+
+
+def fresh_memory(nbytes: int) -> Method:
+    """What a restore without target must at least pay: faulting in ``nbytes`` of new memory."""
+    return Method("fresh memory", lambda d: torch.ones(nbytes, dtype=torch.uint8), {},
+                  kind="memory", save_label="first touch")
+
+
+# ------------------------------------------------------------------ running
+
+
+def measure(fn: Callable[[], object], settle: float) -> Sample:
+    gc.collect()
+    trim_heap()
+    time.sleep(settle)
+    with PeakRSS() as peak:
+        seconds, _ = timed(fn)
+    return Sample(seconds, peak.extra)
+
+
+Results = dict[str, dict[str, list[Sample]]]  # method -> operation -> one sample per round
+
+
+def run(methods: list[Method], rounds: int, root: Path, settle: float) -> tuple[Results, str]:
+    results: Results = {m.name: {op: [] for op in [m.save_label, *m.restores]} for m in methods}
+    cold = "none"
+    for r in range(rounds):
+        shift = r % len(methods)
+        for m in methods[shift:] + methods[:shift]:
+            d = root / f"{m.name.replace(' ', '_')}-{r}"
+            d.mkdir()
+            os.sync()
+            results[m.name][m.save_label].append(measure(partial(m.save, d), settle))
+            for op, restore in m.restores.items():
+                cold = make_cold(d)
+                results[m.name][op].append(measure(partial(restore, d), settle))
+            shutil.rmtree(d)
+            os.sync()
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return results, cold
+
+
+# ------------------------------------------------------------------ report
+
+
+def report(methods: list[Method], results: Results, nbytes: int) -> str:
+    kinds = {m.name: m.kind for m in methods}
+    med = {(name, op): Spread.of([s.seconds for s in ss]).median
+           for name, ops in results.items() for op, ss in ops.items()}
+    save_ops = {m.name: m.save_label for m in methods}
+
+    def is_save(name: str, op: str) -> bool:
+        return save_ops[name] == op
+
+    disk_write, disk_read = med[DISK, "write+fsync"], med[DISK, DIRECT_READ]
+    best_peer = {
+        kind: min(t for (name, op), t in med.items()
+                  if kinds[name] == "peer" and is_save(name, op) == (kind == "save"))
+        for kind in ("save", "restore")
+    }
+    rows = []
+    for (name, op), t in med.items():
+        spread = Spread.of([s.seconds for s in results[name][op]])
+        save = is_save(name, op)
+        rows.append([
+            name, op, f"{t:.3f}", f"{spread.lo:.3f}-{spread.hi:.3f}", f"{nbytes / GB / t:.2f}",
+            "" if kinds[name] == "memory" else f"{(disk_write if save else disk_read) / t:.2f}",
+            "" if kinds[name] in ("disk", "memory")
+            else f"{best_peer['save' if save else 'restore'] / t:.2f}",
+            f"{max(s.peak_extra for s in results[name][op]) / nbytes:.2f}",
+        ])
+    table = format_table(
+        ["method", "operation", "median s", "min-max s", "GB/s", "x disk", "x best peer",
+         "peak extra mem (x state)"], rows)
+
+    def peak(op: str) -> float:
+        return max(s.peak_extra for s in results[OURS][op]) / nbytes
+
+    ours_save = med[OURS, "durable save"]
+    checks: list[tuple[str, float, str, bool]] = [
+        ("save: disk O_DIRECT write time / ours", disk_write / ours_save, ">= 0.90",
+         disk_write / ours_save >= 0.9),
+        *[(f"save: {name} time / ours", med[name, op] / ours_save, "> 1.00",
+           med[name, op] > ours_save)
+          for (name, op) in med if kinds[name] == "peer" and is_save(name, op)],
+        ("save: peak extra memory (x state)", peak("durable save"), "<= 0.10",
+         peak("durable save") <= 0.1),
+        ("restore in place: disk O_DIRECT read time / ours", disk_read / med[OURS, IN_PLACE],
+         ">= 0.90", disk_read / med[OURS, IN_PLACE] >= 0.9),
+        ("restore in place: peak extra memory (x state)", peak(IN_PLACE), "<= 0.10",
+         peak(IN_PLACE) <= 0.1),
+        ("restore, no target: safetensors load_file time / ours",
+         med["safetensors", "load_file"] / med[OURS, NO_TARGET], ">= 1.00",
+         med["safetensors", "load_file"] >= med[OURS, NO_TARGET]),
+    ]
+    target_rows = [[what, f"{value:.2f}", want, "PASS" if ok else "FAIL"]
+                   for what, value, want, ok in checks]
+    return f"{table}\n\nTargets\n{format_table(['ratio', 'value', 'target', ''], target_rows)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=1.0, help="state size, in 10^9 bytes")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="parent of the scratch directory (default: the system temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="idle seconds before each timed operation (see above)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, opt = transformer_with_adam(int(args.size_gb * GB))
+    nbytes = state_nbytes(model, opt)
+    methods = [library(model, opt), *peers(model, opt), *disk(nbytes), fresh_memory(nbytes)]
+    root = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
+    try:
+        results, cold = run(methods, args.rounds, root, args.settle)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    n_model = len(model.state_dict())
+    print(f"state: {nbytes} bytes ({nbytes / GB:.3f} GB): {n_model} float32 model tensors "
+          f"({model.embed.num_embeddings} x {model.embed.embedding_dim} embedding, "
+          f"{len(model.blocks)} blocks) + Adam exp_avg/exp_avg_sq/step")
+    print(f"rounds: {args.rounds}, scratch under {root.parent}, cold cache by "
+          f"{cold}{'' if cold == 'drop_caches' else ' (drop_caches NOT permitted)'}, "
+          f"settle {args.settle:g} s before each operation, torch threads: "
+          f"{torch.get_num_threads()}")
+    print("x disk / x best peer: that time / this time (above 1 is faster); save rows vs "
+          "O_DIRECT write+fsync, restore rows vs O_DIRECT cold read\n")
+    print(report(methods, results, nbytes))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "state_bytes": nbytes, "rounds": args.rounds, "cold_cache": cold,
+            "settle_s": args.settle,
+            "results": {name: {op: [dataclasses.asdict(s) for s in ss] for op, ss in ops.items()}
+                        for name, ops in results.items()},
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

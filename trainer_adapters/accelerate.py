@@ -1,0 +1,330 @@
+"""Managed checkpointing and exact resume for Hugging Face Accelerate loops.
+
+`AccelerateCheckpointer` is the framework-neutral core: it saves the whole training state
+of an ``accelerate.Accelerator`` through a `CheckpointManager` (prepared models,
+optimizers, schedulers, the grad scaler, ``register_for_checkpointing`` objects, RNG
+states, the data position, progress counters) and restores it in place. A plain loop::
+
+    ckpt = AccelerateCheckpointer(manager, accelerator, total_steps=1000)
+    ckpt.restore()                                   # the latest checkpoint, if any
+    for epoch in ckpt.epochs():
+        for batch in ckpt.batches(train_loader):     # skips what a mid-epoch resume consumed
+            with accelerator.accumulate(model):
+                ...; optimizer.step(); scheduler.step(); optimizer.zero_grad()
+            if ckpt.step():                          # counts, saves on the policy
+                break
+    ckpt.finish()                                    # saves the last step, waits
+
+`CheckpointHook` plugs the same core into robo_orchard_lab's ``HookBasedTrainer``.
+
+Several processes (interim design, until the library has a torch.distributed
+coordinator): the main process alone saves the replicated state (models, optimizers, ...)
+through the manager; every process saves its own RNG and data position through a manager
+of its own in ``<directory>/rank_<i>``. Resume takes the newest step that the main
+directory and every rank directory all hold, so a kill between the two commits is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from checkpointing import CheckpointManager, CheckpointManagerOptions
+from checkpointing.storage import open_storage
+from checkpointing.storage.remote import FsspecStorage
+from trainer_adapters.loop import ResumableLoop, TrainingUnit
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+T = TypeVar("T")
+
+__all__ = [
+    "AccelerateCheckpointer",
+    "CheckpointHook",
+    "accelerator_load_state",
+    "get_accelerate_project_last_checkpoint_id",
+]
+
+
+class AccelerateCheckpointer:
+    """Saves and restores an Accelerator's training state with a `CheckpointManager`.
+
+    ``manager``: a manager, or a directory (then ``options``/``manager_kwargs`` open one
+    per process: writable on the main process, read-only elsewhere). ``extra``: more
+    items to save (objects with ``state_dict``, tensors, Python values). ``total_steps``
+    / ``total_epochs``: when the run is done (see `epochs`).
+    """
+
+    def __init__(
+        self,
+        manager: CheckpointManager | str | os.PathLike[str],
+        accelerator: Accelerator,
+        *,
+        options: CheckpointManagerOptions | None = None,
+        extra: Mapping[str, Any] | None = None,
+        total_steps: int | None = None,
+        total_epochs: int | None = None,
+        **manager_kwargs: Any,
+    ) -> None:
+        self.accelerator = accelerator
+        self.extra = dict(extra or {})
+        n, rank = accelerator.num_processes, accelerator.process_index
+        if isinstance(manager, CheckpointManager):
+            self.manager = manager
+            options = manager.options
+        else:
+            options = options or CheckpointManagerOptions()
+            if not accelerator.is_main_process:
+                options = dataclasses.replace(options, read_only=True, save_on_preemption=False)
+            self.manager = CheckpointManager(manager, options, **manager_kwargs)
+        # Per-rank state lives with the replicated state on one process, else apart.
+        self.rank_manager: CheckpointManager | None = None
+        if n > 1:
+            rank_options = dataclasses.replace(options, read_only=False, create=True)
+            self.rank_manager = CheckpointManager(
+                f"{self.manager.directory.rstrip('/')}/rank_{rank}", rank_options
+            )
+        unit = TrainingUnit.EPOCH if total_epochs is not None else TrainingUnit.ITERATION
+        self.loop = ResumableLoop(
+            unit, total_epochs if total_epochs is not None else total_steps,
+            generators=_data_generators(accelerator),
+        )
+        self.last_saved: int | None = None
+
+    @property
+    def progress(self) -> Any:
+        return self.loop.progress
+
+    # ------------------------------------------------------------------ state
+
+    def replicated_state(self) -> dict[str, Any]:
+        """Items equal on every process: written by the main process only."""
+        acc = self.accelerator
+        state: dict[str, Any] = {}
+        for kind, objects in (
+            ("model", [acc.unwrap_model(m) for m in acc._models]),
+            ("optimizer", acc._optimizers),
+            ("scheduler", acc._schedulers),
+            ("custom", acc._custom_objects),
+        ):
+            for i, obj in enumerate(objects):
+                state[kind if i == 0 else f"{kind}_{i}"] = obj
+        if acc.scaler is not None:
+            state["scaler"] = acc.scaler
+        return {**state, **self.extra}
+
+    def rank_state(self) -> dict[str, Any]:
+        """Items of this process: RNGs, data position, counters."""
+        return {"loop": self.loop.state(), "accelerator": {"step": self.accelerator.step}}
+
+    def restore(self, step: int | None = None) -> int | None:
+        """Load ``step`` (default: the newest complete one, local or remote) in place.
+        Returns the restored step, or None when there is nothing to resume."""
+        step = self._resume_step() if step is None else step
+        if step is None:
+            return None
+        replicated = self.replicated_state()
+        if self.rank_manager is None:
+            target = {**replicated, "loop": None, "accelerator": None}
+            restored = self.manager.restore(target, step=step)
+        else:
+            self.manager.restore(replicated, step=step)
+            restored = self.rank_manager.restore({"loop": None, "accelerator": None}, step=step)
+        assert restored is not None
+        self.loop.load(restored["loop"])
+        self.accelerator.step = int(restored["accelerator"]["step"])
+        for loader in self.accelerator._dataloaders:
+            if hasattr(loader, "iteration"):
+                loader.iteration = self.loop.progress.epoch  # what set_epoch sees
+        self.last_saved = step
+        self.accelerator.wait_for_everyone()
+        return step
+
+    def _resume_step(self) -> int | None:
+        self.manager.reload()
+        steps = set(self.manager.all_steps())
+        if self.rank_manager is not None:
+            steps &= set(self.rank_manager.all_steps())
+        if self.accelerator.num_processes > 1:
+            # The newest step every process has; -1 when one has none.
+            mine = torch.tensor([max(steps, default=-1)], device=self.accelerator.device)
+            torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MIN)
+            return None if int(mine) < 0 else int(mine)
+        return max(steps, default=None)
+
+    # ------------------------------------------------------------------ driving
+
+    def epochs(self) -> Iterator[int]:
+        return self.loop.epochs()
+
+    def batches(self, loader: Iterable[T]) -> Iterator[T]:
+        return self.loop.batches(loader)
+
+    def step(self, *, end_of_epoch: bool | None = None, metrics: Mapping[str, Any] | None = None
+             ) -> bool:
+        """Call once per batch, after the (possibly skipped) optimizer step: counts the
+        batch, saves on the manager's policy at gradient-sync points. Returns True when
+        ``total_steps``/``total_epochs`` is reached. ``end_of_epoch`` defaults to
+        Accelerate's end-of-dataloader flag (prepared loaders)."""
+        acc = self.accelerator
+        if end_of_epoch is None:
+            end_of_epoch = bool(acc.gradient_state.end_of_dataloader)
+        done = self.loop.advance(optimizer_stepped=acc.sync_gradients, end_of_epoch=end_of_epoch)
+        if acc.sync_gradients:
+            self.save(metrics=metrics)
+        return done
+
+    def save(self, *, force: bool = False, metrics: Mapping[str, Any] | None = None) -> bool:
+        """Save the current step if the policy (or ``force``) says so. Never between
+        gradient-accumulation micro-steps: the gradients there are in no checkpoint."""
+        acc = self.accelerator
+        step = self.loop.progress.step
+        if not acc.sync_gradients or step == self.last_saved:
+            return False
+        wanted = force or (acc.is_main_process and self.manager.should_save(step))
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            wanted = bool(broadcast_object_list([wanted])[0])
+        if not wanted:
+            return False
+        if self.rank_manager is None:
+            self.manager.save(step, {**self.replicated_state(), **self.rank_state()},
+                              metrics=metrics, force=True)
+        else:
+            self.rank_manager.save(step, self.rank_state(), force=True)
+            if acc.is_main_process:
+                self.manager.save(step, self.replicated_state(), metrics=metrics, force=True)
+            acc.wait_for_everyone()
+        self.last_saved = step
+        return True
+
+    def finish(self) -> None:
+        """At the end of the loop: save the last step if it is not saved yet, and wait."""
+        self.save(force=True)
+        self.wait_until_finished()
+
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
+        if self.rank_manager is not None:
+            self.rank_manager.wait_until_finished()
+        self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        self.wait_until_finished()
+        if self.rank_manager is not None:
+            self.rank_manager.close()
+
+
+def _data_generators(accelerator: Accelerator) -> list[torch.Generator]:
+    """Generators that shuffle the prepared data loaders outside the global RNG."""
+    found: dict[int, torch.Generator] = {}
+    for loader in accelerator._dataloaders:
+        sampler = loader.get_sampler() if hasattr(loader, "get_sampler") else None
+        for g in (getattr(loader, "synchronized_generator", None),
+                  getattr(sampler, "generator", None), getattr(loader, "generator", None)):
+            if isinstance(g, torch.Generator):
+                found.setdefault(id(g), g)
+    return list(found.values())
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def get_accelerate_project_last_checkpoint_id(project_dir: str | os.PathLike[str]) -> int:
+    """The newest committed ``checkpoint_<n>`` of ``project_dir/checkpoints`` (the layout
+    of `checkpoint_n_naming`), or -1 when there is none. Unlike the seed's helper, an
+    unfinished (uncommitted) save is never returned."""
+    root = Path(project_dir) / "checkpoints"
+    if not root.is_dir():
+        return -1
+    from checkpointing.format.naming import checkpoint_n_naming
+    from checkpointing.format.record import RECORD_NAME
+
+    naming = checkpoint_n_naming()
+    steps = [
+        s for p in root.iterdir()
+        if (s := naming.parse(p.name)) is not None and (p / RECORD_NAME).is_file()
+    ]
+    return max(steps, default=-1)
+
+
+def accelerator_load_state(
+    accelerator: Accelerator,
+    input_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> None:
+    """``accelerator.load_state(input_dir)`` for a local or remote (``s3://``, ``gs://``)
+    directory written by ``save_state``; a remote one is downloaded once per node into
+    ``cache_dir`` first (file lock, verified, renamed into place), like the manager's
+    own remote restores. For checkpoints written through a manager use
+    `AccelerateCheckpointer.restore`."""
+    path = str(input_dir)
+    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) or path.startswith("file://"):
+        accelerator.load_state(path.removeprefix("file://"), **kwargs)
+        return
+    if cache_dir is None:
+        raise ValueError(f"loading {path} needs a local cache_dir")
+    parent, _, name = path.rstrip("/").rpartition("/")
+    storage = open_storage(parent, create=False, storage_options=storage_options)
+    assert isinstance(storage, FsspecStorage)
+    local = Path(cache_dir)
+    with accelerator.main_process_first():  # one download per node, the others wait
+        target = _fetch_plain_directory(storage, name, local)
+    accelerator.load_state(str(target), **kwargs)
+
+
+def _fetch_plain_directory(storage: FsspecStorage, name: str, local_root: Path) -> Path:
+    """Download a directory without a commit record (Accelerate's own layout) the way
+    `checkpointing.storage.cache.fetch_step` downloads a step: once per node under a file
+    lock, into a temporary directory renamed into place, sizes checked."""
+    import shutil
+    import uuid
+
+    import filelock
+
+    local_root.mkdir(parents=True, exist_ok=True)
+    final = local_root / name
+    with filelock.FileLock(local_root / f".{name}.download.lock"):
+        if final.is_dir():
+            return final
+        tmp = local_root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            for filename in storage.listdir(name):
+                remote_path = f"{name}/{filename}"
+                storage.download(remote_path, str(tmp / filename))
+                if (tmp / filename).stat().st_size != storage.size(remote_path):
+                    raise OSError(f"{storage.url}/{remote_path}: incomplete download")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+# ---------------------------------------------------------------------- HookBasedTrainer
+
+
+class CheckpointHook:
+    """robo_orchard_lab ``HookBasedTrainer`` hook: ``hooks=[..., CheckpointHook(manager)]``.
+
+    On loop start it restores the latest checkpoint (local or remote) and makes the
+    trainer skip what it already did; after each optimizer step it saves on the
+    manager's policy (never between accumulation micro-steps, never while an exception
+    unwinds); at loop end it saves the last step and waits for the write.
+    """
+
+    def __new__(cls, manager: CheckpointManager | str | os.PathLike[str], **kwargs: Any) -> Any:
+        from trainer_adapters._robo_orchard import make_checkpoint_hook
+
+        return make_checkpoint_hook(manager, **kwargs)
