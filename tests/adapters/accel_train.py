@@ -20,13 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from resume_check import BATCH, EPOCHS, SAMPLES, tiny_problem
 
 from checkpointing import CheckpointManagerOptions
 from trainer_adapters.accelerate import AccelerateCheckpointer
-
-SAMPLES, BATCH, EPOCHS = 32, 4, 3  # 8 micro-batches per epoch (per process: 8 / n)
 
 
 class Counter:
@@ -50,17 +47,7 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=1)
     args = parser.parse_args()
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.accum, cpu=True)
-    set_seed(0)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(SAMPLES, 6, generator=g), torch.randn(SAMPLES, 2, generator=g)
-    data = torch.utils.data.TensorDataset(x, y, torch.arange(SAMPLES))
-    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 2)
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
+    accelerator, model, optimizer, loader, scheduler = tiny_problem(args.accum)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     counter = Counter()
     accelerator.register_for_checkpointing(counter)

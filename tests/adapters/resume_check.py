@@ -7,11 +7,35 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+SAMPLES, BATCH, EPOCHS = 32, 4, 3  # 8 micro-batches per epoch (per process: 8 / n)
+
+
+def tiny_problem(accum: int) -> tuple[Any, torch.nn.Module, Any, Any, Any]:
+    """The small problem both training scripts learn: (accelerator, model, optimizer,
+    loader, scheduler), not yet prepared. Ids ride along in each batch for the logs."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(gradient_accumulation_steps=accum, cpu=True)
+    set_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(SAMPLES, 6, generator=g), torch.randn(SAMPLES, 2, generator=g)
+    data = torch.utils.data.TensorDataset(x, y, torch.arange(SAMPLES))
+    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 2)
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
+    return accelerator, model, optimizer, loader, scheduler
 
 
 def run(cmd: list[str], *, expect_kill: bool = False, launched: bool = False) -> None:

@@ -19,8 +19,7 @@ import tv_shim
 tv_shim.install()
 
 import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
+from resume_check import EPOCHS, tiny_problem  # noqa: E402
 from robo_orchard_core.utils.hook import HookContext  # noqa: E402
 from robo_orchard_lab.pipeline.batch_processor.simple import SimpleBatchProcessor  # noqa: E402
 from robo_orchard_lab.pipeline.hook_based_trainer import HookBasedTrainer  # noqa: E402
@@ -28,8 +27,6 @@ from robo_orchard_lab.pipeline.hooks.mixin import PipelineHooks  # noqa: E402
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions  # noqa: E402
 from trainer_adapters.accelerate import CheckpointHook  # noqa: E402
-
-SAMPLES, BATCH, EPOCHS = 32, 4, 3
 
 
 def main() -> None:
@@ -41,17 +38,7 @@ def main() -> None:
     parser.add_argument("--max-step", type=int, default=None)
     args = parser.parse_args()
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.accum, cpu=True)
-    set_seed(0)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(SAMPLES, 6, generator=g), torch.randn(SAMPLES, 2, generator=g)
-    data = torch.utils.data.TensorDataset(x, y, torch.arange(SAMPLES))
-    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 2)
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
+    accelerator, model, optimizer, loader, scheduler = tiny_problem(args.accum)
     seen: list[list[int]] = []
 
     def forward(model, batch):
