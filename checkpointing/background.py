@@ -54,7 +54,7 @@ class SnapshotBuffers:
         out = []
         for blob in blobs:
             src = blob.tensor
-            buf = self._buffer((blob.group, blob.key), src)
+            buf = self.buffer((blob.group, blob.key), src)
             if src.device.type == "cuda":
                 stream = stream or torch.cuda.Stream(device=src.device)  # type: ignore[no-untyped-call]
                 stream.wait_stream(torch.cuda.current_stream(src.device))
@@ -67,7 +67,8 @@ class SnapshotBuffers:
             stream.synchronize()
         return out
 
-    def _buffer(self, key: tuple[str, str], like: torch.Tensor) -> torch.Tensor:
+    def buffer(self, key: tuple[str, str], like: torch.Tensor) -> torch.Tensor:
+        """A host tensor like ``like``, the same one for ``key`` from one save to the next."""
         buf = self._buffers.get(key)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
             buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.device.type == "cuda")

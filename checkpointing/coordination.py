@@ -2,12 +2,17 @@
 
 Who writes the commit record, who deletes, when everyone has finished writing, and which
 step everyone agrees on: a single process decides alone; a torch.distributed job decides
-through its process group (same interface).
+through its process group (`checkpointing.distributed.TorchDistributed`, same interface).
+
+A coordinator's collectives are called by every process in the same order. The manager
+calls them from the training thread, and, through `background`, from its background
+save thread; the two get separate channels so that they never interleave.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar, runtime_checkable
+import dataclasses
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
@@ -15,9 +20,20 @@ T = TypeVar("T")
 @runtime_checkable
 class Coordinator(Protocol):
     @property
-    def is_primary(self) -> bool:
-        """This process writes commit records and applies retention."""
+    def rank(self) -> int:
+        """This process's index, 0 to ``world_size - 1``."""
         ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def primary(self) -> int:
+        """The rank that writes commit records and applies retention."""
+        ...
+
+    @property
+    def is_primary(self) -> bool: ...
 
     def barrier(self, name: str) -> None:
         """Wait until every process reached the barrier called ``name``."""
@@ -27,10 +43,21 @@ class Coordinator(Protocol):
         """The primary's ``value``, on every process."""
         ...
 
+    def all_gather(self, value: T) -> list[T]:
+        """Every process's ``value``, in rank order, on every process."""
+        ...
+
+    def background(self) -> Coordinator:
+        """A coordinator of the same processes for the background save thread."""
+        ...
+
 
 class SingleProcess:
     """The coordinator of a job with one process."""
 
+    rank = 0
+    world_size = 1
+    primary = 0
     is_primary = True
 
     def barrier(self, name: str) -> None:
@@ -38,3 +65,20 @@ class SingleProcess:
 
     def broadcast(self, value: T) -> T:
         return value
+
+    def all_gather(self, value: T) -> list[T]:
+        return [value]
+
+    def background(self) -> SingleProcess:
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class PerRank(Generic[T]):
+    """Marks an item of the state as each process's own (its RNG, its data position):
+    every rank saves and restores its own value, instead of the primary's alone.
+
+    >>> mgr.save(step, {"model": model, "rng": PerRank(rng_states())})
+    """
+
+    value: T

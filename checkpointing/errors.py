@@ -48,3 +48,8 @@ class ReadOnlyError(CheckpointError):
 
 class DiskFullError(CheckpointError, OSError):
     """The storage ran out of space; the save was rolled back, older steps are intact."""
+
+
+class CoordinationError(CheckpointError):
+    """The processes of a distributed job did not meet in time: one died, hung, or did
+    not make the same manager calls as the others."""

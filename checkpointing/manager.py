@@ -22,16 +22,19 @@ import os
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
+import torch
 
 from checkpointing import watch
 from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers, parallel_map
-from checkpointing.coordination import Coordinator, SingleProcess
+from checkpointing.coordination import Coordinator, PerRank
+from checkpointing.distributed.coordinator import default_coordinator
 from checkpointing.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -60,6 +63,7 @@ from checkpointing.policies.retention import (
 )
 from checkpointing.policies.save import SaveContext, decide_save, save_policy_from_options
 from checkpointing.storage import FsspecStorage, LocalStorage, Storage, open_storage
+from checkpointing.storage.base import StepWriter
 from checkpointing.storage.cache import fetch_step
 from checkpointing.storage.transfer import copy_step
 
@@ -85,8 +89,10 @@ RECORDED_METRICS_NAME = "recorded_metrics.json"  # metrics written back by evalu
 @dataclasses.dataclass
 class _SaveJob:
     step: int
+    token: str  # the same on every process of a job: names the uncommitted step
     started: float
-    flat: tree.FlatState
+    flat: tree.FlatState  # what this process writes: on others than the primary, only
+    per_rank: dict[str, tree.Node]  # its `PerRank` items (these nodes) and its shards
     metrics: dict[str, Any] | None
     metadata: dict[str, Any] | None
 
@@ -134,7 +140,10 @@ class CheckpointManager:
     ) -> None:
         self.options = options or CheckpointManagerOptions()
         self._clock = clock
-        self._coordinator = coordinator or SingleProcess()
+        self._coordinator = coordinator or default_coordinator(
+            self.options.coordination_timeout_secs
+        )
+        self._background = self._coordinator.background()
         self._naming: StepNaming = self.options.step_naming or PrefixNaming(
             self.options.step_prefix, self.options.step_format_fixed_length
         )
@@ -162,6 +171,7 @@ class CheckpointManager:
         self._closed = False
         self._preemption = PreemptionWatcher()
         self._preemption_saved = False  # a save happened after the signal
+        self._preempted_anywhere = False  # a signal reached some process of the job
         self._writer = BackgroundWriter()
         self._buffers = SnapshotBuffers()
         self._last_stats: SaveStats | None = None
@@ -172,16 +182,20 @@ class CheckpointManager:
         if self.options.save_on_preemption:
             self._preemption.install(self.options.preemption_signals)
         try:
-            if not self.options.read_only:
+            if not self.options.read_only and self._coordinator.is_primary:
                 self._storage.lock()
-                if self.options.cleanup_tmp_directories and self._coordinator.is_primary:
+                if self.options.cleanup_tmp_directories:
                     is_step = lambda name: self._naming.parse(name) is not None  # noqa: E731
                     for name in self._storage.cleanup(is_step, RECORD_NAME):
                         logger.info("removed leftover of an interrupted save: %s", name)
+            # Saves of this run name their uncommitted directories after it.
+            self._run_id = self._coordinator.broadcast(uuid.uuid4().hex[:8])
+            self._saves = 0
             self.reload()
         except BaseException:
             self._preemption.uninstall()
-            self._storage.unlock()
+            if self._coordinator.is_primary:
+                self._storage.unlock()
             raise
         _open_managers.add(self)
 
@@ -192,7 +206,25 @@ class CheckpointManager:
         return self._storage.url
 
     def reload(self) -> None:
-        """Rescan the directory for steps written or deleted by other processes."""
+        """Rescan the directory for steps written or deleted by other processes.
+
+        In a distributed job the primary scans and the others take its view (collective).
+        """
+        scan = self._scan() if self._coordinator.is_primary else None
+        if self._coordinator.world_size > 1:
+            scan = self._coordinator.broadcast(scan)
+        assert scan is not None
+        found, protected, recorded, mirrored = scan
+        if self._mirror is not None:
+            self._mirror.records = mirrored
+        with self._lock:
+            self._records = found
+            self._protected = protected
+            self._recorded = recorded
+
+    def _scan(
+        self,
+    ) -> tuple[dict[int, Record], set[int], dict[int, dict[str, Any]], dict[int, Record]]:
         if self._mirror is not None:
             self._mirror.reload()
         found: dict[int, Record] = {}
@@ -203,12 +235,9 @@ class CheckpointManager:
             record = self._records.get(step) or self._read_record(name)
             if record is not None:
                 found[step] = record
-        protected = self._load_protected()
-        recorded = self._load_recorded_metrics()
-        with self._lock:
-            self._records = dict(sorted(found.items()))
-            self._protected = protected
-            self._recorded = recorded
+        mirrored = {} if self._mirror is None else self._mirror.records
+        found = dict(sorted(found.items()))
+        return found, self._load_protected(), self._load_recorded_metrics(), mirrored
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending, of both tiers when mirrored (from the cache; see
@@ -254,32 +283,55 @@ class CheckpointManager:
             shape = tuple(body["shape"])
             return TensorMetadata(shape, body["dtype"], size * math.prod(shape))
 
-        return {name: tree.unflatten(node, describe) for name, node in record.items.items()}
+        def item(node: tree.Node) -> Any:
+            if isinstance(node, dict) and "per_rank" in node:  # a `PerRank` item: by rank
+                return [tree.unflatten(n, describe) for n in node["per_rank"]]
+            return tree.unflatten(node, describe)
+
+        return {name: item(node) for name, node in record.items.items()}
 
     # ------------------------------------------------------------------ saving
 
     def should_save(self, step: int) -> bool:
         """Whether the save policy wants ``step`` saved. Never for a step at or below
-        the latest committed one."""
+        the latest committed one.
+
+        In a distributed job this is collective: every process gets the primary's answer
+        (its clock decides time-based saves), or yes once a preemption signal reached
+        any process.
+        """
         latest = self.latest_step()
-        return decide_save(
+        triggered = self._preemption.triggered
+        wanted = decide_save(
             self._save_policy,
             SaveContext(
                 step=step,
                 latest_step=latest,
                 last_save_time=None if latest is None else self._record(latest).committed_at,
                 now=self._clock(),
-                preempted=self._preemption.triggered and not self._preemption_saved,
+                preempted=triggered and not self._preemption_saved,
             ),
         )
+        if self._coordinator.world_size > 1:
+            votes = self._coordinator.all_gather((wanted, triggered))
+            self._preempted_anywhere = any(t for _, t in votes)
+            wanted = votes[self._coordinator.primary][0] or (
+                self._preempted_anywhere and not self._preemption_saved
+            )
+        return wanted
 
     def reached_preemption(self, step: int) -> bool:
-        """True once a preemption signal arrived: save ``step`` and exit the loop.
+        """True once a preemption signal arrived (at any process of a distributed job,
+        where this is collective): save ``step`` and exit the loop.
 
         Stays True; `should_save` says yes once for the signal, then follows its policy.
         """
         del step  # same answer for every step; kept for Orbax's signature
-        return self._preemption.triggered
+        if self._coordinator.world_size > 1:
+            self._preempted_anywhere = any(
+                self._coordinator.all_gather(self._preemption.triggered)
+            )
+        return self._preemption.triggered or self._preempted_anywhere
 
     def save(
         self,
@@ -324,23 +376,33 @@ class CheckpointManager:
                 "{'model': model, 'optimizer': optimizer}"
             )
         started, t0 = self._clock(), time.perf_counter()
+        flat, per_rank = self._flatten(state)
         job = _SaveJob(
             step=step,
+            token=f"{self._run_id}-{self._saves}",
             started=started,
-            flat=tree.flatten(state),
+            flat=flat,
+            per_rank=per_rank,
             metrics=None if metrics is None else to_json_value(metrics, "metrics"),
             metadata=None if metadata is None else to_json_value(metadata, "metadata"),
         )
+        self._saves += 1
         self._writer.wait()
-        self._preemption_saved = self._preemption.triggered
+        self._preemption_saved = self._preemption.triggered or self._preempted_anywhere
         if not self.options.enable_async_checkpointing:
-            self._persist(job, t0)
+            self._persist(job, self._coordinator, t0)
             return True
         job.flat.blobs = self._buffers.snapshot(job.flat.blobs)
+        if job.flat.sharded:
+            from checkpointing.distributed import sharded
+
+            job.flat.sharded = sharded.snapshot(
+                job.flat.sharded, lambda key, like: self._buffers.buffer(("\0sharded", key), like)
+            )
         blocking = time.perf_counter() - t0
         self._writer.start(
             step,
-            lambda abandoned: self._persist(job, t0, blocking, abandoned),
+            lambda abandoned: self._persist(job, self._background, t0, blocking, abandoned),
             self.options.async_timeout_secs,
         )
         return True
@@ -365,20 +427,43 @@ class CheckpointManager:
         """Timings of the newest committed save of this manager."""
         return self._last_stats
 
+    def _flatten(self, state: Mapping[str, Any]) -> tuple[tree.FlatState, dict[str, Any]]:
+        """What this process writes: everything on the primary, but only its `PerRank`
+        items and its shards elsewhere (replicated state is written once); and the
+        trees of its `PerRank` items."""
+        own = {name: v.value for name, v in state.items() if isinstance(v, PerRank)}
+        flat = tree.flatten({name: v for name, v in state.items() if name not in own})
+        if not self._coordinator.is_primary:
+            flat.blobs = []
+        per_rank = {}
+        for name, value in own.items():
+            mine = tree.flatten({name: value})
+            if mine.sharded:
+                raise InvalidOptionError(
+                    f"item {name!r} is PerRank but holds sharded tensors (DTensor); "
+                    f"sharded tensors are already saved shard by shard: drop PerRank"
+                )
+            for blob in mine.blobs:  # into a file of this rank's own
+                blob.group = f"{name}.rank{self._coordinator.rank}"
+            flat.blobs += mine.blobs
+            per_rank[name] = mine.items[name]
+        return flat, per_rank
+
     def _persist(
         self,
         job: _SaveJob,
+        coordinator: Coordinator,
         t0: float,
         blocking: float | None = None,
         abandoned: Callable[[], bool] = lambda: False,
     ) -> None:
         """Write, commit, cache and apply retention (on the background thread if async)."""
         t1 = time.perf_counter()
-        record = self._write(job, abandoned)
+        record = self._write(job, coordinator, abandoned)
         with self._lock:
             self._records = dict(sorted({**self._records, job.step: record}.items()))
-        self._apply_retention()
-        if self._mirror is not None:
+        self._apply_retention(coordinator)
+        if self._mirror is not None and self._coordinator.is_primary:
             self._mirror.upload(self._storage, self._records, self._clock())
         done = time.perf_counter()
         self._last_stats = SaveStats(
@@ -389,36 +474,63 @@ class CheckpointManager:
         )
         logger.debug("saved step %d: %s", job.step, self._last_stats)
 
-    def _write(self, job: _SaveJob, abandoned: Callable[[], bool]) -> Record:
+    def _write(
+        self, job: _SaveJob, coordinator: Coordinator, abandoned: Callable[[], bool]
+    ) -> Record:
+        """Write this process's files; the primary commits once every process wrote its
+        own (in a distributed job the outcome reaches all through ``coordinator``)."""
         name = self._naming.name(job.step)
-        writer = self._storage.begin(name)
+        writer = self._storage.begin(name, job.token)
         try:
-            groups = _group_by_file(job.flat)
-            written = parallel_map(
-                lambda name: writer.write(
-                    name, lambda f: tensors.write_file(f, groups[name], name)
-                ),
-                list(groups),
-                self._storage.parallelism,
-            )
-            files = {
-                name: FileInfo(w.size, w.header_checksum, w.checksum)
-                for name, w in zip(groups, written, strict=True)
-            }
+            files: dict[str, FileInfo] = {}
+            error: Exception | None = None
+            try:
+                files = self._write_files(job, writer, coordinator)
+            except Exception as e:
+                if coordinator.world_size == 1:
+                    raise
+                error = e  # the others must hear of it, or they would wait for us
+            per_rank = [job.per_rank]
+            if coordinator.world_size > 1:
+                reports = coordinator.all_gather((_describe(error), files, job.per_rank))
+                failed = [f"rank {r}: {err}" for r, (err, _, _) in enumerate(reports) if err]
+                if error is not None:
+                    raise error
+                if failed:
+                    raise CheckpointError(f"step {job.step} was not saved: {'; '.join(failed)}")
+                files = {k: v for _, written, _ in reports for k, v in written.items()}
+                per_rank = [nodes for _, _, nodes in reports]
+            items = {n: {"per_rank": [nodes[n] for nodes in per_rank]} for n in job.per_rank}
             record = Record(
                 step=job.step,
                 created_at=job.started,
                 committed_at=self._clock(),
-                items=job.flat.items,
-                files=files,
+                items={**job.flat.items, **items},
+                files=dict(sorted(files.items())),
                 metrics=job.metrics,
                 metadata=job.metadata,
             )
-            if abandoned():
-                raise CheckpointError(f"save of step {job.step} abandoned after its timeout")
-            writer.commit(RECORD_NAME, record.to_json())
+            committed: Exception | None = None
+            if coordinator.is_primary:
+                try:
+                    if abandoned():
+                        raise CheckpointError(
+                            f"save of step {job.step} abandoned after its timeout"
+                        )
+                    writer.commit(RECORD_NAME, record.to_json())
+                except Exception as e:
+                    committed = e
+            if coordinator.world_size > 1:
+                failure = coordinator.broadcast(_describe(committed))
+                if failure is not None and committed is None:
+                    raise CheckpointError(
+                        f"the primary could not commit step {job.step}: {failure}"
+                    )
+            if committed is not None:
+                raise committed
         except BaseException as e:
-            writer.abort()
+            if coordinator.is_primary:
+                writer.abort()
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise DiskFullError(
                     errno.ENOSPC,
@@ -430,6 +542,33 @@ class CheckpointManager:
                 e.add_note(f"(while saving step {job.step} to {self.directory})")
             raise
         return record
+
+    def _write_files(
+        self, job: _SaveJob, writer: StepWriter, coordinator: Coordinator
+    ) -> dict[str, FileInfo]:
+        groups = _group_by_file(job.flat)
+        written = parallel_map(
+            lambda name: writer.write(name, lambda f: tensors.write_file(f, groups[name], name)),
+            list(groups),
+            self._storage.parallelism,
+        )
+        files = {
+            name: FileInfo(w.size, w.header_checksum, w.checksum)
+            for name, w in zip(groups, written, strict=True)
+        }
+        if job.flat.sharded:
+            from checkpointing.distributed import sharded
+
+            if writer.local_dir is None:
+                raise InvalidOptionError(
+                    f"sharded tensors (DTensor) are saved through torch.distributed.checkpoint "
+                    f"and need a directory on a (shared) file system, not {self.directory}; "
+                    f"to keep them in an object store, mirror it: remote='{self.directory}'"
+                )
+            files.update(
+                sharded.save(job.flat.sharded, writer.local_dir / sharded.DIRECTORY, coordinator)
+            )
+        return files
 
     # --------------------------------------------------------------- restoring
 
@@ -458,9 +597,12 @@ class CheckpointManager:
             )
         if step is None or step == self._writer.step_in_flight:
             self._writer.wait()  # a save in flight is about to be the step asked for
-        if missing_ok and (step if step is not None else self.latest_step()) not in self._records:
+        wanted = step if step is not None else self.latest_step()
+        if self._coordinator.world_size > 1:  # everyone restores the primary's choice
+            wanted = self._coordinator.broadcast(wanted)
+        if missing_ok and wanted not in self.all_steps():
             return None
-        step = self._resolve(step)
+        step = self._resolve(wanted)
         with self._lock:
             record = self._record(step)
             self._reading[step] = self._reading.get(step, 0) + 1
@@ -483,30 +625,96 @@ class CheckpointManager:
                 f"step {step} has no item {', '.join(map(repr, missing))}; it has "
                 f"{', '.join(map(repr, record.items))}"
             )
+        nodes = {n: self._item_node(record, n) for n in names}
+        targets = {n: _unwrap(None if target is None else target.get(n)) for n in names}
         name = self._naming.name(step)
+        fetched = True  # the download checked every file
         if self._mirror is not None and step not in self._records:
             local = self._fetch_from_mirror(step, record)
+        elif isinstance(self._storage, FsspecStorage):
+            local = fetch_step(self._storage, name, record, self._cache_dir)
+        else:
+            assert isinstance(self._storage, LocalStorage)
+            local, fetched = self._storage.root / name, False
+        if fetched:
             open_file: Callable[[str], BinaryIO] = lambda filename: open(  # noqa: E731, SIM115
                 local / filename, "rb", buffering=0
             )
-        elif isinstance(self._storage, FsspecStorage):
-            local = fetch_step(self._storage, name, record, self._cache_dir)
-            open_file = lambda filename: open(local / filename, "rb", buffering=0)  # noqa: E731, SIM115
         else:
             open_file = lambda filename: self._storage.open_read(f"{name}/{filename}")  # noqa: E731
+        shards = self._load_sharded(record, nodes, targets, local, verify=not fetched)
         with StepReader(
             record,
             open_file,
             verify=self.options.verify_checksums,
             where=f"{self.directory}/{name}",
         ) as reader:
-            restored = {
-                name: tree.unflatten(
-                    record.items[name], reader.read, None if target is None else target.get(name)
-                )
-                for name in names
-            }
+
+            def read(tag: str, body: dict[str, Any], dest: torch.Tensor | None) -> Any:
+                if tag != "dtensor":
+                    return reader.read(tag, body, dest)
+                loaded = shards[body["key"]]
+                if dest is not None and dest is not loaded and dest.shape == loaded.shape:
+                    with torch.no_grad():
+                        dest.copy_(loaded)
+                    return dest
+                return loaded
+
+            restored = {n: tree.unflatten(nodes[n], read, targets[n]) for n in names}
         return restored if target is None else {**target, **restored}
+
+    def _item_node(self, record: Record, name: str) -> tree.Node:
+        """An item's tree; of a `PerRank` item, this process's own."""
+        node = record.items[name]
+        if not (isinstance(node, dict) and "per_rank" in node):
+            return node
+        saved_by, world = len(node["per_rank"]), self._coordinator.world_size
+        if saved_by != world:
+            raise ItemNotFoundError(
+                f"item {name!r} of step {record.step} holds the own state of each of the "
+                f"{saved_by} processes that saved it; this job has {world}. Restore the "
+                f"other items (items=[...]) and start this one afresh."
+            )
+        return node["per_rank"][self._coordinator.rank]
+
+    def _load_sharded(
+        self,
+        record: Record,
+        nodes: Mapping[str, tree.Node],
+        targets: Mapping[str, Any],
+        local: Path,
+        *,
+        verify: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Load the DTensors of the items restored, all at once through DCP (collective),
+        into the target's tensors where it has them: DCP reshards to their layout."""
+        wanted: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
+        for n, node in nodes.items():
+            wanted.update(tree.sharded_destinations(node, targets[n]))
+        if not wanted:
+            return {}
+        from checkpointing.distributed import sharded
+
+        if verify and self.options.verify_checksums:  # each process checks a share
+            own = sorted(f for f in record.files if f.startswith(f"{sharded.DIRECTORY}/"))
+            own = own[self._coordinator.rank :: self._coordinator.world_size]
+            error = None
+            try:
+                for filename in own:
+                    self._check_file(self._storage, record, filename)
+            except CorruptCheckpointError as e:
+                error = str(e)
+            errors = [e for e in self._coordinator.all_gather(error) if e]
+            if errors:
+                raise CorruptCheckpointError("; ".join(errors))
+        dests = {
+            key: dest
+            if dest is not None and list(dest.shape) == body["shape"]
+            else torch.empty(body["shape"], dtype=tensors.parse_dtype(body["dtype"]))
+            for key, (body, dest) in wanted.items()
+        }
+        sharded.load(dests, local / sharded.DIRECTORY, self._coordinator)
+        return dests
 
     def _fetch_from_mirror(self, step: int, record: Record) -> Path:
         """Download a remote-only step: into the local directory (it becomes a local
@@ -527,24 +735,31 @@ class CheckpointManager:
         """
         step = self._resolve(step)
         record = self._record(step)
-        name = self._naming.name(step)
         storage = self._storage
         if self._mirror is not None and step not in self._records:
             storage = self._mirror.storage
-        for filename, info in record.files.items():
-            where = f"{storage.url}/{name}/{filename}"
-            try:
-                f = storage.open_read(f"{name}/{filename}")
-            except FileNotFoundError:
-                raise CorruptCheckpointError(f"{where} is missing") from None
-            with f:
-                size = f.seek(0, 2)
-                if size != info.size:
-                    raise CorruptCheckpointError(
-                        f"{where}: size {size} bytes, the commit record says {info.size}"
-                    )
-                if tensors.file_checksums(f, where) != (info.header_checksum, info.checksum):
-                    raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
+        for filename in record.files:
+            self._check_file(storage, record, filename)
+
+    def _check_file(self, storage: Storage, record: Record, filename: str) -> None:
+        name, info = self._naming.name(record.step), record.files[filename]
+        where = f"{storage.url}/{name}/{filename}"
+        try:
+            f = storage.open_read(f"{name}/{filename}")
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{where} is missing") from None
+        with f:
+            size = f.seek(0, 2)
+            if size != info.size:
+                raise CorruptCheckpointError(
+                    f"{where}: size {size} bytes, the commit record says {info.size}"
+                )
+            opaque = not info.header_checksum
+            if tensors.file_checksums(f, where, opaque=opaque) != (
+                info.header_checksum,
+                info.checksum,
+            ):
+                raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
 
     # ------------------------------------------------------- evaluation jobs
 
@@ -590,13 +805,18 @@ class CheckpointManager:
             if step in self._records:
                 self._delete(step)
             if self._mirror is not None and step in self._mirror.records:
-                self._mirror.delete(step)
+                if self._coordinator.is_primary:
+                    self._mirror.delete(step)
+                else:
+                    self._mirror.records.pop(step)
             if step in self._protected:
                 self._protected.discard(step)
                 self._save_protected()
+        self._coordinator.barrier(f"delete step {step}")
 
     def _delete(self, step: int) -> None:
-        self._storage.delete(self._naming.name(step), RECORD_NAME)
+        if self._coordinator.is_primary:
+            self._storage.delete(self._naming.name(step), RECORD_NAME)
         self._records = {s: r for s, r in self._records.items() if s != step}
 
     def protect(self, step: int) -> None:
@@ -641,16 +861,32 @@ class CheckpointManager:
             always_keep_latest=self.options.always_keep_latest,
         )
 
-    def _apply_retention(self) -> None:
-        if not self._coordinator.is_primary or self._retention is None:
+    def _apply_retention(self, coordinator: Coordinator) -> None:
+        """The primary decides and deletes; the others follow its decision."""
+        if self._retention is None:
             return
-        recorded = self._load_recorded_metrics()
-        leased = self.leased_steps()
-        with self._lock:
-            self._recorded = recorded
-            for step in self._decide(leased).delete:
-                logger.info("retention deletes step %d", step)
-                self._delete(step)
+        deleted: list[int] = []
+        error: Exception | None = None
+        if coordinator.is_primary:
+            try:
+                recorded = self._load_recorded_metrics()
+                leased = self.leased_steps()
+                with self._lock:
+                    self._recorded = recorded
+                    for step in self._decide(leased).delete:
+                        logger.info("retention deletes step %d", step)
+                        self._delete(step)
+                        deleted.append(step)
+            except Exception as e:
+                error = e
+        if coordinator.world_size > 1:
+            deleted, failure = coordinator.broadcast((deleted, _describe(error)))
+            with self._lock:
+                self._records = {s: r for s, r in self._records.items() if s not in deleted}
+            if failure is not None and error is None:
+                raise CheckpointError(f"retention failed on the primary: {failure}")
+        if error is not None:
+            raise error
 
     def prune(self, *, dry_run: bool = False) -> list[int]:
         """Apply retention now (it also runs after every save); return the steps deleted,
@@ -659,7 +895,7 @@ class CheckpointManager:
             self._check_writable()
             self._writer.wait()
             before = set(self._records)
-            self._apply_retention()
+            self._apply_retention(self._coordinator)
             return sorted(before - set(self._records))
         return list(self._decide(self.leased_steps()).delete)
 
@@ -695,7 +931,8 @@ class CheckpointManager:
             self.wait_until_finished()
         finally:
             self._preemption.uninstall()
-            self._storage.unlock()
+            if self._coordinator.is_primary:
+                self._storage.unlock()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -756,7 +993,16 @@ class CheckpointManager:
         return {s: m for s, m in recorded.items() if s is not None}
 
     def _save_protected(self) -> None:
-        self._storage.write_bytes(PROTECTED_NAME, json.dumps(sorted(self._protected)).encode())
+        if self._coordinator.is_primary:
+            self._storage.write_bytes(PROTECTED_NAME, json.dumps(sorted(self._protected)).encode())
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, PerRank) else value
+
+
+def _describe(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
 
 
 def _check_step(step: object) -> None:

@@ -58,6 +58,9 @@ class CheckpointManagerOptions:
       enable_async_checkpointing: ``save()`` returns after a snapshot; writing happens in
         the background.
       async_timeout_secs: fail a background save that takes longer than this.
+      coordination_timeout_secs: in a torch.distributed job, how long a process waits
+        for the others at a collective step (save, restore) before failing with an
+        error that names the missing ranks.
     """
 
     save_interval_steps: int | None = None
@@ -87,6 +90,7 @@ class CheckpointManagerOptions:
     verify_checksums: bool = True
     enable_async_checkpointing: bool = True
     async_timeout_secs: float | None = None
+    coordination_timeout_secs: float = 600.0
 
     def __post_init__(self) -> None:
         _check_positive_int("save_interval_steps", self.save_interval_steps)
@@ -95,6 +99,7 @@ class CheckpointManagerOptions:
         _check_positive_int("step_format_fixed_length", self.step_format_fixed_length)
         _check_positive_number("save_interval_secs", self.save_interval_secs)
         _check_positive_number("async_timeout_secs", self.async_timeout_secs)
+        _check_positive_number("coordination_timeout_secs", self.coordination_timeout_secs)
         if isinstance(self.keep_time_interval, datetime.timedelta):  # accepted, like Orbax
             object.__setattr__(self, "keep_time_interval", self.keep_time_interval.total_seconds())
         _check_positive_number("keep_time_interval", self.keep_time_interval)

@@ -221,8 +221,23 @@ def read_into(f: BinaryIO, entry: Entry, dest: memoryview, filename: str) -> Non
         pos += n
 
 
-def file_checksums(f: BinaryIO, filename: str) -> tuple[str, str]:
-    """(header checksum, file checksum) of a whole safetensors file, read once."""
+def stream_checksum(f: BinaryIO) -> tuple[int, str]:
+    """(size, checksum) of a whole file that is not a safetensors file (DCP's shards)."""
+    hasher = xxhash.xxh3_64()
+    buf = bytearray(_CHUNK)
+    size = 0
+    while n := f.readinto(buf):  # type: ignore[attr-defined]
+        hasher.update(memoryview(buf)[:n])
+        size += n
+    return size, hasher.hexdigest()
+
+
+def file_checksums(f: BinaryIO, filename: str, *, opaque: bool = False) -> tuple[str, str]:
+    """(header checksum, file checksum) of a whole safetensors file, read once; of a
+    file that is not ours (``opaque``), ("", its `stream_checksum`)."""
+    if opaque:
+        f.seek(0)
+        return "", stream_checksum(f)[1]
     head, entries = read_header(f, filename)
     digests = [digest(head)]
     for entry in sorted(entries.values(), key=lambda e: e.start):

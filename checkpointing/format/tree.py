@@ -2,7 +2,8 @@
 
 The JSON tree keeps the structure and every non-tensor leaf, exactly: a node is a JSON
 scalar (int, str, bool, null, finite float), a list, or a one-key object tagged with its
-kind (``dict``, ``tuple``, ``float``, ``bytes``, ``npscalar``, ``tensor``, ``ndarray``).
+kind (``dict``, ``tuple``, ``float``, ``bytes``, ``npscalar``, ``tensor``, ``ndarray``,
+``dtensor``; an item saved by every rank for itself is ``per_rank``, a list by rank).
 Dicts are stored as ``[key, node]`` pairs so int keys (optimizer state) stay ints.
 
 Tensors become `Blob`s that `format.tensors` writes into safetensors files; their tree
@@ -55,6 +56,9 @@ class Blob:
 class FlatState:
     items: dict[str, Node]
     blobs: list[Blob]
+    # DTensors (shards of a tensor spread over ranks) by a key unique in the state; they
+    # are written by `checkpointing.distributed.sharded`, not into our files.
+    sharded: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def is_stateful(obj: object) -> bool:
@@ -80,12 +84,13 @@ def flatten(state: Mapping[str, Any]) -> FlatState:
     flattener = _Flattener()
     items = {name: flattener.node(to_state(value), name, (name,)) for name, value in state.items()}
     flattener.share_views()
-    return FlatState(items=items, blobs=flattener.blobs)
+    return FlatState(items=items, blobs=flattener.blobs, sharded=flattener.sharded)
 
 
 class _Flattener:
     def __init__(self) -> None:
         self.blobs: list[Blob] = []
+        self.sharded: dict[str, torch.Tensor] = {}
         self._keys: dict[str, set[str]] = {}
         # storage identity -> [(tensor, node, group, key)], to find shared storage
         self._by_storage: dict[
@@ -129,6 +134,11 @@ class _Flattener:
         )
 
     def _tensor(self, tensor: torch.Tensor, item: str, path: tuple[Any, ...]) -> Node:
+        if is_dtensor(tensor):
+            key = _path(path)
+            self.sharded[key] = tensor.detach()
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            return {"dtensor": {"key": key, "dtype": dtype, "shape": list(tensor.shape)}}
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
             raise UnsupportedTypeError(
                 f"cannot save tensor subclass {type(tensor).__name__} at {_path(path)}: "
@@ -195,6 +205,14 @@ class _Flattener:
         return key
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """A `torch.distributed.tensor.DTensor`, told without importing torch.distributed."""
+    return any(
+        c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed")
+        for c in type(tensor).__mro__
+    )
+
+
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (
         a.dtype == b.dtype
@@ -228,6 +246,38 @@ def iter_tensor_nodes(node: Node) -> Iterator[tuple[str, dict[str, Any]]]:
 ReadArray = Callable[[str, dict[str, Any], "torch.Tensor | None"], Any]
 
 
+def sharded_destinations(
+    node: Node, target: Any = None
+) -> dict[str, tuple[dict[str, Any], torch.Tensor | None]]:
+    """The "dtensor" nodes of a tree by key, each with the tensor of ``target`` that
+    `unflatten` would fill (None where the target has none): DCP loads them all at once,
+    before `unflatten` runs."""
+    found: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
+
+    def walk(node: Node, target: Any) -> None:
+        if is_stateful(target):
+            target = target.state_dict()
+        if isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, _nth(target, i, len(node)))
+            return
+        if not isinstance(node, dict):
+            return
+        ((tag, body),) = node.items()
+        if tag == "dict":
+            sub = target if isinstance(target, Mapping) else {}
+            for key, child in body:
+                walk(child, sub.get(key))
+        elif tag == "tuple":
+            for i, child in enumerate(body):
+                walk(child, _nth(target, i, len(body)))
+        elif tag == "dtensor":
+            found[body["key"]] = (body, target if isinstance(target, torch.Tensor) else None)
+
+    walk(node, target)
+    return found
+
+
 def unflatten(node: Node, read: ReadArray, target: Any = None) -> Any:
     """Rebuild a value from its tree.
 
@@ -255,7 +305,7 @@ def unflatten(node: Node, read: ReadArray, target: Any = None) -> Any:
     if tag == "npscalar":
         dtype, data = body
         return np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype))[0]
-    if tag in ("tensor", "ndarray"):
+    if tag in ("tensor", "ndarray", "dtensor"):
         return read(tag, body, target if isinstance(target, torch.Tensor) else None)
     raise ValueError(f"unknown tree node {tag!r}")
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 T = TypeVar("T")
 
 
 class StepWriter(abc.ABC):
-    """Writes the files of one step; nothing is visible before `commit`."""
+    """Writes the files of one step; nothing is visible before `commit`.
+
+    In a multi-process job every process opens a writer of the same step (same
+    ``token``) and writes its own files; only the primary commits or aborts.
+    """
+
+    local_dir: Path | None = None  # where other writers (DCP) may add files, if on disk
 
     @abc.abstractmethod
     def write(self, filename: str, produce: Callable[[BinaryIO], T]) -> T:
@@ -44,8 +51,9 @@ class Storage(abc.ABC):
         """Names of the subdirectories that hold ``record_name``."""
 
     @abc.abstractmethod
-    def begin(self, name: str) -> StepWriter:
-        """Start writing the step directory ``name``."""
+    def begin(self, name: str, token: str) -> StepWriter:
+        """Start writing the step directory ``name``; writers with the same ``token``
+        (one per process of a job) write into the same uncommitted step."""
 
     @abc.abstractmethod
     def open_read(self, path: str) -> BinaryIO:

@@ -51,11 +51,14 @@ def fetch_step(remote: FsspecStorage, name: str, record: Record, local_root: Pat
 
 def _download(remote: FsspecStorage, name: str, filename: str, record: Record, tmp: Path) -> None:
     target = tmp / filename
+    target.parent.mkdir(parents=True, exist_ok=True)  # DCP's files, in sharded/
     remote.download(f"{name}/{filename}", str(target))
     info = record.files[filename]
     with open(target, "rb") as f:
         size = f.seek(0, 2)
-        if size != info.size or tensors.file_checksums(f, str(target)) != (
+        if size != info.size or tensors.file_checksums(
+            f, str(target), opaque=not info.header_checksum
+        ) != (
             info.header_checksum,
             info.checksum,
         ):

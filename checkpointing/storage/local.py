@@ -151,13 +151,16 @@ class _DropBehindFile(io.FileIO):
 
 
 class _LocalStepWriter(StepWriter):
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, token: str) -> None:
         self._root = root
         self._final = root / name
-        self._tmp = root / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-        self._tmp.mkdir()
+        self._tmp = root / f"{TMP_PREFIX}{name}-{token}"
+        self._tmp.mkdir(exist_ok=True)  # the first process of a job creates it
+        self.local_dir = self._tmp
 
     def write(self, filename: str, produce: Callable[[BinaryIO], T]) -> T:
+        if "/" in filename:  # DCP's files, in sharded/
+            (self._tmp / filename).parent.mkdir(parents=True, exist_ok=True)
         with _DurableFile(self._tmp / filename) as f:
             return produce(f)  # type: ignore[arg-type]
 
@@ -199,8 +202,8 @@ class LocalStorage(Storage):
             and os.path.isfile(os.path.join(e.path, record_name))
         ]
 
-    def begin(self, name: str) -> StepWriter:
-        return _LocalStepWriter(self.root, name)
+    def begin(self, name: str, token: str) -> StepWriter:
+        return _LocalStepWriter(self.root, name, token)
 
     def _path(self, path: str) -> Path:
         return self.root / path

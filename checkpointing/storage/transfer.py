@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -34,7 +35,7 @@ def copy_step(
 
         writer.write(filename, produce)
 
-    writer = dst.begin(names[1])
+    writer = dst.begin(names[1], uuid.uuid4().hex[:8])
     try:
         parallel_map(copy_file, list(record.files), max(src.parallelism, dst.parallelism))
         writer.commit(RECORD_NAME, record.to_json())

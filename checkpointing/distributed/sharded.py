@@ -1,0 +1,147 @@
+"""Sharded tensors (DTensor: FSDP2, tensor parallel) through torch.distributed.checkpoint.
+
+Each rank holds only its shards, so they cannot go into our per-item safetensors files
+(those are written once, by the primary). DCP already plans who writes which shard and
+reshards on load (saved on N ranks, restored on M), so the DTensors of a step go into
+one DCP checkpoint in the step's ``sharded/`` directory. Around it everything else
+stays ours: each rank checksums the files it wrote, the primary lists them in the
+commit record, and the step appears only when that record is written.
+
+DCP's ``.metadata`` file is a pickle; it is read with an unpickler that builds only
+DCP's own metadata classes, so loading a checkpoint still never runs foreign code.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.tensor import DTensor
+
+from checkpointing.coordination import Coordinator
+from checkpointing.errors import CorruptCheckpointError
+from checkpointing.format import tensors
+from checkpointing.format.record import FileInfo
+
+DIRECTORY = "sharded"
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def snapshot(sharded: dict[str, torch.Tensor], buffer: Any) -> dict[str, torch.Tensor]:
+    """Copies of the local shards (``buffer(key, like)`` gives a reusable host tensor),
+    wrapped as DTensors of the same mesh and placements."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sharded.items():
+        assert isinstance(t, DTensor)
+        local = t.to_local()
+        buf = buffer(key, local)
+        buf.copy_(local)
+        out[key] = DTensor.from_local(
+            buf, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+        )
+    return out
+
+
+def save(
+    sharded: dict[str, torch.Tensor], directory: Path, coordinator: Coordinator
+) -> dict[str, FileInfo]:
+    """Write ``sharded`` with DCP (a collective call); return the files this rank wrote,
+    by their path in the step directory."""
+    group = getattr(coordinator, "group", None)
+    dcp_save(
+        sharded,
+        storage_writer=FileSystemWriter(directory, sync_files=True, thread_count=1),
+        process_group=group,
+        coordinator_rank=coordinator.primary,
+    )
+    mine = [
+        name
+        for name in os.listdir(directory)
+        if name.startswith(f"__{coordinator.rank}_")
+        or (name == ".metadata" and coordinator.is_primary)
+    ]
+    return {f"{DIRECTORY}/{name}": file_info(directory / name) for name in sorted(mine)}
+
+
+def load(dests: dict[str, torch.Tensor], directory: Path, coordinator: Coordinator) -> None:
+    """Fill ``dests`` (DTensors of any mesh, or plain full tensors) in place (collective)."""
+    dcp_load(
+        dests,
+        storage_reader=_SafeReader(directory),
+        process_group=getattr(coordinator, "group", None),
+    )
+
+
+def file_info(path: Path) -> FileInfo:
+    """Size and whole-file checksum of a file that is not ours (no safetensors header:
+    ``header_checksum`` stays empty)."""
+    with open(path, "rb", buffering=0) as f:
+        size, checksum = tensors.stream_checksum(f)
+    return FileInfo(size, "", checksum)
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        path = Path(self.path) / name
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes()), str(path)).load()
+        if not isinstance(metadata, Metadata):
+            raise CorruptCheckpointError(f"{path}: not a DCP metadata file")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        assert metadata.storage_meta is not None
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+_ALLOWED_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+)
+_ALLOWED = {
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata dataclasses, torch dtypes and sizes, and nothing else."""
+
+    def __init__(self, f: io.BytesIO, where: str) -> None:
+        super().__init__(f)
+        self._where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and (
+                dataclasses.is_dataclass(found)
+                or found in (torch.Size, torch.device, collections.OrderedDict, set, frozenset)
+                or issubclass(found, tuple | dict)  # NamedTuples, enums' bases
+                or hasattr(found, "__members__")  # enums
+            ):
+                return found
+        found = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(found, torch.dtype | torch.memory_format | torch.layout):
+            return found
+        raise CorruptCheckpointError(
+            f"{self._where}: refers to {module}.{name}, which DCP metadata never holds; "
+            f"refusing to load it (it could run code)"
+        )
