@@ -10,10 +10,12 @@ Three lines::
 """
 
 from checkpointing.background import SaveStats
-from checkpointing.coordination import Coordinator, SingleProcess
+from checkpointing.coordination import Coordinator, PerRank, SingleProcess
+from checkpointing.distributed import TorchDistributed
 from checkpointing.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CoordinationError,
     CorruptCheckpointError,
     DirectoryLockedError,
     DiskFullError,
@@ -63,6 +65,7 @@ __all__ = [
     "CheckpointManagerOptions",
     "CheckpointNotFoundError",
     "Coordinator",
+    "CoordinationError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
     "DiskFullError",
@@ -85,7 +88,9 @@ __all__ = [
     "SaveContext",
     "SavePolicy",
     "SaveStats",
+    "PerRank",
     "SingleProcess",
+    "TorchDistributed",
     "StepAlreadyExistsError",
     "StepNaming",
     "StepOrderError",

@@ -492,6 +492,7 @@ class CheckpointManager:
                 error = e  # the others must hear of it, or they would wait for us
             per_rank = [job.per_rank]
             if coordinator.world_size > 1:
+                coordinator.barrier(f"step {job.step} written")  # names missing ranks
                 reports = coordinator.all_gather((_describe(error), files, job.per_rank))
                 failed = [f"rank {r}: {err}" for r, (err, _, _) in enumerate(reports) if err]
                 if error is not None:

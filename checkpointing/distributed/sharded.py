@@ -13,8 +13,6 @@ DCP's own metadata classes, so loading a checkpoint still never runs foreign cod
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import io
 import os
 import pickle
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
@@ -65,13 +64,13 @@ def save(
         sharded,
         storage_writer=FileSystemWriter(directory, sync_files=True, thread_count=1),
         process_group=group,
-        coordinator_rank=coordinator.primary,
+        no_dist=not dist.is_initialized(),
     )
     mine = [
         name
         for name in os.listdir(directory)
         if name.startswith(f"__{coordinator.rank}_")
-        or (name == ".metadata" and coordinator.is_primary)
+        or (name == ".metadata" and coordinator.rank == 0)  # DCP's coordinator is rank 0
     ]
     return {f"{DIRECTORY}/{name}": file_info(directory / name) for name in sorted(mine)}
 
@@ -82,6 +81,7 @@ def load(dests: dict[str, torch.Tensor], directory: Path, coordinator: Coordinat
         dests,
         storage_reader=_SafeReader(directory),
         process_group=getattr(coordinator, "group", None),
+        no_dist=not dist.is_initialized(),  # one process reading a job's checkpoint
     )
 
 
@@ -108,35 +108,32 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
-_ALLOWED_MODULES = (
+_DCP_MODULES = (
     "torch.distributed.checkpoint.metadata",
     "torch.distributed.checkpoint.filesystem",
 )
-_ALLOWED = {
+_ALLOWED = {  # what else DCP's metadata pickles refer to; all build plain values
     ("torch", "Size"),
-    ("torch", "device"),
+    ("torch.serialization", "_get_layout"),  # torch.strided etc., looked up by name
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
     ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
 }
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata dataclasses, torch dtypes and sizes, and nothing else."""
+    """Builds DCP's metadata classes, torch dtypes, layouts and sizes, and nothing else."""
 
     def __init__(self, f: io.BytesIO, where: str) -> None:
         super().__init__(f)
         self._where = where
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED:
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module in _DCP_MODULES:
             found = super().find_class(module, name)
-            if isinstance(found, type) and (
-                dataclasses.is_dataclass(found)
-                or found in (torch.Size, torch.device, collections.OrderedDict, set, frozenset)
-                or issubclass(found, tuple | dict)  # NamedTuples, enums' bases
-                or hasattr(found, "__members__")  # enums
-            ):
+            if isinstance(found, type):  # their dataclasses and enums; no functions
                 return found
         found = getattr(torch, name, None) if module == "torch" else None
         if isinstance(found, torch.dtype | torch.memory_format | torch.layout):

@@ -1,0 +1,130 @@
+"""Multi-process jobs: real processes joined by a real torch.distributed (gloo) group."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from checkpointing import CheckpointManager, CheckpointManagerOptions
+from checkpointing.errors import ItemNotFoundError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from worker import full_weights
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+def launch(world: int, scenario: str, directory: Path, tmp_path: Path) -> list[dict[str, Any]]:
+    """Run ``scenario`` on ``world`` processes; return each rank's observations."""
+    out = tmp_path / f"out-{scenario}-{world}"
+    out.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(directory), str(out)],
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for rank in range(world)
+    ]
+    codes = [p.wait(timeout=120) for p in procs]
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    if scenario != "killed":
+        assert codes == [0] * world
+        assert len(results) == world
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collective_save_restore(tmp_path: Path, world: int) -> None:
+    ranks = launch(world, "basic", tmp_path / "ckpt", tmp_path)
+    # every rank saw the same steps at every point, and retention agreed
+    assert all(r["seen"] == ranks[0]["seen"] for r in ranks)
+    assert all(r["steps"] == [4, 6] for r in ranks)
+    # replicated state written once; each rank's own state in a file of its own
+    own = [f"own.rank{r}.safetensors" for r in range(world)]
+    assert ranks[0]["files"] == ["model.safetensors", "opt.safetensors", *own]
+    assert all(r["model_restored"] for r in ranks)
+    assert [r["own"] for r in ranks] == [[100.0 * r + 6] * 3 for r in range(world)]
+    # a single process reads the replicated state, but not the ranks' own
+    with CheckpointManager(tmp_path / "ckpt", CheckpointManagerOptions(read_only=True)) as mgr:
+        assert set(mgr.restore(items=["model"])["model"]) == {"weight", "bias"}
+        with pytest.raises(ItemNotFoundError, match=f"each of the {world} processes"):
+            mgr.restore(items=["own"])
+        assert len(mgr.item_metadata()["own"]) == world
+
+
+def test_sharded_state_reshards(tmp_path: Path) -> None:
+    """DTensors saved on 4 ranks restore on 2 ranks and in one process (with and
+    without a target), verified against our commit record."""
+    ckpt = tmp_path / "ckpt"
+    (saved,) = {json.dumps(r["files"]) for r in launch(4, "sharded_save", ckpt, tmp_path)}
+    assert json.loads(saved) == [
+        "sharded/.metadata",
+        *(f"sharded/__{r}_0.distcp" for r in range(4)),
+    ]
+    assert all(r["restored"] for r in launch(2, "sharded_restore", ckpt, tmp_path))
+    with CheckpointManager(ckpt, CheckpointManagerOptions(read_only=True)) as mgr:
+        mgr.verify()
+        restored = mgr.restore()
+        assert restored["meta"] == {"world": 4}
+        for name, value in full_weights().items():
+            assert torch.equal(restored["model"][name], value)
+        into = {name: torch.zeros_like(value) for name, value in full_weights().items()}
+        mgr.restore({"model": into})
+        assert all(torch.equal(into[n], v) for n, v in full_weights().items())
+
+
+def test_corrupt_shard_is_detected(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    launch(2, "sharded_save", ckpt, tmp_path)
+    shard = next(ckpt.glob("step_*/sharded/__1_0.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(data)
+    options = CheckpointManagerOptions(read_only=True)
+    with CheckpointManager(ckpt, options) as mgr, pytest.raises(Exception, match="mismatch"):
+        mgr.restore()
+
+
+def test_metadata_pickle_cannot_run_code(tmp_path: Path) -> None:
+    import pickle
+
+    from checkpointing.distributed.sharded import _MetadataUnpickler
+    from checkpointing.errors import CorruptCheckpointError
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, ("echo pwned",))
+
+    import io
+
+    with pytest.raises(CorruptCheckpointError, match="refusing"):
+        _MetadataUnpickler(io.BytesIO(pickle.dumps(Evil())), "x").load()
+
+
+def test_killed_rank_fails_the_others_and_leaves_no_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    (survivor,) = launch(2, "killed", ckpt, tmp_path)  # rank 1 was SIGKILLed mid-save
+    assert survivor["steps"] == [1]
+    assert survivor["error"].startswith("CoordinationError")
+    assert "Ranks 1 failed" in survivor["error"] or "Connection" in survivor["error"]
+    with CheckpointManager(ckpt) as mgr:  # a new run: step 1 only, nothing left over
+        assert mgr.all_steps() == [1]
+        assert mgr.restore(items=["x"])["x"].tolist() == [1.0] * 4
+    assert sorted(p.name for p in ckpt.iterdir()) == [".lock", "step_00000001"]

@@ -1,0 +1,146 @@
+"""One process of a multi-process test job (started by test_distributed.py).
+
+``python worker.py <scenario> <directory> <out_dir>`` with RANK, WORLD_SIZE, MASTER_ADDR
+and MASTER_PORT set; writes ``<out_dir>/rank<r>.json`` with what it observed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from checkpointing import CheckpointManager, CheckpointManagerOptions, PerRank
+from checkpointing.errors import CheckpointError
+
+
+def full_weights() -> dict[str, torch.Tensor]:
+    """The same values on every rank and in every job: what sharded tests compare."""
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(12, 6, generator=g), "b": torch.randn(12, generator=g)}
+
+
+class Sharded(nn.Module):
+    """A module whose parameters are DTensors sharded by rows over all ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for name, value in full_weights().items():
+            self.register_parameter(
+                name, nn.Parameter(distribute_tensor(torch.zeros_like(value), mesh, [Shard(0)]))
+            )
+
+
+def basic(directory: str, rank: int, world: int) -> dict[str, Any]:
+    torch.manual_seed(0)  # replicated: the same model everywhere
+    model = nn.parallel.DistributedDataParallel(nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    options = CheckpointManagerOptions(max_to_keep=2, save_interval_steps=2)
+    seen = []
+    with CheckpointManager(directory, options) as mgr:
+        for step in range(7):
+            loss = model(torch.full((2, 8), float(step + rank))).sum()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            own = torch.full((3,), float(rank * 100 + step))
+            mgr.save(step, {"model": model.module, "opt": opt, "own": PerRank(own)})
+            seen.append(mgr.all_steps())
+        mgr.wait_until_finished()
+        record = mgr._records[mgr.latest_step()]
+        files = sorted(record.files)
+    expected = {k: v.clone() for k, v in model.module.state_dict().items()}
+    fresh = nn.Linear(8, 4)
+    with CheckpointManager(directory, options) as mgr:
+        restored = mgr.restore({"model": fresh, "opt": None, "own": None})
+        assert restored is not None
+        steps = mgr.all_steps()
+    same = all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
+    return {
+        "seen": seen,
+        "steps": steps,
+        "files": files,
+        "model_restored": same,
+        "own": restored["own"].tolist(),
+    }
+
+
+def sharded_save(directory: str, rank: int, world: int) -> dict[str, Any]:
+    model = Sharded()
+    with torch.no_grad():
+        for name, value in full_weights().items():
+            local = getattr(model, name).to_local()
+            rows = value.shape[0] // world
+            local.copy_(value[rank * rows : (rank + 1) * rows])
+    with CheckpointManager(directory) as mgr:  # async: the shards are snapshotted
+        mgr.save(1, {"model": model, "meta": {"world": world}})
+        mgr.wait_until_finished()
+        record = mgr._records[1]
+    return {"files": sorted(record.files)}
+
+
+def sharded_restore(directory: str, rank: int, world: int) -> dict[str, Any]:
+    model = Sharded()
+    with CheckpointManager(directory, CheckpointManagerOptions(read_only=True)) as mgr:
+        mgr.restore({"model": model})
+    rows = 12 // world
+    ok = all(
+        torch.equal(getattr(model, n).to_local(), v[rank * rows : (rank + 1) * rows])
+        for n, v in full_weights().items()
+    )
+    return {"restored": ok}
+
+
+def killed(directory: str, rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 dies (SIGKILL) while writing step 2; the others must fail, not hang."""
+    import signal
+
+    from checkpointing.format import tensors
+
+    options = CheckpointManagerOptions(
+        coordination_timeout_secs=10, enable_async_checkpointing=False
+    )
+    result: dict[str, Any] = {}
+    with CheckpointManager(directory, options) as mgr:
+        mgr.save(1, {"x": torch.ones(4), "own": PerRank(torch.ones(2))})
+        mgr.wait_until_finished()
+        if rank == 1:
+            real = tensors.write_file
+
+            def die(*args: Any) -> Any:
+                real(*args)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            tensors.write_file = die
+        try:
+            mgr.save(2, {"x": torch.zeros(4), "own": PerRank(torch.zeros(2))})
+            mgr.wait_until_finished()
+            result["error"] = None
+        except CheckpointError as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+        result["steps"] = mgr.all_steps()
+    return result
+
+
+def main() -> None:
+    scenario, directory, out = sys.argv[1:4]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = globals()[scenario](directory, rank, world)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    if scenario != "killed":
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
