@@ -57,6 +57,14 @@ SIDE_ENVS: dict[str, tuple[str, list[list[str]]]] = {
              "numpydantic", "cloudpickle", "transformers<5", "pillow"],
         ],
     ),
+    ".venv-helios": (
+        "tests/adapters/helios",
+        [
+            ["--no-deps", "helios-ml==2.0.1", "torchvision==0.28.0"],
+            ["numpy>=2.1", "tqdm", "packaging", "pillow", "opencv-python-headless",
+             "matplotlib"],
+        ],
+    ),
 }
 
 
