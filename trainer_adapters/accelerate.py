@@ -17,16 +17,16 @@ states, the data position, progress counters) and restores it in place. A plain 
 
 `CheckpointHook` plugs the same core into robo_orchard_lab's ``HookBasedTrainer``.
 
-Several processes (interim design, until the library has a torch.distributed
-coordinator): the main process alone saves the replicated state (models, optimizers, ...)
-through the manager; every process saves its own RNG and data position through a manager
-of its own in ``<directory>/rank_<i>``. Resume takes the newest step that the main
-directory and every rank directory all hold, so a kill between the two commits is safe.
+Several processes (``accelerate launch``): every process opens the manager, which then
+coordinates through torch.distributed. The replicated state (models, optimizers, ...) is
+written once, by the main process; each process's RNGs and data position are a
+`PerRank` item. Resuming with a different number of processes restores the replicated
+state and the counters, and starts the RNG streams afresh (logged: not bit-exact).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from checkpointing import CheckpointManager, CheckpointManagerOptions
+from checkpointing import CheckpointManager, CheckpointManagerOptions, PerRank
+from checkpointing.errors import ItemNotFoundError
 from checkpointing.storage import open_storage
 from checkpointing.storage.remote import FsspecStorage
 from trainer_adapters.loop import ResumableLoop, TrainingUnit
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 T = TypeVar("T")
+logger = logging.getLogger("trainer_adapters")
 
 __all__ = [
     "AccelerateCheckpointer",
@@ -56,8 +58,8 @@ __all__ = [
 class AccelerateCheckpointer:
     """Saves and restores an Accelerator's training state with a `CheckpointManager`.
 
-    ``manager``: a manager, or a directory (then ``options``/``manager_kwargs`` open one
-    per process: writable on the main process, read-only elsewhere). ``extra``: more
+    ``manager``: a manager (opened by every process), or a directory (then
+    ``options``/``manager_kwargs`` open one in every process). ``extra``: more
     items to save (objects with ``state_dict``, tensors, Python values). ``total_steps``
     / ``total_epochs``: when the run is done (see `epochs`).
     """
@@ -75,22 +77,10 @@ class AccelerateCheckpointer:
     ) -> None:
         self.accelerator = accelerator
         self.extra = dict(extra or {})
-        n, rank = accelerator.num_processes, accelerator.process_index
         if isinstance(manager, CheckpointManager):
             self.manager = manager
-            options = manager.options
         else:
-            options = options or CheckpointManagerOptions()
-            if not accelerator.is_main_process:
-                options = dataclasses.replace(options, read_only=True, save_on_preemption=False)
             self.manager = CheckpointManager(manager, options, **manager_kwargs)
-        # Per-rank state lives with the replicated state on one process, else apart.
-        self.rank_manager: CheckpointManager | None = None
-        if n > 1:
-            rank_options = dataclasses.replace(options, read_only=False, create=True)
-            self.rank_manager = CheckpointManager(
-                f"{self.manager.directory.rstrip('/')}/rank_{rank}", rank_options
-            )
         unit = TrainingUnit.EPOCH if total_epochs is not None else TrainingUnit.ITERATION
         self.loop = ResumableLoop(
             unit, total_epochs if total_epochs is not None else total_steps,
@@ -105,7 +95,7 @@ class AccelerateCheckpointer:
     # ------------------------------------------------------------------ state
 
     def replicated_state(self) -> dict[str, Any]:
-        """Items equal on every process: written by the main process only."""
+        """Items equal on every process (written once, by the main process)."""
         acc = self.accelerator
         state: dict[str, Any] = {}
         for kind, objects in (
@@ -118,11 +108,12 @@ class AccelerateCheckpointer:
                 state[kind if i == 0 else f"{kind}_{i}"] = obj
         if acc.scaler is not None:
             state["scaler"] = acc.scaler
-        return {**state, **self.extra}
+        progress = {"loop": self.loop.progress.state_dict(), "accelerator": self.accelerator.step}
+        return {**state, **self.extra, "progress": progress}
 
     def rank_state(self) -> dict[str, Any]:
-        """Items of this process: RNGs, data position, counters."""
-        return {"loop": self.loop.state(), "accelerator": {"step": self.accelerator.step}}
+        """This process's own: RNGs and data position (with the counters)."""
+        return {"loop": self.loop.state()}
 
     def restore(self, step: int | None = None) -> int | None:
         """Load ``step`` (default: the newest complete one, local or remote) in place.
@@ -131,15 +122,20 @@ class AccelerateCheckpointer:
         if step is None:
             return None
         replicated = self.replicated_state()
-        if self.rank_manager is None:
-            target = {**replicated, "loop": None, "accelerator": None}
-            restored = self.manager.restore(target, step=step)
-        else:
-            self.manager.restore(replicated, step=step)
-            restored = self.rank_manager.restore({"loop": None, "accelerator": None}, step=step)
-        assert restored is not None
-        self.loop.load(restored["loop"])
-        self.accelerator.step = int(restored["accelerator"]["step"])
+        try:
+            restored = self.manager.restore({**replicated, "rank": PerRank(None)}, step=step)
+            assert restored is not None
+            self.loop.load(restored["rank"]["loop"])
+        except ItemNotFoundError:  # saved by another number of processes
+            logger.warning(
+                "step %d was saved by another number of processes: restoring the model, "
+                "optimizer and counters; RNG streams and the data order start afresh, so "
+                "the resumed run is not bit-exact", step,
+            )
+            restored = self.manager.restore(replicated, step=step)
+            assert restored is not None
+            self.loop.progress.load_state_dict(restored["progress"]["loop"])
+        self.accelerator.step = int(restored["progress"]["accelerator"])
         for loader in self.accelerator._dataloaders:
             if hasattr(loader, "iteration"):
                 loader.iteration = self.loop.progress.epoch  # what set_epoch sees
@@ -148,16 +144,8 @@ class AccelerateCheckpointer:
         return step
 
     def _resume_step(self) -> int | None:
-        self.manager.reload()
-        steps = set(self.manager.all_steps())
-        if self.rank_manager is not None:
-            steps &= set(self.rank_manager.all_steps())
-        if self.accelerator.num_processes > 1:
-            # The newest step every process has; -1 when one has none.
-            mine = torch.tensor([max(steps, default=-1)], device=self.accelerator.device)
-            torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MIN)
-            return None if int(mine) < 0 else int(mine)
-        return max(steps, default=None)
+        self.manager.reload()  # collective: every process gets the main process's view
+        return self.manager.latest_step()
 
     # ------------------------------------------------------------------ driving
 
@@ -188,21 +176,10 @@ class AccelerateCheckpointer:
         step = self.loop.progress.step
         if not acc.sync_gradients or step == self.last_saved:
             return False
-        wanted = force or (acc.is_main_process and self.manager.should_save(step))
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            wanted = bool(broadcast_object_list([wanted])[0])
-        if not wanted:
+        if not (force or self.manager.should_save(step)):  # collective: all agree
             return False
-        if self.rank_manager is None:
-            self.manager.save(step, {**self.replicated_state(), **self.rank_state()},
-                              metrics=metrics, force=True)
-        else:
-            self.rank_manager.save(step, self.rank_state(), force=True)
-            if acc.is_main_process:
-                self.manager.save(step, self.replicated_state(), metrics=metrics, force=True)
-            acc.wait_for_everyone()
+        state = {**self.replicated_state(), "rank": PerRank(self.rank_state())}
+        self.manager.save(step, state, metrics=metrics, force=True)
         self.last_saved = step
         return True
 
@@ -213,14 +190,9 @@ class AccelerateCheckpointer:
 
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
-        if self.rank_manager is not None:
-            self.rank_manager.wait_until_finished()
-        self.accelerator.wait_for_everyone()
 
     def close(self) -> None:
-        self.wait_until_finished()
-        if self.rank_manager is not None:
-            self.rank_manager.close()
+        self.manager.close()
 
 
 def _data_generators(accelerator: Accelerator) -> list[torch.Generator]:
