@@ -90,6 +90,14 @@ def test_sharded_state_reshards(tmp_path: Path) -> None:
         assert all(torch.equal(into[n], v) for n, v in full_weights().items())
 
 
+def test_fsdp2_model_and_optimizer_reshard(tmp_path: Path) -> None:
+    """FSDP2 (fully_shard) model and AdamW state trained on 4 ranks resume on 2."""
+    saved = launch(4, "fsdp_save", tmp_path / "ckpt", tmp_path)
+    restored = launch(2, "fsdp_restore", tmp_path / "ckpt", tmp_path)
+    assert all(r == saved[0] for r in saved + restored)
+    assert any("exp_avg_sq" in key for key in saved[0])
+
+
 def test_corrupt_shard_is_detected(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     launch(2, "sharded_save", ckpt, tmp_path)

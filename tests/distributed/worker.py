@@ -101,6 +101,50 @@ def sharded_restore(directory: str, rank: int, world: int) -> dict[str, Any]:
     return {"restored": ok}
 
 
+def fsdp_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    for layer in (model[0], model[2], model):
+        fully_shard(layer, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, list[float]]:
+    """Every parameter and Adam moment, gathered whole: comparable across world sizes."""
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = p.full_tensor().flatten().tolist()
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{name}.{key}"] = opt.state[p][key].full_tensor().flatten().tolist()
+    return out
+
+
+def fsdp_save(directory: str, rank: int, world: int) -> dict[str, Any]:
+    from checkpointing.distributed import ShardedOptimizer
+
+    model, opt = fsdp_model()
+    for i in range(2):
+        model(torch.full((4, 8), float(i))).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with CheckpointManager(directory) as mgr:
+        mgr.save(2, {"model": model, "optimizer": ShardedOptimizer(model, opt)})
+    return full_state(model, opt)
+
+
+def fsdp_restore(directory: str, rank: int, world: int) -> dict[str, Any]:
+    from checkpointing.distributed import ShardedOptimizer
+
+    model, opt = fsdp_model()  # a fresh optimizer: no state before restore
+    with CheckpointManager(directory, CheckpointManagerOptions(read_only=True)) as mgr:
+        mgr.restore({"model": model, "optimizer": ShardedOptimizer(model, opt)})
+    return full_state(model, opt)
+
+
 def killed(directory: str, rank: int, world: int) -> dict[str, Any]:
     """Rank 1 dies (SIGKILL) while writing step 2; the others must fail, not hang."""
     import signal
