@@ -85,7 +85,11 @@ class EpochIterSteps:
 
     def __init__(self) -> None:
         self._epochs: dict[int, int] = {}
-        self._format = EpochIterNaming(epoch_of=lambda step: self._epochs.get(step, 0))
+        self._format = EpochIterNaming(epoch_of=self.epoch_of)
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch remembered for ``step`` (0 if none: no such directory exists)."""
+        return self._epochs.get(step, 0)
 
     def remember(self, step: int, epoch: int) -> None:
         self._epochs[step] = epoch
@@ -206,13 +210,20 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
     def _owns_manager(self) -> bool:
         return self._manager is not None and self._manager is not self._manager_arg
 
-    def _close_manager(self) -> None:
+    def _close_manager(self, *, unwinding: bool = False) -> None:
+        """Close a manager this trainer opened, else wait for its writes. While an
+        exception unwinds, a failed save is logged rather than raised over it."""
         if self._manager is None:
             return
-        if self._owns_manager():
-            self._manager.close()
-        else:
-            self._manager.wait_until_finished()
+        try:
+            if self._owns_manager():
+                self._manager.close()
+            else:
+                self._manager.wait_until_finished()
+        except Exception:
+            if not unwinding:
+                raise
+            loggers.get_root_logger().exception("error: a checkpoint save failed")
 
     # ------------------------------------------------------------------ restore
 
@@ -222,50 +233,45 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
         skip_rng: bool = False,
         model_for_inference: bool = False,
     ) -> TrainingState:
-        """Restore the manager's newest step (Helios passes the newest ``.pth`` it found,
-        which is ignored: a run continues from the manager's directory)."""
+        """Restore the manager's newest step. Helios passes the newest ``.pth`` of
+        ``helios.Trainer`` it found; it is not read (different counters, no epoch-start
+        RNG), and a warning says so when the manager has nothing to resume."""
         del skip_rng  # the RNGs are set when the training loop starts
-        self._manager = self._open_manager(training=not model_for_inference)
+        manager = self._manager = self._open_manager(training=not model_for_inference)
         self._resume, self._last_saved = None, None
-        step = None if self._manager is None else self._manager.latest_step()
+        step = None if manager is None else manager.latest_step()
         if chkpt_path is not None and step is None:
-            warnings.warn(
-                f"{chkpt_path} is a checkpoint of helios.Trainer; CheckpointedTrainer starts "
-                f"afresh in {self._manager and self._manager.directory}", stacklevel=2,
-            )
-        if self._manager is None or step is None:
+            warnings.warn(f"{chkpt_path} was written by helios.Trainer and is not resumed "
+                          f"from; CheckpointedTrainer starts afresh", stacklevel=2)
+        if manager is None or step is None:
             loggers.setup_loggers(self._run_name, self._log_root)
             if model_for_inference:
                 self._close_manager()
             return TrainingState()
-        names = {f.name for f in dataclasses.fields(TrainingState)}
-        if model_for_inference:  # testing: the networks only
-            restored = self._manager.restore(
-                step=step, items=["model", "loggers", "training_state"])
+        if model_for_inference:  # Trainer.test: the networks only, on the model's device
+            restored = manager.restore(step=step, items=["model", "loggers", "training_state"])
             assert restored is not None
             self._close_manager()
             self.model.load_state_dict(
-                _to_device(restored["model"], self.model.device), for_inference=True
-            )
-            loggers.restore_loggers(self._run_name, self._log_root,
-                                    _logger_states(restored["loggers"]))
-            saved = restored["training_state"]
-            return TrainingState(**{k: v for k, v in saved.items() if k in names})
-        target: dict[str, Any] = {
-            "model": self.model, "datamodule": self.datamodule, "training_state": None,
-            "loop": None, "loggers": None,
-            **{f"plugin.{k}": p for k, p in self._plugins.items()},
-        }
-        restored = self._manager.restore(target, step=step)
-        assert restored is not None
+                _to_device(restored["model"], self.model.device), for_inference=True)
+        else:
+            target: dict[str, Any] = {
+                "model": self.model, "datamodule": self.datamodule, "training_state": None,
+                "loop": None, "loggers": None,
+                **{f"plugin.{k}": p for k, p in self._plugins.items()},
+            }
+            restored = manager.restore(target, step=step)
+            assert restored is not None
+            self._resume, self._last_saved = restored["loop"], step
         loggers.restore_loggers(self._run_name, self._log_root,
                                 _logger_states(restored["loggers"]))
-        self._resume, self._last_saved = restored["loop"], step
-        saved = restored["training_state"]
-        message = f"Resuming training from step {step} of {self._manager.directory}"
-        loggers.get_root_logger().info(message)
-        core.distributed.global_print(f"{message}\n")
-        return TrainingState(**{k: v for k, v in saved.items() if k in names})
+        if not model_for_inference:
+            message = f"Resuming training from step {step} of {manager.directory}"
+            loggers.get_root_logger().info(message)
+            core.distributed.global_print(f"{message}\n")
+        names = {f.name for f in dataclasses.fields(TrainingState)}
+        return TrainingState(**{k: v for k, v in restored["training_state"].items()
+                                if k in names})
 
     def _start_loop(self, state: TrainingState, loader: Any) -> ResumableLoop:
         """The loop for this fit, with the restored counters; the RNGs are set when its
@@ -394,7 +400,7 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
                 if done:
                     break
         except BaseException:
-            self._close_manager()
+            self._close_manager(unwinding=True)
             raise
         self._finish(state)
 
@@ -458,7 +464,7 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
                 if done or self._should_stop():
                     break
         except BaseException:
-            self._close_manager()
+            self._close_manager(unwinding=True)
             raise
         self._finish(state)
 

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         train_unit=args.unit, total_steps=total, chkpt_frequency=args.freq,
         accumulation_steps=args.accum, use_cpu=True, random_seed=0,
         chkpt_root=args.out / "chkpt", print_banner=False,
+        enable_file_logging=True, log_root=args.out / "logs",
     )
     manager = None
     if args.native:

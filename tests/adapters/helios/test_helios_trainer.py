@@ -6,9 +6,9 @@ Runs in the ``.venv-helios`` environment (helios-ml needs numpy>=2.1); ``python3
 test`` builds it and runs this directory there.
 
 Each run is a real process killed by a real SIGKILL. Most are forked from this process,
-which has imported torch and helios once (3 s per fresh interpreter otherwise); one runs
-the script in a fresh interpreter. The children set one torch thread and never share
-torch state with the parent, which only reads their files.
+which imports torch and helios once (3 s per fresh interpreter otherwise) and only
+compares the files the children write; the native comparison runs the script in a fresh
+interpreter. Children use one torch thread, so no OpenMP pool crosses a fork.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def train(out: Path, *args: str, expect: int | None = 0) -> None:
     pid = os.fork()
     if pid == 0:  # the child: train, then leave without running the parent's exit code
         code = 1
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
+        signal.alarm(120)  # a hung child dies instead of outliving the test
         try:
             helios_train.main([str(out), *args])
             code = 0
@@ -89,6 +91,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path: Path, reference, args, kills) ->
         train(tmp_path, *args, "--kill-at-batch", str(k), expect=None)
     train(tmp_path, *args)
     assert_same_run(ref, tmp_path)
+    assert len(os.listdir(tmp_path / "logs")) == 1  # resumed runs went on with its log file
 
 
 @pytest.mark.parametrize("args", [ITERATION, EPOCH])
