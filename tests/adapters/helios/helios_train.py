@@ -1,7 +1,8 @@
 """A tiny Helios run with ``CheckpointedTrainer`` (the one line), or ``helios.Trainer``.
 
     python helios_train.py OUT --unit iteration|epoch [--freq F] [--accum N]
-        [--save-steps S] [--own-manager] [--workers W] [--kill-at-batch K] [--native]
+        [--save-steps S] [--own-manager] [--workers W] [--kill-at-batch K]
+        [--preempt-at P] [--native] [--then-test]
 
 Logs the micro-batches it trains on and the final state, like ../robo_orchard/robo_train.py.
 With ``--kill-at-batch K`` it SIGKILLs itself once K micro-batches are done (at the next
@@ -115,6 +116,10 @@ class Tiny(hlm.Model):
             self.scheduler.step()
             self.optimizer.zero_grad()
 
+    def on_training_batch_end(self, state: Any, should_log: bool = False) -> None:
+        if state.global_iteration == self.args.preempt_at:  # the scheduler's notice
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def on_training_end(self) -> None:
         if self.done == self.args.kill_at_batch:  # killed after the last step
             self.kill()
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--own-manager", action="store_true")  # pass a CheckpointManager
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--kill-at-batch", type=int, default=None)
+    parser.add_argument("--preempt-at", type=int, default=None)  # SIGTERM after batch N
     parser.add_argument("--native", action="store_true")  # plain helios.Trainer
     parser.add_argument("--then-test", action="store_true")  # Trainer.test() afterwards
     args = parser.parse_args(argv)
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         options = CheckpointManagerOptions(
             max_to_keep=2, save_interval_steps=args.save_steps,
             save_on_steps=[11] if args.own_manager else None,
+            save_on_preemption=args.preempt_at is not None,
         )
         if args.own_manager:
             manager = CheckpointManager(args.out / "own", options)

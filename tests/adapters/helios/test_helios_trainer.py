@@ -84,6 +84,8 @@ ITERATION, EPOCH = ("--unit", "iteration", "--freq", "1"), ("--unit", "epoch", "
         # a worker process whose samples draw from its seed: the base seed is replayed
         (("--unit", "iteration", "--freq", "1", "--workers", "1"), [13, 16]),
     ],
+    ids=["iteration", "epoch", "accumulation", "epoch-manager-rule", "own-manager",
+         "worker"],
 )
 def test_kill_and_resume_is_bit_exact(tmp_path: Path, reference, args, kills) -> None:
     ref = reference(*args)
@@ -94,7 +96,18 @@ def test_kill_and_resume_is_bit_exact(tmp_path: Path, reference, args, kills) ->
     assert len(os.listdir(tmp_path / "logs")) == 1  # resumed runs went on with its log file
 
 
-@pytest.mark.parametrize("args", [ITERATION, EPOCH])
+def test_preemption_saves_and_stops_then_resumes_exactly(tmp_path: Path, reference) -> None:
+    """With ``save_on_preemption``, SIGTERM after batch 13 saves step 13 at once (not a
+    multiple of chkpt_frequency) and ends ``fit`` normally; the next run goes on exactly."""
+    args = ("--unit", "iteration", "--freq", "5")
+    train(tmp_path, *args, "--preempt-at", "13")
+    assert "epoch_2_iter_13" in os.listdir(tmp_path / "chkpt" / "tiny")
+    assert len(effective_batches(tmp_path / "batches_rank0.log")) == 13
+    train(tmp_path, *args)
+    assert_same_run(reference(*args), tmp_path)
+
+
+@pytest.mark.parametrize("args", [ITERATION, EPOCH], ids=["iteration", "epoch"])
 def test_same_run_as_native_helios_and_helios_names(tmp_path: Path, reference, args) -> None:
     """Uninterrupted, the adapter trains exactly like ``helios.Trainer`` (this one in a
     fresh interpreter); its step directories are named like Helios's files, retention
