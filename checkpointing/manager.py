@@ -154,6 +154,8 @@ class CheckpointManager:
             create=self.options.create and not self.options.read_only,
             storage_options=storage_options,
         )
+        if isinstance(self._storage, LocalStorage) and self._coordinator.world_size > 1:
+            self._storage.drop_behind = False  # every process reads the replicated files
         # Steps of a remote directory are restored from a local copy (see storage.cache).
         self._cache_dir = Path(cache_dir or _default_cache_dir(self._storage.url))
         self._mirror = None

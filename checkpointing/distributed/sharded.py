@@ -13,15 +13,18 @@ DCP's own metadata classes, so loading a checkpoint still never runs foreign cod
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+import xxhash
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
@@ -59,11 +62,12 @@ def save(
 ) -> dict[str, FileInfo]:
     """Write ``sharded`` with DCP (a collective call); return the files this rank wrote,
     by their path in the step directory."""
-    group = getattr(coordinator, "group", None)
+    writer = FileSystemWriter(directory, sync_files=True, thread_count=1)
+    writer.fs = fs = _HashingFileSystem()
     dcp_save(
         sharded,
-        storage_writer=FileSystemWriter(directory, sync_files=True, thread_count=1),
-        process_group=group,
+        storage_writer=writer,
+        process_group=getattr(coordinator, "group", None),
         no_dist=not dist.is_initialized(),
     )
     mine = [
@@ -72,7 +76,7 @@ def save(
         if name.startswith(f"__{coordinator.rank}_")
         or (name == ".metadata" and coordinator.rank == 0)  # DCP's coordinator is rank 0
     ]
-    return {f"{DIRECTORY}/{name}": file_info(directory / name) for name in sorted(mine)}
+    return {f"{DIRECTORY}/{name}": fs.info(directory / name) for name in sorted(mine)}
 
 
 def load(dests: dict[str, torch.Tensor], directory: Path, coordinator: Coordinator) -> None:
@@ -85,12 +89,61 @@ def load(dests: dict[str, torch.Tensor], directory: Path, coordinator: Coordinat
     )
 
 
-def file_info(path: Path) -> FileInfo:
-    """Size and whole-file checksum of a file that is not ours (no safetensors header:
-    ``header_checksum`` stays empty)."""
-    with open(path, "rb", buffering=0) as f:
-        size, checksum = tensors.stream_checksum(f)
-    return FileInfo(size, "", checksum)
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, checksumming files as DCP writes them: reading them back
+    for their checksums cost about half a DCP save (benchmarks/distributed.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._written: dict[str, _HashingStream] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hashing = _HashingStream(stream)
+            yield hashing
+        self._written[Path(path).name] = hashing
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        super().rename(path, new_path)
+        if Path(path).name in self._written:
+            self._written[Path(new_path).name] = self._written.pop(Path(path).name)
+
+    def info(self, path: Path) -> FileInfo:
+        """Size and whole-file checksum of a file (no safetensors header:
+        ``header_checksum`` stays empty), read back only if DCP did not write it in order."""
+        hashing = self._written.get(path.name)
+        if hashing is not None and hashing.in_order:
+            return FileInfo(hashing.size, "", hashing.hasher.hexdigest())
+        with open(path, "rb", buffering=0) as f:
+            size, checksum = tensors.stream_checksum(f)
+        return FileInfo(size, "", checksum)
+
+
+class _HashingStream:
+    """A write stream that hashes what goes through it, while writes are sequential."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.hasher = xxhash.xxh3_64()
+        self.size = 0
+        self.in_order = True
+
+    def write(self, data: Any) -> int:
+        n: int = self._raw.write(data)
+        self.hasher.update(memoryview(data).cast("B")[:n])
+        self.size += n
+        return n
+
+    def seek(self, *args: Any) -> int:
+        self.in_order = False
+        return self._raw.seek(*args)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, ...
+        return getattr(self._raw, name)
 
 
 class _SafeReader(FileSystemReader):

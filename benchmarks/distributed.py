@@ -1,0 +1,210 @@
+"""Saves and restores of a 2-process job: this library against plain DCP, one process,
+and the disk, measured in one run with the methods taking turns.
+
+    .venv/bin/python benchmarks/distributed.py --size-gb 1 [--rounds 3] [--dir DIR]
+
+The script starts 2 gloo processes of itself. The state is ~50 float32 tensors of
+``--size-gb`` in all, as DTensors sharded by rows over both processes (FSDP-style),
+or whole on every process (DDP-style: replicated, written once by the primary). Each
+round runs every method once, in a fresh directory: a durable save, then, after the page
+cache is dropped, an in-place restore. Times are wall times of the whole job (barrier
+before, barrier after). Physical limit: both processes writing (reading) their half of
+the bytes with O_DIRECT at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from checkpointing import CheckpointManager, CheckpointManagerOptions, SingleProcess
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import GB, Spread, format_table, make_cold
+
+SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
+READ = CheckpointManagerOptions(read_only=True)
+CHUNK = 64 << 20
+SINGLE = "ours, 1 process (the other idle)"
+
+
+def states(nbytes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(sharded, replicated) states of ``nbytes`` each, in ~50 tensors of 1024 columns."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    rows = max(2, nbytes // 50 // 4096 // 2 * 2)
+    g = torch.Generator().manual_seed(0)
+    full = {f"layer{i}.weight": torch.randn(rows, 1024, generator=g) for i in range(50)}
+    sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
+    return sharded, full
+
+
+def raw(nbytes: int) -> tuple[Callable[[Path], None], Callable[[Path], None]]:
+    """O_DIRECT write+fsync and read of this process's ``nbytes``."""
+    buf = mmap.mmap(-1, CHUNK)
+    buf.write(os.urandom(CHUNK))
+    view = memoryview(buf)
+    sizes = [min(CHUNK, nbytes - p) for p in range(0, nbytes, CHUNK)]
+
+    def write(d: Path) -> None:
+        fd = os.open(d / f"raw{dist.get_rank()}", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+        try:
+            for n in sizes:
+                os.write(fd, view[:n])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(d: Path) -> None:
+        fd = os.open(d / f"raw{dist.get_rank()}", os.O_RDONLY | os.O_DIRECT)
+        try:
+            for n in sizes:
+                os.readv(fd, [view[:n]])
+        finally:
+            os.close(fd)
+
+    return write, read
+
+
+def worker(size_gb: float, rounds: int, root: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    warnings.filterwarnings("ignore")
+    nbytes = int(size_gb * GB)
+    sharded, full = states(nbytes)
+    state_bytes = sum(t.numel() * 4 for t in full.values())
+    raw_write, raw_read = raw(state_bytes // dist.get_world_size() // 4096 * 4096)
+
+    # Managers are opened before the timing (a run opens one once) and closed after.
+    def ours_save(state: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+        def run(d: Path) -> None:
+            mgr = managers[d]
+            if mgr is not None:
+                mgr.save(0, {"model": state})
+        return run
+
+    def ours_restore(state: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+        def run(d: Path) -> None:
+            mgr = managers[d]
+            if mgr is not None:
+                mgr.restore({"model": state})
+        return run
+
+    def manager(d: Path, op: str, name: str) -> CheckpointManager | None:
+        if not name.startswith("ours"):
+            return None
+        if name == SINGLE and rank != 0:
+            return None
+        coordinator = SingleProcess() if name == SINGLE else None
+        return CheckpointManager(d, SYNC if op == "save" else READ, coordinator=coordinator)
+
+    methods: dict[str, tuple[Callable[[Path], None], Callable[[Path], None]]] = {
+        "ours, 2 ranks, sharded (FSDP)": (ours_save(sharded), ours_restore(sharded)),
+        "DCP save/load, 2 ranks, sharded": (
+            lambda d: dcp_save(sharded, storage_writer=FileSystemWriter(d)),
+            lambda d: dcp_load(sharded, storage_reader=FileSystemReader(d))),
+        "ours, 2 ranks, replicated (DDP)": (ours_save(full), ours_restore(full)),
+        SINGLE: (ours_save(full), ours_restore(full)),
+        "disk O_DIRECT, 2 processes": (raw_write, raw_read),
+    }
+    times: dict[tuple[str, str], list[float]] = {}
+    managers: dict[Path, CheckpointManager | None] = {}
+    for r in range(rounds):
+        names = list(methods)
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            d = root / f"{r}-{names.index(name)}"
+            d.mkdir(exist_ok=True)
+            for op, fn in zip(("save", "restore"), methods[name], strict=True):
+                managers[d] = manager(d, op, name)
+                if op == "restore" and rank == 0:
+                    make_cold(d)
+                dist.barrier()
+                time.sleep(1.0)
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn(d)
+                dist.barrier()
+                times.setdefault((name, op), []).append(time.perf_counter() - t0)
+                mgr = managers.pop(d)
+                if mgr is not None:
+                    mgr.close()
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(d, ignore_errors=True)
+    if rank == 0:
+        report(times, state_bytes, rounds)
+    dist.destroy_process_group()
+
+
+def report(times: dict[tuple[str, str], list[float]], nbytes: int, rounds: int) -> None:
+    limit = {op: Spread.of(times[("disk O_DIRECT, 2 processes", op)]).median
+             for op in ("save", "restore")}
+    dcp = {op: Spread.of(times[("DCP save/load, 2 ranks, sharded", op)]).median
+           for op in ("save", "restore")}
+    rows = []
+    for (name, op), ts in times.items():
+        s = Spread.of(ts)
+        rows.append([
+            f"{name}: {'durable save' if op == 'save' else 'cold restore in place'}",
+            f"{s.median:.3f}", f"{s.lo:.3f}-{s.hi:.3f}", f"{nbytes / s.median / GB:.2f}",
+            f"{limit[op] / s.median:.2f}", f"{dcp[op] / s.median:.2f}",
+        ])
+    rows.sort(key=lambda row: ("restore" in row[0], row[0]))
+    print(f"state: {nbytes} bytes ({nbytes / GB:.3f} GB) in 50 float32 tensors; 2 gloo "
+          f"processes; {rounds} rounds, methods interleaved; page cache dropped before "
+          f"restores")
+    print("x disk / x DCP: that time / this time (above 1 is faster)\n")
+    print(format_table(
+        ["method", "median s", "min-max s", "GB/s", "x disk", "x DCP"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(args.size_gb, args.rounds, args.worker)
+        return
+    root = Path(tempfile.mkdtemp(prefix="ckpt-dist-bench-", dir=args.dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--size-gb", str(args.size_gb),
+                 "--rounds", str(args.rounds), "--worker", str(root)],
+                env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2",
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                     "OMP_NUM_THREADS": "1"},
+            )
+            for r in range(2)
+        ]
+        sys.exit(max(p.wait() for p in procs))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
