@@ -31,7 +31,9 @@ The loops here keep Helios's hooks, order and counters but run on `ResumableLoop
 
 Helios 2.0's private methods are overridden (``_load_checkpoint``, ``_save_checkpoint``,
 ``_train_on_iteration``, ``_train_on_epoch``); other versions warn at import.
-Several processes: rank 0 writes, every rank restores rank 0's state (as in Helios).
+Several processes: every rank opens the manager, which coordinates them through
+torch.distributed (the replicated state is written once, by rank 0); every rank restores
+rank 0's state, as in Helios. Untested here: Helios runs distributed on GPUs only.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
         if directory is None:
             return None
         options = self._manager_options or CheckpointManagerOptions()
-        read_only = not training or self.rank != 0
+        read_only = not training
         rules = _save_rules(options)
         if self._frequency is not None:
             rules.insert(0, self._frequency)
