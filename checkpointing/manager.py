@@ -91,8 +91,8 @@ class _SaveJob:
     step: int
     token: str  # the same on every process of a job: names the uncommitted step
     started: float
-    flat: tree.FlatState  # what this process writes: on others than the primary, only
-    per_rank: dict[str, tree.Node]  # its `PerRank` items (these nodes) and its shards
+    flat: tree.FlatState  # what this process writes (see `CheckpointManager._flatten`)
+    per_rank: dict[str, tree.Node]  # the trees of this process's `PerRank` items
     metrics: dict[str, Any] | None
     metadata: dict[str, Any] | None
 
@@ -435,6 +435,12 @@ class CheckpointManager:
         trees of its `PerRank` items."""
         own = {name: v.value for name, v in state.items() if isinstance(v, PerRank)}
         flat = tree.flatten({name: v for name, v in state.items() if name not in own})
+        if flat.sharded and not isinstance(self._storage, LocalStorage):
+            raise InvalidOptionError(
+                f"sharded tensors (DTensor) are saved through torch.distributed.checkpoint "
+                f"and need a directory on a (shared) file system, not {self.directory}; to "
+                f"keep them in an object store, mirror it: remote='{self.directory}'"
+            )
         if not self._coordinator.is_primary:
             flat.blobs = []
         per_rank = {}
@@ -562,12 +568,7 @@ class CheckpointManager:
         if job.flat.sharded:
             from checkpointing.distributed import sharded
 
-            if writer.local_dir is None:
-                raise InvalidOptionError(
-                    f"sharded tensors (DTensor) are saved through torch.distributed.checkpoint "
-                    f"and need a directory on a (shared) file system, not {self.directory}; "
-                    f"to keep them in an object store, mirror it: remote='{self.directory}'"
-                )
+            assert writer.local_dir is not None  # checked by _flatten
             files.update(
                 sharded.save(job.flat.sharded, writer.local_dir / sharded.DIRECTORY, coordinator)
             )

@@ -136,3 +136,33 @@ def test_killed_rank_fails_the_others_and_leaves_no_checkpoint(tmp_path: Path) -
         assert mgr.all_steps() == [1]
         assert mgr.restore(items=["x"])["x"].tolist() == [1.0] * 4
     assert sorted(p.name for p in ckpt.iterdir()) == [".lock", "step_00000001"]
+
+
+@pytest.fixture
+def one_process_group() -> Any:
+    """A real process group of one (DTensors need one), torn down after the test."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sharded_state_needs_a_file_system(tmp_path: Path, one_process_group: None) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from checkpointing.errors import InvalidOptionError
+
+    dtensor = distribute_tensor(torch.ones(4, 2), init_device_mesh("cpu", (1,)), [Shard(0)])
+    with CheckpointManager(tmp_path / "ckpt") as mgr:  # a file system: fine
+        mgr.save(1, {"w": {"x": dtensor}})
+        mgr.wait_until_finished()
+        assert mgr.restore()["w"]["x"].tolist() == [[1.0, 1.0]] * 4
+    with CheckpointManager("memory://sharded-test") as mgr, pytest.raises(
+        InvalidOptionError, match="mirror it"
+    ):
+        mgr.save(1, {"w": {"x": dtensor}})
