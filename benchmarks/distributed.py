@@ -84,7 +84,7 @@ def raw(nbytes: int) -> tuple[Callable[[Path], None], Callable[[Path], None]]:
     return write, read
 
 
-def worker(size_gb: float, rounds: int, root: Path) -> None:
+def worker(size_gb: float, rounds: int, settle: float, root: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     warnings.filterwarnings("ignore")
@@ -137,7 +137,7 @@ def worker(size_gb: float, rounds: int, root: Path) -> None:
                 if op == "restore" and rank == 0:
                     make_cold(d)
                 dist.barrier()
-                time.sleep(1.0)
+                time.sleep(settle)
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn(d)
@@ -150,11 +150,13 @@ def worker(size_gb: float, rounds: int, root: Path) -> None:
             if rank == 0:
                 shutil.rmtree(d, ignore_errors=True)
     if rank == 0:
-        report(times, state_bytes, rounds)
+        report(times, state_bytes, rounds, settle)
     dist.destroy_process_group()
 
 
-def report(times: dict[tuple[str, str], list[float]], nbytes: int, rounds: int) -> None:
+def report(
+    times: dict[tuple[str, str], list[float]], nbytes: int, rounds: int, settle: float
+) -> None:
     limit = {op: Spread.of(times[("disk O_DIRECT, 2 processes", op)]).median
              for op in ("save", "restore")}
     dcp = {op: Spread.of(times[("DCP save/load, 2 ranks, sharded", op)]).median
@@ -170,7 +172,7 @@ def report(times: dict[tuple[str, str], list[float]], nbytes: int, rounds: int) 
     rows.sort(key=lambda row: ("restore" in row[0], row[0]))
     print(f"state: {nbytes} bytes ({nbytes / GB:.3f} GB) in 50 float32 tensors; 2 gloo "
           f"processes; {rounds} rounds, methods interleaved; page cache dropped before "
-          f"restores")
+          f"restores; settle {settle:g} s")
     print("x disk / x DCP: that time / this time (above 1 is faster)\n")
     print(format_table(
         ["method", "median s", "min-max s", "GB/s", "x disk", "x DCP"], rows))
@@ -181,10 +183,12 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="idle seconds before each operation (see save_restore.py)")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.size_gb, args.rounds, args.worker)
+        worker(args.size_gb, args.rounds, args.settle, args.worker)
         return
     root = Path(tempfile.mkdtemp(prefix="ckpt-dist-bench-", dir=args.dir))
     with socket.socket() as s:
@@ -194,7 +198,8 @@ def main() -> None:
         procs = [
             subprocess.Popen(
                 [sys.executable, __file__, "--size-gb", str(args.size_gb),
-                 "--rounds", str(args.rounds), "--worker", str(root)],
+                 "--rounds", str(args.rounds), "--settle", str(args.settle),
+                 "--worker", str(root)],
                 env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2",
                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                      "OMP_NUM_THREADS": "1"},

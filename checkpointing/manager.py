@@ -154,8 +154,6 @@ class CheckpointManager:
             create=self.options.create and not self.options.read_only,
             storage_options=storage_options,
         )
-        if isinstance(self._storage, LocalStorage) and self._coordinator.world_size > 1:
-            self._storage.drop_behind = False  # every process reads the replicated files
         # Steps of a remote directory are restored from a local copy (see storage.cache).
         self._cache_dir = Path(cache_dir or _default_cache_dir(self._storage.url))
         self._mirror = None
@@ -704,8 +702,8 @@ class CheckpointManager:
             own = own[self._coordinator.rank :: self._coordinator.world_size]
             error = None
             try:
-                for filename in own:
-                    self._check_file(self._storage, record, filename)
+                for filename in own:  # read through the page cache: DCP reads them next
+                    _check_local_file(local / filename, record.files[filename])
             except CorruptCheckpointError as e:
                 error = str(e)
             errors = [e for e in self._coordinator.all_gather(error) if e]
@@ -999,6 +997,20 @@ class CheckpointManager:
     def _save_protected(self) -> None:
         if self._coordinator.is_primary:
             self._storage.write_bytes(PROTECTED_NAME, json.dumps(sorted(self._protected)).encode())
+
+
+def _check_local_file(path: Path, info: FileInfo) -> None:
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing") from None
+    with f:
+        size = f.seek(0, 2)
+        if size != info.size:
+            raise CorruptCheckpointError(f"{path}: {size} bytes, its record says {info.size}")
+        checksums = tensors.file_checksums(f, str(path), opaque=not info.header_checksum)
+    if checksums != (info.header_checksum, info.checksum):
+        raise CorruptCheckpointError(f"{path}: checksum mismatch; the file is corrupt")
 
 
 def _unwrap(value: Any) -> Any:

@@ -182,10 +182,6 @@ class _LocalStepWriter(StepWriter):
 
 
 class LocalStorage(Storage):
-    # Reads drop the pages they consumed (see _DropBehindFile), unless several processes
-    # of a node read the same files at once: then they share the page cache instead.
-    drop_behind = True
-
     def __init__(self, directory: str | os.PathLike[str], *, create: bool) -> None:
         self.root = Path(directory).expanduser().absolute()
         self.url = str(self.root)
@@ -213,10 +209,6 @@ class LocalStorage(Storage):
         return self.root / path
 
     def open_read(self, path: str) -> BinaryIO:
-        if not self.drop_behind:
-            f: io.FileIO = io.FileIO(self._path(path), "rb")
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            return f
         f = _DropBehindFile(self._path(path))
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return f
