@@ -26,7 +26,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -630,25 +630,21 @@ class CheckpointManager:
         nodes = {n: self._item_node(record, n) for n in names}
         targets = {n: _unwrap(None if target is None else target.get(n)) for n in names}
         name = self._naming.name(step)
-        fetched = True  # the download checked every file
+        downloaded = False  # by this call, which checked every file while copying it
         if self._mirror is not None and step not in self._records:
-            local = self._fetch_from_mirror(step, record)
+            local, downloaded = self._fetch_from_mirror(step, record)
         elif isinstance(self._storage, FsspecStorage):
-            local = fetch_step(self._storage, name, record, self._cache_dir)
+            local, downloaded = fetch_step(self._storage, name, record, self._cache_dir)
         else:
             assert isinstance(self._storage, LocalStorage)
-            local, fetched = self._storage.root / name, False
-        if fetched:
-            open_file: Callable[[str], BinaryIO] = lambda filename: open(  # noqa: E731, SIM115
-                local / filename, "rb", buffering=0
-            )
-        else:
-            open_file = lambda filename: self._storage.open_read(f"{name}/{filename}")  # noqa: E731
-        shards = self._load_sharded(record, nodes, targets, local, verify=not fetched)
+            local = self._storage.root / name
+        files = LocalStorage(local.parent, create=False)
+        verify = self.options.verify_checksums and not downloaded
+        shards = self._load_sharded(record, nodes, targets, local, verify=verify)
         with StepReader(
             record,
-            open_file,
-            verify=self.options.verify_checksums,
+            lambda filename: files.open_read(f"{name}/{filename}"),
+            verify=verify,
             where=f"{self.directory}/{name}",
         ) as reader:
 
@@ -697,7 +693,7 @@ class CheckpointManager:
             return {}
         from checkpointing.distributed import sharded
 
-        if verify and self.options.verify_checksums:  # each process checks a share
+        if verify:  # each process checks a share
             own = sorted(f for f in record.files if f.startswith(f"{sharded.DIRECTORY}/"))
             own = own[self._coordinator.rank :: self._coordinator.world_size]
             error = None
@@ -718,17 +714,17 @@ class CheckpointManager:
         sharded.load(dests, local / sharded.DIRECTORY, self._coordinator)
         return dests
 
-    def _fetch_from_mirror(self, step: int, record: Record) -> Path:
+    def _fetch_from_mirror(self, step: int, record: Record) -> tuple[Path, bool]:
         """Download a remote-only step: into the local directory (it becomes a local
         step), or into the cache for read-only managers and non-local directories."""
         assert self._mirror is not None
         name = self._naming.name(step)
         if self.options.read_only or not isinstance(self._storage, LocalStorage):
             return fetch_step(self._mirror.storage, name, record, self._cache_dir)
-        local = fetch_step(self._mirror.storage, name, record, self._storage.root)
+        fetched = fetch_step(self._mirror.storage, name, record, self._storage.root)
         with self._lock:
             self._records = dict(sorted({**self._records, step: record}.items()))
-        return local
+        return fetched
 
     def verify(self, step: int | None = None) -> None:
         """Check every file of a step (the latest by default) against its record.

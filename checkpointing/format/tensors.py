@@ -17,11 +17,12 @@ the bytes it reads and a full scan verifies the file in one pass.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import queue
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, BinaryIO
 
 import torch
@@ -219,6 +220,59 @@ def read_into(f: BinaryIO, entry: Entry, dest: memoryview, filename: str) -> Non
         if not n:
             raise CorruptCheckpointError(f"{filename}: file is truncated")
         pos += n
+
+
+def copy_checked(
+    src: BinaryIO,
+    out: BinaryIO,
+    expected: tuple[int, str, str],
+    where: str,
+    progress: Callable[[int], object] = lambda n: None,
+) -> None:
+    """Copy a data file from ``src`` (read sequentially) to ``out``, checking it against
+    its (size, header checksum, checksum) on the way: downloads and uploads verify what
+    they move in one pass, without reading the copy back."""
+    size, header_checksum, checksum = expected
+    done = 0
+
+    def copy(n: int, hasher: Any = None) -> None:
+        nonlocal done
+        if n < 0:
+            raise CorruptCheckpointError(f"{where}: its header has overlapping tensors")
+        while n:
+            chunk = src.read(min(n, _CHUNK))
+            if not chunk:
+                raise CorruptCheckpointError(f"{where}: {done} bytes, the record says {size}")
+            _write_all(out, memoryview(chunk))
+            if hasher is not None:
+                hasher.update(chunk)
+            progress(len(chunk))
+            done += len(chunk)
+            n -= len(chunk)
+
+    if not header_checksum:  # not a safetensors file: one checksum of the whole
+        whole = xxhash.xxh3_64()
+        copy(size, whole)
+        digests = ["", whole.hexdigest()]
+    else:
+        length = src.read(8)
+        head = length + src.read(struct.unpack("<Q", length)[0] if len(length) == 8 else 0)
+        _, entries = read_header(io.BytesIO(head), where)
+        _write_all(out, memoryview(head))
+        progress(len(head))
+        done = len(head)
+        segments = [digest(head)]
+        for entry in sorted(entries.values(), key=lambda e: e.start):
+            copy(entry.start - done)  # nothing lies between tensors in our files
+            hasher = xxhash.xxh3_64()
+            copy(entry.end - entry.start, hasher)
+            segments.append(hasher.hexdigest())
+        copy(size - done)
+        digests = [segments[0], combine(segments)]
+    if src.read(1):
+        raise CorruptCheckpointError(f"{where}: longer than the {size} bytes of its record")
+    if tuple(digests) != (header_checksum, checksum):
+        raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
 
 
 def stream_checksum(f: BinaryIO) -> tuple[int, str]:

@@ -1,4 +1,8 @@
-"""Copy committed steps between directories (local or remote), commit record last."""
+"""Copy committed steps between directories (local or remote), commit record last.
+
+Every file is checked against the commit record as it is copied (size and checksums,
+in the same pass), so a copy is never committed with a corrupt file in it.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,9 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from checkpointing.background import parallel_map
+from checkpointing.format import tensors
 from checkpointing.format.record import RECORD_NAME, Record
 from checkpointing.storage.base import Storage
-
-_COPY_CHUNK = 16 << 20
 
 
 def copy_step(
@@ -27,11 +30,13 @@ def copy_step(
     """
 
     def copy_file(filename: str) -> None:
+        info = record.files[filename]
+        where = f"{src.url}/{names[0]}/{filename}"
+
         def produce(out: BinaryIO) -> None:
             with src.open_read(f"{names[0]}/{filename}") as f:
-                while chunk := f.read(_COPY_CHUNK):
-                    out.write(chunk)
-                    progress(len(chunk))
+                expected = (info.size, info.header_checksum, info.checksum)
+                tensors.copy_checked(f, out, expected, where, progress)
 
         writer.write(filename, produce)
 

@@ -22,7 +22,9 @@ from worker import full_weights
 WORKER = Path(__file__).with_name("worker.py")
 
 
-def launch(world: int, scenario: str, directory: Path, tmp_path: Path) -> list[dict[str, Any]]:
+def launch(
+    world: int, scenario: str, directory: Path, tmp_path: Path, **env: str
+) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world`` processes; return each rank's observations."""
     out = tmp_path / f"out-{scenario}-{world}"
     out.mkdir()
@@ -38,6 +40,7 @@ def launch(world: int, scenario: str, directory: Path, tmp_path: Path) -> list[d
                 "WORLD_SIZE": str(world),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
+                **env,
             },
         )
         for rank in range(world)
@@ -50,9 +53,9 @@ def launch(world: int, scenario: str, directory: Path, tmp_path: Path) -> list[d
     return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_collective_save_restore(tmp_path: Path, world: int) -> None:
-    ranks = launch(world, "basic", tmp_path / "ckpt", tmp_path)
+@pytest.mark.parametrize(("world", "primary"), [(2, 0), (4, 0), (2, 1)])
+def test_collective_save_restore(tmp_path: Path, world: int, primary: int) -> None:
+    ranks = launch(world, "basic", tmp_path / "ckpt", tmp_path, PRIMARY=str(primary))
     # every rank saw the same steps at every point, and retention agreed
     assert all(r["seen"] == ranks[0]["seen"] for r in ranks)
     assert all(r["steps"] == [4, 6] for r in ranks)

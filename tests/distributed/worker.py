@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpointing import CheckpointManager, CheckpointManagerOptions, PerRank
+from checkpointing import CheckpointManager, CheckpointManagerOptions, PerRank, TorchDistributed
 from checkpointing.errors import CheckpointError
 
 
@@ -46,8 +46,10 @@ def basic(directory: str, rank: int, world: int) -> dict[str, Any]:
     model = nn.parallel.DistributedDataParallel(nn.Linear(8, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     options = CheckpointManagerOptions(max_to_keep=2, save_interval_steps=2)
+    primary = int(os.environ.get("PRIMARY", "0"))
     seen = []
-    with CheckpointManager(directory, options) as mgr:
+    coordinator = TorchDistributed(primary=primary)
+    with CheckpointManager(directory, options, coordinator=coordinator) as mgr:
         for step in range(7):
             loss = model(torch.full((2, 8), float(step + rank))).sum()
             loss.backward()
