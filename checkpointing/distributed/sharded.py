@@ -17,7 +17,7 @@ import contextlib
 import io
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,9 @@ from checkpointing.format.record import FileInfo
 DIRECTORY = "sharded"
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, DTensor)
-
-
-def snapshot(sharded: dict[str, torch.Tensor], buffer: Any) -> dict[str, torch.Tensor]:
+def snapshot(
+    sharded: dict[str, torch.Tensor], buffer: Callable[[str, torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Copies of the local shards (``buffer(key, like)`` gives a reusable host tensor),
     wrapped as DTensors of the same mesh and placements."""
     out: dict[str, torch.Tensor] = {}
