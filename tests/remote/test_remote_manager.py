@@ -159,3 +159,37 @@ def test_killed_upload_leaves_no_visible_step(
         assert mgr.all_steps() == [], "no commit record, no step"
         assert mgr.save(7, state(7)), "the step is saved again from scratch"
         assert_restores(mgr, 7)
+
+
+RESTORER = """
+import sys, torch
+from checkpointing import CheckpointManager, CheckpointManagerOptions
+from conftest import s3_options
+opts = CheckpointManagerOptions(read_only=True)
+with CheckpointManager(sys.argv[1], opts, storage_options=s3_options(sys.argv[2]),
+                       cache_dir=sys.argv[3]) as mgr:
+    assert torch.equal(mgr.restore()["x"]["w"], torch.arange(1 << 20))
+"""
+
+
+def test_processes_of_a_node_download_a_step_once(
+    s3_bucket: str, s3_proxy: Proxied, s3_storage_options: dict[str, Any], tmp_path: Path
+) -> None:
+    """4 processes restore the same remote step through one cache directory at once:
+    one downloads (under the file lock), the others use its verified copy."""
+    url = s3_bucket + "/run"
+    with CheckpointManager(url, SYNC, storage_options=s3_storage_options) as mgr:
+        mgr.save(3, {"x": {"w": torch.arange(1 << 20)}})
+    s3_proxy.proxy.inject("stall", 1, match="x.safetensors", seconds=1)  # let them pile up
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(RESTORER), url, s3_proxy.proxy.url,
+             str(tmp_path / "cache")],
+            cwd=Path(__file__).parent,
+        )
+        for _ in range(4)
+    ]
+    assert [c.wait(timeout=120) for c in children] == [0] * 4
+    requests = map(str, s3_proxy.proxy.requests)
+    data_gets = [r for r in requests if r.startswith("GET") and "x.safetensors" in r]
+    assert len(data_gets) == 1, data_gets
