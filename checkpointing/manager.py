@@ -14,7 +14,9 @@ import atexit
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -26,7 +28,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -698,8 +700,10 @@ class CheckpointManager:
             own = own[self._coordinator.rank :: self._coordinator.world_size]
             error = None
             try:
-                for filename in own:  # read through the page cache: DCP reads them next
-                    _check_local_file(local / filename, record.files[filename])
+                for filename in own:  # through the page cache (no drop-behind): DCP reads next
+                    path = local / filename
+                    opener = functools.partial(io.FileIO, path, "rb")
+                    _check_file(opener, record.files[filename], str(path))
             except CorruptCheckpointError as e:
                 error = str(e)
             errors = [e for e in self._coordinator.all_gather(error) if e]
@@ -736,28 +740,10 @@ class CheckpointManager:
         storage = self._storage
         if self._mirror is not None and step not in self._records:
             storage = self._mirror.storage
-        for filename in record.files:
-            self._check_file(storage, record, filename)
-
-    def _check_file(self, storage: Storage, record: Record, filename: str) -> None:
-        name, info = self._naming.name(record.step), record.files[filename]
-        where = f"{storage.url}/{name}/{filename}"
-        try:
-            f = storage.open_read(f"{name}/{filename}")
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{where} is missing") from None
-        with f:
-            size = f.seek(0, 2)
-            if size != info.size:
-                raise CorruptCheckpointError(
-                    f"{where}: size {size} bytes, the commit record says {info.size}"
-                )
-            opaque = not info.header_checksum
-            if tensors.file_checksums(f, where, opaque=opaque) != (
-                info.header_checksum,
-                info.checksum,
-            ):
-                raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
+        name = self._naming.name(step)
+        for filename, info in record.files.items():
+            path = f"{name}/{filename}"
+            _check_file(functools.partial(storage.open_read, path), info, f"{storage.url}/{path}")
 
     # ------------------------------------------------------- evaluation jobs
 
@@ -995,18 +981,22 @@ class CheckpointManager:
             self._storage.write_bytes(PROTECTED_NAME, json.dumps(sorted(self._protected)).encode())
 
 
-def _check_local_file(path: Path, info: FileInfo) -> None:
+def _check_file(open_file: Callable[[], BinaryIO], info: FileInfo, where: str) -> None:
+    """Raise `CorruptCheckpointError` unless the file has the size and checksums of its
+    record."""
     try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        f = open_file()
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path} is missing") from None
+        raise CorruptCheckpointError(f"{where} is missing") from None
     with f:
         size = f.seek(0, 2)
         if size != info.size:
-            raise CorruptCheckpointError(f"{path}: {size} bytes, its record says {info.size}")
-        checksums = tensors.file_checksums(f, str(path), opaque=not info.header_checksum)
+            raise CorruptCheckpointError(
+                f"{where}: size {size} bytes, the commit record says {info.size}"
+            )
+        checksums = tensors.file_checksums(f, where, opaque=not info.header_checksum)
     if checksums != (info.header_checksum, info.checksum):
-        raise CorruptCheckpointError(f"{path}: checksum mismatch; the file is corrupt")
+        raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
 
 
 def _unwrap(value: Any) -> Any:
