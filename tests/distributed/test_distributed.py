@@ -169,3 +169,26 @@ def test_sharded_state_needs_a_file_system(tmp_path: Path, one_process_group: No
         InvalidOptionError, match="mirror it"
     ):
         mgr.save(1, {"w": {"x": dtensor}})
+
+
+def test_coordinator_needs_a_process_group_and_a_real_primary(one_process_group: None) -> None:
+    import torch.distributed as dist
+
+    from checkpointing import SingleProcess, TorchDistributed
+    from checkpointing.distributed import default_coordinator
+    from checkpointing.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="primary must be a rank"):
+        TorchDistributed(primary=1)
+    assert isinstance(default_coordinator(10), SingleProcess)  # a job of one process
+    dist.destroy_process_group()
+    with pytest.raises(InvalidOptionError, match="init_process_group"):
+        TorchDistributed()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def test_coordination_timeout_is_validated() -> None:
+    from checkpointing.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="coordination_timeout_secs"):
+        CheckpointManagerOptions(coordination_timeout_secs=0)
