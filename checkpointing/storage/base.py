@@ -62,10 +62,6 @@ class Storage(abc.ABC):
         A missing file raises `FileNotFoundError`.
         """
 
-    def open_sequential(self, path: str) -> BinaryIO:
-        """Open a file to be read once, front to back (copies): backends may read ahead."""
-        return self.open_read(path)
-
     @abc.abstractmethod
     def read_bytes(self, path: str) -> bytes: ...
 

@@ -10,8 +10,6 @@ Every call is retried on transient failures (see `retry`).
 from __future__ import annotations
 
 import contextlib
-import functools
-import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
@@ -75,9 +73,6 @@ class FsspecStorage(Storage):
     def open_read(self, path: str) -> BinaryIO:
         return self.retry(lambda: self.fs.open(self._path(path), "rb", block_size=BLOCK_SIZE))  # type: ignore[no-any-return]
 
-    def open_sequential(self, path: str) -> BinaryIO:
-        return _PartReader(self, self._path(path))  # type: ignore[return-value]
-
     def read_bytes(self, path: str) -> bytes:
         return self.retry(lambda: self.fs.cat_file(self._path(path)))  # type: ignore[no-any-return]
 
@@ -137,83 +132,3 @@ class FsspecStorage(Storage):
 
     def unlock(self) -> None:
         pass
-
-
-class _PartReader:
-    """A remote file read front to back with several ranged requests in flight.
-
-    One stream per object caps a download at what one connection gets (object stores
-    serve each connection a fraction of their bandwidth); parts of ``PART`` bytes are
-    fetched ``AHEAD`` at a time by helper threads, each retried on its own, and handed
-    out in order. Plain threads, not an executor: copies also run at interpreter exit.
-    """
-
-    PART = 16 << 20
-    AHEAD = 4
-
-    def __init__(self, storage: FsspecStorage, path: str) -> None:
-        self._storage, self._path = storage, path
-        self._size = int(storage.retry(lambda: storage.fs.size(path)))
-        self._count = -(-self._size // self.PART)
-        self._parts: dict[int, bytes | BaseException] = {}
-        self._handed = 0  # next part a helper fetches
-        self._reading = 0  # next part the reader takes
-        self._pending = b""
-        self._closed = False
-        self._changed = threading.Condition()
-        self._threads = [
-            threading.Thread(target=self._fetch, daemon=True)
-            for _ in range(min(self.AHEAD, self._count))
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _fetch(self) -> None:
-        while True:
-            with self._changed:
-                while not self._closed and self._handed >= self._reading + self.AHEAD:
-                    self._changed.wait()
-                if self._closed or self._handed >= self._count:
-                    return
-                index, self._handed = self._handed, self._handed + 1
-            start = index * self.PART
-            end = min(self._size, start + self.PART)
-            try:
-                cat = self._storage.fs.cat_file
-                fetch = functools.partial(cat, self._path, start=start, end=end)
-                data: bytes | BaseException = self._storage.retry(fetch)
-            except BaseException as e:  # handed to the reader
-                data = e
-            with self._changed:
-                self._parts[index] = data
-                self._changed.notify_all()
-
-    def read(self, n: int = -1) -> bytes:
-        if not self._pending:
-            if self._reading >= self._count:
-                return b""
-            with self._changed:
-                while self._reading not in self._parts:
-                    self._changed.wait()
-                item = self._parts.pop(self._reading)
-                self._reading += 1
-                self._changed.notify_all()
-            if isinstance(item, BaseException):
-                raise item
-            self._pending = item
-        if n < 0 or n >= len(self._pending):
-            out, self._pending = self._pending, b""
-        else:
-            out, self._pending = self._pending[:n], self._pending[n:]
-        return out
-
-    def close(self) -> None:
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-
-    def __enter__(self) -> _PartReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

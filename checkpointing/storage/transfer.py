@@ -34,7 +34,7 @@ def copy_step(
         where = f"{src.url}/{names[0]}/{filename}"
 
         def produce(out: BinaryIO) -> None:
-            with src.open_sequential(f"{names[0]}/{filename}") as f:
+            with src.open_read(f"{names[0]}/{filename}") as f:
                 expected = (info.size, info.header_checksum, info.checksum)
                 tensors.copy_checked(f, out, expected, where, progress)
 

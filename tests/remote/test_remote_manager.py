@@ -193,27 +193,3 @@ def test_processes_of_a_node_download_a_step_once(
     requests = map(str, s3_proxy.proxy.requests)
     data_gets = [r for r in requests if r.startswith("GET") and "x.safetensors" in r]
     assert len(data_gets) == 1, data_gets
-
-
-def test_downloads_fetch_parts_in_parallel_and_retry_each(
-    s3_bucket: str, s3_proxy: Proxied, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A file of many parts comes back whole and in order, though parts are fetched
-    several at a time and some of them fail once (each part is retried alone)."""
-    import os
-
-    from checkpointing.storage.remote import FsspecStorage, _PartReader
-
-    monkeypatch.setattr(_PartReader, "PART", 1 << 20)
-    storage = FsspecStorage(s3_bucket, storage_options=s3_proxy.storage_options)
-    data = os.urandom((5 << 20) + 123)
-    storage.write_bytes("big.bin", data)
-    s3_proxy.proxy.inject("http_error", 2, match="GET ", status=503)
-    s3_proxy.proxy.inject("reset", 1, match="GET ")
-    with storage.open_sequential("big.bin") as f:
-        chunks = []
-        while chunk := f.read(300_000):
-            chunks.append(chunk)
-    assert b"".join(chunks) == data
-    ranged = [r for r in map(str, s3_proxy.proxy.requests) if r.startswith("GET")]
-    assert len(ranged) >= 6 + 3  # 6 parts, 3 of them twice
