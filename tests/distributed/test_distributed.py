@@ -72,6 +72,11 @@ def test_collective_save_restore(tmp_path: Path, world: int, primary: int) -> No
         assert len(mgr.item_metadata()["own"]) == world
 
 
+def test_async_commit_leaves_the_training_thread_free(tmp_path: Path) -> None:
+    ranks = launch(2, "overlap", tmp_path / "ckpt", tmp_path)
+    assert ranks == [{"sum": 2.0, "in_progress": True, "steps": [1]}] * 2
+
+
 def test_sharded_state_reshards(tmp_path: Path) -> None:
     """DTensors saved on 4 ranks restore on 2 ranks and in one process (with and
     without a target), verified against our commit record."""

@@ -147,6 +147,32 @@ def fsdp_restore(directory: str, rank: int, world: int) -> dict[str, Any]:
     return full_state(model, opt)
 
 
+def overlap(directory: str, rank: int, world: int) -> dict[str, Any]:
+    """While rank 1's background write is held back, both training threads run a
+    collective of their own: an async save must not hold them in one."""
+    import threading
+
+    from checkpointing.format import tensors
+
+    gate = threading.Event()
+    if rank == 1:
+        real = tensors.write_file
+
+        def held(*args: Any) -> Any:
+            assert gate.wait(60)
+            return real(*args)
+
+        tensors.write_file = held
+    with CheckpointManager(directory) as mgr:
+        mgr.save(1, {"x": PerRank(torch.full((4,), float(rank)))})
+        total = torch.ones(1)
+        dist.all_reduce(total)  # would deadlock if a rank were still inside save()
+        in_progress = mgr.is_saving_in_progress()
+        gate.set()
+        mgr.wait_until_finished()
+        return {"sum": total.item(), "in_progress": in_progress, "steps": mgr.all_steps()}
+
+
 def killed(directory: str, rank: int, world: int) -> dict[str, Any]:
     """Rank 1 dies (SIGKILL) while writing step 2; the others must fail, not hang."""
     import signal
