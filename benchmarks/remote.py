@@ -6,7 +6,8 @@ In one run, methods interleaved per round, each against a fresh bucket:
 - ours: `CheckpointManager("s3://...")` durable save; download (the step into a fresh
   cache, durably, checked while copied: what a restore does first); restore (download,
   then read in place);
-- raw: s3fs/gcsfs `put` of the very files our save wrote, and `get` of them;
+- raw: s3fs/gcsfs `put` of the very files our save wrote, and `get` of them (also with
+  the downloaded files fsync'd, as durable as our download);
 - mirrored save: blocking time of a save to a local directory with ``remote=`` set,
   against the same save without a remote (the upload runs in the background).
 The servers run on loopback, so this measures client overhead, not a network.
@@ -27,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "remote"))
 import conftest as servers
-from _common import GB, Spread, format_table, timed, transformer_with_adam
+from _common import GB, Spread, format_table, fsync_tree, timed, transformer_with_adam
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions
 from checkpointing.storage.cache import fetch_step
@@ -113,6 +114,13 @@ def main() -> None:
                     f"{protocol}: raw get",
                     lambda: fs.get(f"{bucket}/raw", str(work / "get"), recursive=True),
                 )
+                shutil.rmtree(work / "get", ignore_errors=True)
+
+                def durable_get() -> None:
+                    fs.get(f"{bucket}/raw", str(work / "get"), recursive=True)
+                    fsync_tree(work / "get")
+
+                record(f"{protocol}: raw get + fsync", durable_get)
                 mgr.close()
             for mirrored in (False, True):
                 directory = work / f"mirror-{mirrored}"
