@@ -342,6 +342,17 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ loops
 
+    def _begin_epoch(
+        self, state: TrainingState, epoch: int, sampler: Any, dataloader: Any
+    ) -> tuple[float, int | None]:
+        """What both loops do as an epoch starts; returns its start time and length."""
+        state.global_epoch = epoch + 1
+        loggers.get_root_logger().info(f"Starting epoch {epoch + 1}")
+        sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        self.model.on_training_epoch_start(state.global_epoch)
+        return epoch_start, _length(dataloader)
+
     def _train_on_iteration(self, state: TrainingState) -> None:
         """Helios's iteration loop (same hooks, order and counters) on `ResumableLoop`."""
         accumulation, val_freq = self._accumulation_steps, self._valid_frequency
@@ -357,12 +368,7 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
         done = False
         try:
             for epoch in loop.epochs():
-                state.global_epoch = epoch + 1
-                root_logger.info(f"Starting epoch {epoch + 1}")
-                sampler.set_epoch(epoch)
-                epoch_start = time.perf_counter()
-                self.model.on_training_epoch_start(state.global_epoch)
-                size = _length(dataloader)
+                epoch_start, size = self._begin_epoch(state, epoch, sampler, dataloader)
                 timer.start()
                 for batch in loop.batches(dataloader):
                     state.global_iteration += 1
@@ -422,12 +428,7 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
         done = False
         try:
             for epoch in loop.epochs():
-                state.global_epoch = epoch + 1
-                root_logger.info(f"Starting epoch {epoch + 1}")
-                sampler.set_epoch(epoch)
-                epoch_start = time.perf_counter()
-                self.model.on_training_epoch_start(state.global_epoch)
-                size = _length(dataloader)
+                epoch_start, size = self._begin_epoch(state, epoch, sampler, dataloader)
                 timer.start()
                 with tqdm.tqdm(total=size, desc=f"Epoch {epoch + 1}", unit="iter",
                                disable=self._pbar_disabled(), leave=False) as epoch_pbar:
