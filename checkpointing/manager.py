@@ -330,9 +330,7 @@ class CheckpointManager:
         """
         del step  # same answer for every step; kept for Orbax's signature
         if self._coordinator.world_size > 1:
-            self._preempted_anywhere = any(
-                self._coordinator.all_gather(self._preemption.triggered)
-            )
+            self._preempted_anywhere = any(self._coordinator.all_gather(self._preemption.triggered))
         return self._preemption.triggered or self._preempted_anywhere
 
     def save(
@@ -755,7 +753,9 @@ class CheckpointManager:
         deleted just before). Works on read-only managers: leases are theirs to write.
         """
         with watch.lease(self._storage, step):
-            yield self._storage.exists(f"{self._naming.name(step)}/{RECORD_NAME}")
+            yield self._storage.exists(
+                f"{self._naming.name(step)}/{RECORD_NAME}"
+            ) and not watch.being_deleted(self._storage, step, time.time())
 
     def leased_steps(self) -> set[int]:
         """Steps that evaluation jobs hold a live reader lease on."""
@@ -858,9 +858,13 @@ class CheckpointManager:
                 with self._lock:
                     self._recorded = recorded
                     for step in self._decide(leased).delete:
-                        logger.info("retention deletes step %d", step)
-                        self._delete(step)
-                        deleted.append(step)
+                        with watch.deleting(self._storage, step) as free:
+                            if not free:
+                                logger.info("step %d kept: an evaluation job leased it", step)
+                                continue
+                            logger.info("retention deletes step %d", step)
+                            self._delete(step)
+                            deleted.append(step)
             except Exception as e:
                 error = e
         if coordinator.world_size > 1:

@@ -5,6 +5,12 @@ it lives, the training job's retention leaves that step alone and deletes it at 
 save, once the lease is released or has expired. A holder renews its lease from a
 thread, so a reader that crashed pins a step for one time-to-live at most. Expiry uses
 wall-clock time, so the machines' clocks must roughly agree (within the TTL).
+
+Taking a lease and deleting a step race: a reader may lease a step right after the
+trainer read the leases. Both sides therefore announce first and look second: the reader
+writes its lease, then checks for a deletion mark ``.leases/<step>.deleting.json``; the
+trainer writes that mark, then reads the leases again. Whichever looks second sees the
+other's file, so a step is never deleted under a reader that was told it is present.
 """
 
 from __future__ import annotations
@@ -54,19 +60,47 @@ def lease(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterator[
 
 
 def leased_steps(storage: Storage, now: float) -> set[int]:
-    """Steps under a live lease (expired leases are removed on the way)."""
+    """Steps under a live lease (expired leases and marks are removed on the way)."""
     steps = set()
     for name in storage.listdir(LEASE_DIR):
         path = f"{LEASE_DIR}/{name}"
-        try:
-            body = json.loads(storage.read_bytes(path))
-        except (FileNotFoundError, ValueError):
+        body = _read(storage, path)
+        if body is None:
             continue  # released meanwhile, or being replaced
-        if body["expires_at"] > now:
-            steps.add(int(body["step"]))
-        else:
+        if body["expires_at"] <= now:
             storage.remove(path)
+        elif not name.endswith(_DELETING):
+            steps.add(int(body["step"]))
     return steps
+
+
+_DELETING = ".deleting.json"
+
+
+def _read(storage: Storage, path: str) -> dict[str, Any] | None:
+    try:
+        body: dict[str, Any] = json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    return body
+
+
+@contextlib.contextmanager
+def deleting(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterator[bool]:
+    """Mark ``step`` as being deleted during the block; yields whether it may go (False
+    when a reader leased it meanwhile). A crashed deleter's mark expires after ``ttl``."""
+    path = f"{LEASE_DIR}/{step}{_DELETING}"
+    storage.write_bytes(path, json.dumps({"step": step, "expires_at": time.time() + ttl}).encode())
+    try:
+        yield step not in leased_steps(storage, time.time())
+    finally:
+        storage.remove(path)
+
+
+def being_deleted(storage: Storage, step: int, now: float) -> bool:
+    """Whether a trainer is deleting ``step`` (call it with a lease held)."""
+    body = _read(storage, f"{LEASE_DIR}/{step}{_DELETING}")
+    return body is not None and body["expires_at"] > now
 
 
 def iter_new_checkpoints(

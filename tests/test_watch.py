@@ -82,6 +82,23 @@ def test_expired_lease_is_ignored(tmp_path: Path) -> None:
         assert trainer.all_steps() == [2] and not lease.exists()
 
 
+def test_lease_and_deletion_race_has_one_winner(tmp_path: Path) -> None:
+    """A reader leasing a step just after the trainer read the leases: whichever of the
+    two looks second sees the other's file."""
+    with _writer(tmp_path) as trainer:
+        trainer.save(1, STATE)
+        storage = trainer._storage
+        reader = CheckpointManager(tmp_path, CheckpointManagerOptions(read_only=True))
+        with watch.deleting(storage, 1) as free:
+            assert free
+            with reader.reading(1) as present:
+                assert not present, "the reader looked second: it skips the step"
+        with reader.reading(1) as present, watch.deleting(storage, 1) as free:
+            assert present and not free, "the trainer looked second: it keeps the step"
+        assert not list((tmp_path / watch.LEASE_DIR).iterdir()), "marks and leases are gone"
+        reader.close()
+
+
 def test_recorded_metrics_drive_best_n_in_the_writer(tmp_path: Path) -> None:
     with _writer(tmp_path, max_to_keep=1, best_metric="eval/acc") as trainer:
         for step in (1, 2, 3):
