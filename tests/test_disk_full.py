@@ -1,4 +1,4 @@
-"""A real ENOSPC, from a small tmpfs: a failed save leaves the earlier steps alone."""
+"""A real ENOSPC, from a small filesystem: a failed save leaves the earlier steps alone."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions, DiskFullError
+from checkpointing.storage import local_files
 
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
 READ_ONLY = CheckpointManagerOptions(enable_async_checkpointing=False, read_only=True)
@@ -19,25 +20,50 @@ MIB = 1 << 20
 PAGE = 4096
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs, unmounted afterwards."""
+def mount_small(tmp_path: Path, fs: str) -> Iterator[Path]:
+    """An 8 MiB filesystem, unmounted afterwards: a tmpfs (no direct I/O: writes go
+    through the page cache) or an ext4 image on a loop device (writes use O_DIRECT)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        pytest.skip("mounting a filesystem needs root")
     mount_point = tmp_path / "small"
     mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
+    if fs == "tmpfs":
+        command = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)]
+    else:
+        image = tmp_path / "ext4.img"
+        image.write_bytes(b"")
+        os.truncate(image, 9 * MIB)  # 8.1 MiB free without a journal and reserved blocks
+        made = subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", str(image)],
+            capture_output=True,
+        )
+        if made.returncode != 0:
+            pytest.skip(f"cannot make an ext4 image: {made.stderr!r}")
+        command = ["mount", "-o", "loop", str(image), str(mount_point)]
+    mounted = subprocess.run(command, capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip() or mounted.returncode}")
+        pytest.skip(f"cannot mount a {fs}: {mounted.stderr.strip() or mounted.returncode}")
     try:
         yield mount_point
     finally:
         if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    yield from mount_small(tmp_path, "tmpfs")
+
+
+@pytest.fixture(params=["tmpfs", "ext4", "page cache"])
+def small_disk_any(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """Each way of writing files: O_DIRECT (tmpfs has it since Linux 6.6, ext4), and
+    buffered with write-behind where a filesystem refuses direct I/O."""
+    if request.param == "page cache":
+        monkeypatch.setattr(local_files, "_O_DIRECT", None)
+    yield from mount_small(tmp_path, "ext4" if request.param == "ext4" else "tmpfs")
 
 
 def state(step: int, mib: float) -> dict[str, torch.Tensor]:
@@ -86,8 +112,8 @@ def assert_intact(directory: Path, steps: dict[int, float]) -> None:
             )
 
 
-def test_save_too_big_for_the_disk_fails_cleanly(small_disk: Path) -> None:
-    directory = small_disk / "ckpt"
+def test_save_too_big_for_the_disk_fails_cleanly(small_disk_any: Path) -> None:
+    directory = small_disk_any / "ckpt"
     with CheckpointManager(directory, SYNC) as mgr:
         for step in range(1, 5):
             mgr.save(step, state(step, 1))

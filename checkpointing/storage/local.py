@@ -8,20 +8,18 @@ a step is never half-deleted in sight.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import io
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar
 
 import filelock
 
 from checkpointing.errors import CheckpointError, DirectoryLockedError
 from checkpointing.storage.base import StepWriter, Storage
+from checkpointing.storage.local_files import DropBehindFile, create_durable
 
 T = TypeVar("T")
 TMP_PREFIX = ".tmp-"
@@ -36,120 +34,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return fn
-
-
-# Write-behind, hand-written because it measurably matters (benchmarks/save_restore.py):
-# a plain write() only fills the page cache and fsync() then writes everything at the
-# end, serially; starting writeback as data arrives and dropping written pages overlaps
-# the copy with the disk and made durable saves ~2.9x faster (0.86x raw O_DIRECT speed),
-# with no extra memory and none of O_DIRECT's alignment rules.
-_sync_file_range = _load_sync_file_range()
-_START_WRITEBACK = 2  # SYNC_FILE_RANGE_WRITE
-_WAIT_WRITEBACK = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
-_WRITE_BEHIND = 32 << 20  # bytes in flight before waiting for the oldest
-
-
-class _DurableFile:
-    """A raw (unbuffered) file, written behind and fsync'd when closed."""
-
-    def __init__(self, path: Path) -> None:
-        self._f = open(path, "xb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._fd = self._f.fileno()
-        self._pos = 0  # bytes written
-        self._done = 0  # bytes known to be on disk and dropped from the page cache
-
-    def write(self, data: bytes | memoryview) -> int:
-        """Write all of ``data``: a short write (a nearly full disk) is continued until
-        it completes or raises ENOSPC, so a file is never silently cut off."""
-        view = memoryview(data).cast("B")
-        while view:
-            n = self._f.write(view) or 0
-            view = view[n:]
-            self._write_behind(n)
-        return len(data)
-
-    def _write_behind(self, n: int) -> None:
-        if _sync_file_range is None:
-            return
-        _sync_file_range(self._fd, self._pos, n, _START_WRITEBACK)
-        self._pos += n
-        if self._pos - self._done > _WRITE_BEHIND:
-            end = self._pos - _WRITE_BEHIND // 2
-            _sync_file_range(self._fd, self._done, end - self._done, _WAIT_WRITEBACK)
-            os.posix_fadvise(self._fd, self._done, end - self._done, os.POSIX_FADV_DONTNEED)
-            self._done = end
-
-    def close(self) -> None:
-        if not self._f.closed:
-            try:
-                os.fsync(self._fd)
-            finally:
-                self._f.close()
-
-    def __enter__(self) -> _DurableFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _DropBehindFile(io.FileIO):
-    """A file read sequentially in large disk requests, dropping what it has read.
-
-    Restores read tensor by tensor, often a few MB at a time; on their own those reads
-    become small disk requests that wait on latency. A helper thread asks for the next
-    32 MiB ahead of the reader (WILLNEED, whose submission cost then overlaps the reads)
-    and the reader drops the pages it consumed (DONTNEED), sparing the kernel the
-    page-cache upkeep: in-place restores about 2x faster here (benchmarks/
-    save_restore.py). Other readers of the same files read them from disk again.
-    """
-
-    _AHEAD = 32 << 20
-    _STEP = 8 << 20
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "rb")
-        self._size = os.fstat(self.fileno()).st_size
-        self._reader_at = 0
-        self._moved = threading.Condition()
-        threading.Thread(target=self._prefetch, daemon=True).start()
-
-    def _prefetch(self) -> None:
-        ahead = 0
-        while ahead < self._size:
-            with self._moved:
-                while not self.closed and ahead >= self._reader_at + self._AHEAD:
-                    self._moved.wait()
-                if self.closed:
-                    return
-                fd = self.fileno()
-            with contextlib.suppress(OSError):  # closed meanwhile
-                os.posix_fadvise(fd, ahead, self._STEP, os.POSIX_FADV_WILLNEED)
-            ahead += self._STEP
-
-    def readinto(self, buffer: Any) -> int | None:
-        start = self.tell()
-        n = super().readinto(buffer)
-        if n:
-            os.posix_fadvise(self.fileno(), start, n, os.POSIX_FADV_DONTNEED)
-        with self._moved:
-            self._reader_at = start + (n or 0)
-            self._moved.notify()
-        return n
-
-    def close(self) -> None:
-        with self._moved:
-            super().close()
-            self._moved.notify()
-
-
 class _LocalStepWriter(StepWriter):
     def __init__(self, root: Path, name: str, token: str) -> None:
         self._root = root
@@ -161,11 +45,11 @@ class _LocalStepWriter(StepWriter):
     def write(self, filename: str, produce: Callable[[BinaryIO], T]) -> T:
         if "/" in filename:  # DCP's files, in sharded/
             (self._tmp / filename).parent.mkdir(parents=True, exist_ok=True)
-        with _DurableFile(self._tmp / filename) as f:
+        with create_durable(self._tmp / filename) as f:
             return produce(f)  # type: ignore[arg-type]
 
     def commit(self, record_name: str, record: bytes) -> None:
-        with _DurableFile(self._tmp / record_name) as f:
+        with create_durable(self._tmp / record_name) as f:
             f.write(record)
         fsync_dir(self._tmp)
         try:
@@ -209,9 +93,7 @@ class LocalStorage(Storage):
         return self.root / path
 
     def open_read(self, path: str) -> BinaryIO:
-        f = _DropBehindFile(self._path(path))
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return f
+        return DropBehindFile(self._path(path))
 
     def read_bytes(self, path: str) -> bytes:
         with self.open_read(path) as f:
@@ -221,7 +103,7 @@ class LocalStorage(Storage):
         target = self._path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}")
-        with _DurableFile(tmp) as f:
+        with create_durable(tmp) as f:
             f.write(data)
         os.replace(tmp, target)
         fsync_dir(target.parent)

@@ -1,0 +1,268 @@
+"""Local files written durably at disk speed, and read sequentially at disk speed.
+
+Hand-written because it measurably matters (benchmarks/save_restore.py). A plain
+``write`` only fills the page cache and ``fsync`` then writes everything at the end,
+serially. Writes here go around the page cache (O_DIRECT) from aligned bounce buffers,
+a helper thread writing one buffer while the caller fills the next: durable saves at
+about 0.95x the raw O_DIRECT speed of the disk, against 0.8x for buffered writes with
+write-behind (still used where O_DIRECT is refused, e.g. tmpfs) and 0.3x for write+fsync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import io
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+# O_DIRECT wants the buffer address, the file offset and the length aligned to the
+# device's logical block size (512 B or 4 KiB); pages satisfy both.
+_ALIGN = mmap.PAGESIZE
+_O_DIRECT: int | None = getattr(os, "O_DIRECT", None)
+
+
+class DurableFile(Protocol):
+    def write(self, data: bytes | memoryview) -> int: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> DurableFile: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def create_durable(path: Path) -> DurableFile:
+    """A new file (it must not exist) whose bytes are on disk once it is closed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    if _O_DIRECT is not None:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
+        except OSError:  # the filesystem has no direct I/O (tmpfs, some FUSE)
+            pass
+        else:
+            return _DirectFile(fd)
+    return _WriteBehindFile(fd)
+
+
+class _DirectFile:
+    """Writes through page-aligned bounce buffers with O_DIRECT, on a helper thread.
+
+    The caller's bytes are copied into a buffer (numpy's copy releases the GIL) while
+    the helper writes the previous ones; the last buffer is padded to a page and the
+    file truncated to its true size before the fsync. Buffers are allocated as needed,
+    so a small file touches one page.
+    """
+
+    _BUFFER = 4 << 20
+    _BUFFERS = 4
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._size = 0  # bytes accepted from the caller
+        self._current: np.ndarray[Any, Any] | None = None
+        self._filled = 0
+        self._allocated = 0
+        self._free: queue.Queue[np.ndarray[Any, Any]] = queue.Queue()
+        self._full: queue.Queue[tuple[np.ndarray[Any, Any], int] | None] = queue.Queue()
+        self._error: OSError | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._drain, name="checkpointing-write", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._raise_error()
+        src = np.frombuffer(data, dtype=np.uint8)
+        pos = 0
+        while pos < len(src):
+            if self._current is None:
+                self._current, self._filled = self._take_buffer(), 0
+            n = min(len(src) - pos, self._BUFFER - self._filled)
+            self._current[self._filled : self._filled + n] = src[pos : pos + n]
+            self._filled += n
+            pos += n
+            if self._filled == self._BUFFER:
+                self._full.put((self._current, self._BUFFER))
+                self._current = None
+        self._size += len(src)
+        return len(src)
+
+    def _take_buffer(self) -> np.ndarray[Any, Any]:
+        if self._free.empty() and self._allocated < self._BUFFERS:
+            self._allocated += 1
+            return np.frombuffer(mmap.mmap(-1, self._BUFFER), dtype=np.uint8)
+        return self._free.get()
+
+    def _drain(self) -> None:
+        while (job := self._full.get()) is not None:
+            buffer, n = job
+            if self._error is None:
+                try:
+                    self._write_all(memoryview(buffer)[:n])  # type: ignore[arg-type]
+                except OSError as e:  # raised to the caller on its next call
+                    self._error = e
+            self._free.put(buffer)
+
+    def _write_all(self, view: memoryview) -> None:
+        """A short write (a nearly full disk) is continued until it completes or raises
+        ENOSPC, so a file is never silently cut off."""
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # Direct I/O refused mid-file (a short write left the offset unaligned,
+                # or a device with larger blocks): go on through the page cache.
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                if not flags & _O_DIRECT:  # type: ignore[operator]
+                    raise
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)  # type: ignore[operator]
+                continue
+            view = view[n:]
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._current is not None:
+                end = -(-self._filled // _ALIGN) * _ALIGN
+                self._current[self._filled : end] = 0
+                self._full.put((self._current, end))
+                self._current = None
+            self._full.put(None)
+            self._thread.join()
+            self._raise_error()
+            os.ftruncate(self._fd, self._size)  # drop the padding of the last page
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+    def __enter__(self) -> _DirectFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_START_WRITEBACK = 2  # SYNC_FILE_RANGE_WRITE
+_WAIT_WRITEBACK = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+_WRITE_BEHIND = 32 << 20  # bytes in flight before waiting for the oldest
+
+
+class _WriteBehindFile:
+    """Buffered writes, with writeback started as data arrives (``sync_file_range``)
+    and written pages dropped: the copy overlaps the disk, with no extra memory
+    (2.9x faster durable saves than write+fsync here)."""
+
+    def __init__(self, fd: int) -> None:
+        self._f = io.FileIO(fd, "wb")
+        self._fd = fd
+        self._pos = 0  # bytes written
+        self._done = 0  # bytes known to be on disk and dropped from the page cache
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Write all of ``data``: a short write (a nearly full disk) is continued until
+        it completes or raises ENOSPC, so a file is never silently cut off."""
+        view = memoryview(data).cast("B")
+        while view:
+            n = self._f.write(view) or 0
+            view = view[n:]
+            self._write_behind(n)
+        return len(data)
+
+    def _write_behind(self, n: int) -> None:
+        if _sync_file_range is None:
+            return
+        _sync_file_range(self._fd, self._pos, n, _START_WRITEBACK)
+        self._pos += n
+        if self._pos - self._done > _WRITE_BEHIND:
+            end = self._pos - _WRITE_BEHIND // 2
+            _sync_file_range(self._fd, self._done, end - self._done, _WAIT_WRITEBACK)
+            os.posix_fadvise(self._fd, self._done, end - self._done, os.POSIX_FADV_DONTNEED)
+            self._done = end
+
+    def close(self) -> None:
+        if not self._f.closed:
+            try:
+                os.fsync(self._fd)
+            finally:
+                self._f.close()
+
+    def __enter__(self) -> _WriteBehindFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DropBehindFile(io.FileIO):
+    """A file read sequentially in large disk requests, dropping what it has read.
+
+    Restores read tensor by tensor, often a few MB at a time; on their own those reads
+    become small disk requests that wait on latency. A helper thread asks for the next
+    32 MiB ahead of the reader (WILLNEED, whose submission cost then overlaps the reads)
+    and the reader drops the pages it consumed (DONTNEED), sparing the kernel the
+    page-cache upkeep: in-place restores about 2x faster here. Other readers of the
+    same files read them from disk again.
+    """
+
+    _AHEAD = 32 << 20
+    _STEP = 8 << 20
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "rb")
+        os.posix_fadvise(self.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self._size = os.fstat(self.fileno()).st_size
+        self._reader_at = 0
+        self._moved = threading.Condition()
+        threading.Thread(target=self._prefetch, daemon=True).start()
+
+    def _prefetch(self) -> None:
+        ahead = 0
+        while ahead < self._size:
+            with self._moved:
+                while not self.closed and ahead >= self._reader_at + self._AHEAD:
+                    self._moved.wait()
+                if self.closed:
+                    return
+                fd = self.fileno()
+            with contextlib.suppress(OSError):  # closed meanwhile
+                os.posix_fadvise(fd, ahead, self._STEP, os.POSIX_FADV_WILLNEED)
+            ahead += self._STEP
+
+    def readinto(self, buffer: Any) -> int | None:
+        start = self.tell()
+        n = super().readinto(buffer)
+        if n:
+            os.posix_fadvise(self.fileno(), start, n, os.POSIX_FADV_DONTNEED)
+        with self._moved:
+            self._reader_at = start + (n or 0)
+            self._moved.notify()
+        return n
+
+    def close(self) -> None:
+        with self._moved:
+            super().close()
+            self._moved.notify()

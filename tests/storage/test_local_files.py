@@ -1,0 +1,66 @@
+"""Durable local files: direct I/O through bounce buffers, and the page-cache fallback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from checkpointing.storage import local_files
+from checkpointing.storage.local_files import DropBehindFile, create_durable
+
+BUFFER = local_files._DirectFile._BUFFER
+SIZES = [0, 1, 4095, 4096, 4097, BUFFER - 1, BUFFER, 3 * BUFFER + 17]
+
+
+@pytest.fixture(params=["direct", "page cache"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "page cache":
+        monkeypatch.setattr(local_files, "_O_DIRECT", None)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("piece", [1000, 1 << 20, 1 << 30])
+def test_bytes_round_trip(tmp_path: Path, mode: str, size: int, piece: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "f.bin"
+    with create_durable(path) as f:
+        if mode == "direct":
+            assert isinstance(f, local_files._DirectFile), "this filesystem has O_DIRECT"
+        for start in range(0, size, piece):
+            assert f.write(memoryview(data)[start : start + piece]) == min(piece, size - start)
+    assert path.read_bytes() == data, "the page padding of direct I/O is cut off"
+    with DropBehindFile(path) as f:
+        assert f.read() == data
+
+
+def test_existing_file_is_never_overwritten(tmp_path: Path, mode: str) -> None:
+    (tmp_path / "f.bin").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        create_durable(tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == b"old"
+
+
+def test_direct_io_refused_mid_file_goes_on_buffered(tmp_path: Path) -> None:
+    """The kernel's EINVAL for an unaligned direct write switches the file to buffered."""
+    f = create_durable(tmp_path / "f.bin")
+    assert isinstance(f, local_files._DirectFile)
+    data = bytearray(os.urandom(3 * 4096 + 1))
+    f._write_all(memoryview(data)[1:])  # an unaligned address and length
+    f._size = len(data) - 1  # what write() would have counted
+    f.close()
+    assert (tmp_path / "f.bin").read_bytes() == data[1:]
+
+
+def test_write_error_reaches_the_caller(tmp_path: Path) -> None:
+    f = create_durable(tmp_path / "f.bin")
+    assert isinstance(f, local_files._DirectFile)
+    os.close(f._fd)  # the helper thread's next write fails with EBADF
+    f._fd = os.open(os.devnull, os.O_RDONLY)
+    f.write(bytes(BUFFER))
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        for _ in range(8):
+            f.write(bytes(BUFFER))
+        f.close()
