@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -37,12 +38,14 @@ class StepReader:
         self._verify = verify
         self._where = where
         self._files: dict[str, tuple[BinaryIO, dict[str, Entry]]] = {}
+        self._maps: dict[str, mmap.mmap | None] = {}
         self._memo: dict[tuple[str, str], torch.Tensor] = {}
 
     def close(self) -> None:
         for f, _ in self._files.values():
             f.close()
         self._files.clear()
+        self._maps.clear()
         self._memo.clear()
 
     def __enter__(self) -> StepReader:
@@ -92,9 +95,14 @@ class StepReader:
         if dest is None and memo_key in self._memo:
             return self._memo[memo_key]
         f, _ = self._open(body["file"])
-        out = torch.empty(shape, dtype=dtype) if dest is None else dest.detach()
-        data = byte_view(out)
-        read_into(f, self._entry(body), data, self._path(body["file"]))
+        entry = self._entry(body)
+        out = None if dest is not None else self._mapped(body["file"], f, entry, dtype, shape)
+        if out is not None:
+            data = byte_view(out)
+        else:
+            out = torch.empty(shape, dtype=dtype) if dest is None else dest.detach()
+            data = byte_view(out)
+            read_into(f, entry, data, self._path(body["file"]))
         if self._verify and digest(data) != body["checksum"]:
             raise CorruptCheckpointError(
                 f"{self._path(body['file'])}: checksum mismatch in tensor {body['key']!r}; "
@@ -103,6 +111,42 @@ class StepReader:
         if dest is None:
             self._memo[memo_key] = out
         return out
+
+    def _mapped(
+        self, filename: str, f: BinaryIO, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> torch.Tensor | None:
+        """A tensor over a private (copy-on-write) mapping of a local file, or None.
+
+        Without a destination, mapping beats allocating and reading: no fresh memory to
+        fault in, no copy out of the page cache (what ``safetensors.load_file`` does too;
+        benchmarks/save_restore.py). Pages are read when first touched, by the checksum
+        or by the caller. Files on other storage, and tensors whose offset is not a
+        multiple of their element size, are read instead.
+        """
+        if filename not in self._maps:
+            try:
+                fd = f.fileno()
+            except (OSError, AttributeError, ValueError):  # not a file on disk
+                self._maps[filename] = None
+            else:
+                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                mapped.madvise(mmap.MADV_SEQUENTIAL)
+                self._maps[filename] = mapped
+        whole = self._maps[filename]
+        size = entry.end - entry.start
+        if (
+            whole is None
+            or entry.end > len(whole)
+            or entry.start % dtype.itemsize
+            or size != math.prod(shape) * dtype.itemsize
+        ):
+            return None
+        if not size:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(
+            whole, dtype=dtype, count=size // dtype.itemsize, offset=entry.start
+        )
+        return flat.view(shape)
 
     def _entry(self, body: dict[str, Any]) -> Entry:
         _, entries = self._open(body["file"])

@@ -667,6 +667,23 @@ def test_restore_without_target_gives_plain_cpu_tensors(tmp_path: Path) -> None:
     assert_same(state["optimizer"].state_dict(), restored["optimizer"])
 
 
+def test_tensors_mapped_from_a_local_file_are_private_copies(tmp_path: Path) -> None:
+    """Without a target, local files are mapped copy-on-write: writing into a restored
+    tensor never reaches the checkpoint, and deleting the step keeps it readable."""
+    state = {"a": torch.arange(3, dtype=torch.uint8), "b": torch.arange(1000.0), "c": 1.5}
+    with CheckpointManager(tmp_path, SYNC) as mgr:
+        mgr.save(1, state)
+        first = mgr.restore()
+        assert first is not None
+        first["b"].mul_(-1)
+        first["a"].add_(7)  # 3 bytes: "b" follows at an offset float32 cannot map
+        again = mgr.restore()
+        assert again is not None
+        assert_same(state, again)
+        mgr.delete(1)
+        assert torch.equal(first["b"], -torch.arange(1000.0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_restore_to_cpu_or_in_place_on_cuda(tmp_path: Path) -> None:
     weight = torch.randn(4, 3, device="cuda")
