@@ -20,7 +20,9 @@ from checkpointing import (
     CheckpointManagerOptions,
     DiskFullError,
 )
+from checkpointing.background import Snapshot, SnapshotBuffers
 from checkpointing.format import tensors
+from checkpointing.format.tree import Blob
 
 
 def _opts(**kw: Any) -> CheckpointManagerOptions:
@@ -180,3 +182,66 @@ def test_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> None:
         assert mgr.all_steps() == [9]
         restored = mgr.restore()
     assert restored is not None and torch.equal(restored["x"], torch.ones(4_000_000))
+
+
+def _blobs(n: int) -> list[Blob]:
+    return [Blob("g", f"t{i}", torch.full((1000,), float(i)), []) for i in range(n)]
+
+
+def test_writer_follows_the_copy_and_never_reads_ahead_of_it() -> None:
+    sources = _blobs(50)
+    snapshot = SnapshotBuffers().prepare(sources)
+    seen: list[bool] = []
+
+    def writer() -> None:
+        for blob, source in zip(snapshot.blobs, sources, strict=True):
+            blob.ready()
+            seen.append(torch.equal(blob.tensor, source.tensor))
+
+    thread = threading.Thread(target=writer)
+    thread.start()  # before the copy, as an async save does
+    snapshot.copy()
+    thread.join()
+    assert seen == [True] * 50
+    assert snapshot.wait() > 0
+
+
+def test_failed_copy_releases_the_waiting_writer() -> None:
+    sources = _blobs(3)
+    snapshot = Snapshot(sources, [torch.empty(1000), torch.empty(7), torch.empty(1000)])
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        snapshot.blobs[0].ready()  # copied before the failure
+        try:
+            snapshot.blobs[1].ready()
+        except CheckpointError as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    with pytest.raises(RuntimeError):
+        snapshot.copy()  # a buffer of the wrong size
+    thread.join(timeout=10)
+    assert len(failures) == 1 and "snapshot" in str(failures[0])
+    with pytest.raises(CheckpointError):
+        snapshot.wait()
+
+
+def test_failed_snapshot_raises_from_save_and_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def wrong_buffer(self: SnapshotBuffers, key: Any, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.numel() + 1)  # the copy into it fails
+
+    with CheckpointManager(tmp_path, _opts()) as mgr:
+        mgr.save(1, {"x": torch.ones(10)})
+        with monkeypatch.context() as m:
+            m.setattr(SnapshotBuffers, "buffer", wrong_buffer)
+            with pytest.raises(RuntimeError, match="size"):
+                mgr.save(2, {"x": torch.ones(10)})
+        mgr.check_for_errors()  # the writer's own failure is not raised a second time
+        assert mgr.all_steps() == [1] and _tmp_entries(tmp_path) == []
+        mgr.save(3, {"x": torch.ones(10)})
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [1, 3]
