@@ -160,13 +160,29 @@ def test_saving_every_step_does_not_grow_memory(tmp_path: Path) -> None:
     assert stats.blocking_secs > 0 and stats.background_secs > 0
 
 
-def test_snapshot_buffers_are_reused(tmp_path: Path) -> None:
-    model = torch.nn.Linear(64, 64)
+def test_snapshot_buffers_are_reused() -> None:
+    blobs = [*_blobs(3), Blob("other", "x", torch.ones(5, dtype=torch.bool), [])]
+    buffers = SnapshotBuffers()
+
+    def addresses(blobs: list[Blob]) -> list[int]:
+        return [b.tensor.data_ptr() for b in buffers.prepare(blobs).blobs]
+
+    first = addresses(blobs)
+    assert addresses(blobs) == first
+    assert first[0] % 4096 == 0 and first[1] == first[0] + 4000, "one file's: back to back"
+    assert addresses([*blobs[:3], Blob("other", "x", torch.ones(6), [])])[:3] == first[:3]
+
+
+def test_snapshot_of_odd_offsets_and_accelerator_free_layouts_round_trips(
+    tmp_path: Path,
+) -> None:
+    """A 3-byte tensor before a float32 one: that file's buffers are separate."""
+    state = {"a": torch.arange(3, dtype=torch.uint8), "b": torch.arange(5.0), "c": torch.zeros(0)}
     with CheckpointManager(tmp_path, _opts()) as mgr:
-        mgr.save(1, {"model": model})
-        first = {k: v.data_ptr() for k, v in mgr._buffers._buffers.items()}
-        mgr.save(2, {"model": model})
-        assert {k: v.data_ptr() for k, v in mgr._buffers._buffers.items()} == first
+        mgr.save(1, state)
+        mgr.wait_until_finished()
+        restored = mgr.restore()
+    assert restored is not None and all(torch.equal(restored[k], v) for k, v in state.items())
 
 
 def test_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> None:
@@ -231,13 +247,13 @@ def test_failed_copy_releases_the_waiting_writer() -> None:
 def test_failed_snapshot_raises_from_save_and_commits_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def wrong_buffer(self: SnapshotBuffers, key: Any, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty(like.numel() + 1)  # the copy into it fails
+    def wrong_buffers(self: SnapshotBuffers, group: str, blobs: list[Blob]) -> Any:
+        return {b.key: torch.empty(b.tensor.numel() + 1) for b in blobs}  # copies fail
 
     with CheckpointManager(tmp_path, _opts()) as mgr:
         mgr.save(1, {"x": torch.ones(10)})
         with monkeypatch.context() as m:
-            m.setattr(SnapshotBuffers, "buffer", wrong_buffer)
+            m.setattr(SnapshotBuffers, "_arena", wrong_buffers)
             with pytest.raises(RuntimeError, match="size"):
                 mgr.save(2, {"x": torch.ones(10)})
         mgr.check_for_errors()  # the writer's own failure is not raised a second time

@@ -3,7 +3,8 @@
 Why hand-written instead of ``safetensors.torch.save_file``/``load_file``: those build
 the whole file image (or a copy of every tensor) in memory, doubling peak memory, and
 cannot read into tensors that already exist. The files are standard safetensors (8-byte
-little-endian header length, JSON header padded with spaces to 8 bytes, then the data),
+little-endian header length, JSON header padded with spaces to 8 bytes, or to a page
+boundary for files of 1 MiB and more, then the data),
 so ``safetensors.safe_open`` reads them without this library. Dtypes safetensors lacks
 (complex128, float8_e8m0, ...) are stored as ``U8`` bytes; the commit record keeps the
 real dtype.
@@ -33,6 +34,8 @@ from checkpointing.format.tree import Blob
 
 CHECKSUM_ALGORITHM = "xxh3_64"
 _CHUNK = 16 << 20  # bytes per write/read call: I/O-bound, and fine-grained write/drop-behind
+_PAGE = 4096
+_ALIGN_DATA_FROM = 1 << 20  # bytes of data from which a file's data starts page-aligned
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -114,7 +117,10 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
         }
         offset += blob.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
+    # Large files start their data on a page boundary: page-aligned tensor memory (an
+    # async save's snapshot) is then written with direct I/O, without a copy.
+    align = _PAGE if offset >= _ALIGN_DATA_FROM else 8
+    head += b" " * (-(8 + len(head)) % align)
     head = struct.pack("<Q", len(head)) + head
     _write_all(f, memoryview(head))
     with _Hasher() as hasher:  # hashing overlaps the writes: both release the GIL

@@ -52,12 +52,15 @@ def create_durable(path: Path) -> DurableFile:
 
 
 class _DirectFile:
-    """Writes through page-aligned bounce buffers with O_DIRECT, on a helper thread.
+    """Writes with O_DIRECT on a helper thread, from the caller's memory where it can.
 
-    The caller's bytes are copied into a buffer (numpy's copy releases the GIL) while
-    the helper writes the previous ones; the last buffer is padded to a page and the
-    file truncated to its true size before the fsync. Buffers are allocated as needed,
-    so a small file touches one page.
+    Runs of the caller's bytes that are page-aligned where the file is (an async save's
+    snapshot: see `checkpointing.background`) are written from that memory as they are;
+    the rest is copied into page-aligned bounce buffers (numpy's copy releases the GIL)
+    while the helper writes the previous ones. Either way the caller's bytes must stay
+    unchanged until `close`, which pads the last page, truncates the file to its true
+    size and fsyncs it. Bounce buffers are allocated as needed: a small file touches one
+    page.
     """
 
     _BUFFER = 4 << 20
@@ -70,7 +73,9 @@ class _DirectFile:
         self._filled = 0
         self._allocated = 0
         self._free: queue.Queue[np.ndarray[Any, Any]] = queue.Queue()
-        self._full: queue.Queue[tuple[np.ndarray[Any, Any], int] | None] = queue.Queue()
+        # (bytes to write, the bounce buffer they are in, if any); None: no more
+        self._full: queue.Queue[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any] | None] | None]
+        self._full = queue.Queue()
         self._error: OSError | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._drain, name="checkpointing-write", daemon=True)
@@ -79,19 +84,32 @@ class _DirectFile:
     def write(self, data: bytes | memoryview) -> int:
         self._raise_error()
         src = np.frombuffer(data, dtype=np.uint8)
+        address = src.ctypes.data
         pos = 0
         while pos < len(src):
-            if self._current is None:
-                self._current, self._filled = self._take_buffer(), 0
-            n = min(len(src) - pos, self._BUFFER - self._filled)
-            self._current[self._filled : self._filled + n] = src[pos : pos + n]
-            self._filled += n
+            left = len(src) - pos
+            to_page = -self._size % _ALIGN  # bytes until the file is at a page boundary
+            in_step = (address + pos + to_page) % _ALIGN == 0  # and the memory, then?
+            if in_step and not to_page and left >= _ALIGN:
+                n = left - left % _ALIGN
+                self._submit_current()
+                self._full.put((src[pos : pos + n], None))
+            else:
+                if self._current is None:
+                    self._current, self._filled = self._take_buffer(), 0
+                n = min(left, self._BUFFER - self._filled, to_page if in_step and to_page else left)
+                self._current[self._filled : self._filled + n] = src[pos : pos + n]
+                self._filled += n
+                if self._filled == self._BUFFER:
+                    self._submit_current()
             pos += n
-            if self._filled == self._BUFFER:
-                self._full.put((self._current, self._BUFFER))
-                self._current = None
-        self._size += len(src)
+            self._size += n
         return len(src)
+
+    def _submit_current(self) -> None:
+        if self._current is not None:
+            self._full.put((self._current[: self._filled], self._current))
+            self._current = None
 
     def _take_buffer(self) -> np.ndarray[Any, Any]:
         if self._free.empty() and self._allocated < self._BUFFERS:
@@ -101,13 +119,14 @@ class _DirectFile:
 
     def _drain(self) -> None:
         while (job := self._full.get()) is not None:
-            buffer, n = job
+            data, bounce = job
             if self._error is None:
                 try:
-                    self._write_all(memoryview(buffer)[:n])  # type: ignore[arg-type]
+                    self._write_all(memoryview(data))  # type: ignore[arg-type]
                 except OSError as e:  # raised to the caller on its next call
                     self._error = e
-            self._free.put(buffer)
+            if bounce is not None:
+                self._free.put(bounce)
 
     def _write_all(self, view: memoryview) -> None:
         """A short write (a nearly full disk) is continued until it completes or raises
@@ -139,8 +158,8 @@ class _DirectFile:
             if self._current is not None:
                 end = -(-self._filled // _ALIGN) * _ALIGN
                 self._current[self._filled : end] = 0
-                self._full.put((self._current, end))
-                self._current = None
+                self._filled = end
+                self._submit_current()
             self._full.put(None)
             self._thread.join()
             self._raise_error()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -64,3 +65,21 @@ def test_write_error_reaches_the_caller(tmp_path: Path) -> None:
         for _ in range(8):
             f.write(bytes(BUFFER))
         f.close()
+
+
+@pytest.mark.parametrize("lead", [0, 100, 4096, 5000])
+def test_memory_in_step_with_the_file_is_written_as_is(tmp_path: Path, lead: int) -> None:
+    """Page-aligned memory at a page-aligned file offset goes out without a bounce copy;
+    the bytes around it still do; the file is the same."""
+    memory = mmap.mmap(-1, 3 * BUFFER)
+    memory.write(os.urandom(3 * BUFFER))
+    view = memoryview(memory)
+    head = os.urandom(lead)
+    with create_durable(tmp_path / "f.bin") as f:
+        f.write(head)
+        f.write(view[lead : lead + 2 * BUFFER + 5])  # address and file offset agree mod 4096
+        f.write(view[1:4097])  # out of step: copied
+        f.write(b"tail")
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(
+        [head, view[lead : lead + 2 * BUFFER + 5], view[1:4097], b"tail"]
+    )
