@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import mmap
 import os
@@ -57,18 +56,32 @@ class SnapshotBuffers:
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}
         self._arenas: dict[str, tuple[object, dict[str, torch.Tensor]]] = {}
 
-    def prepare(self, blobs: list[Blob]) -> Snapshot:
-        """A snapshot of ``blobs`` into their buffers; `Snapshot.copy` fills it."""
+    def snapshot(self, blobs: list[Blob]) -> list[Blob]:
+        """Copies of ``blobs`` whose tensors the caller may mutate right after."""
         by_file: dict[str, list[Blob]] = {}
         for blob in blobs:
             by_file.setdefault(blob.group, []).append(blob)
-        found: dict[tuple[str, str], torch.Tensor] = {}
+        buffers: dict[tuple[str, str], torch.Tensor] = {}
         for group, members in by_file.items():
             arena = self._arena(group, members)
             for blob in members:
                 key = (group, blob.key)
-                found[key] = arena[blob.key] if arena else self.buffer(key, blob.tensor)
-        return Snapshot(blobs, [found[blob.group, blob.key] for blob in blobs])
+                buffers[key] = arena[blob.key] if arena else self.buffer(key, blob.tensor)
+        stream = None
+        out = []
+        for blob in blobs:
+            src, buf = blob.tensor, buffers[blob.group, blob.key]
+            if src.device.type == "cuda":  # into pinned memory, on a side stream
+                stream = stream or torch.cuda.Stream(device=src.device)  # type: ignore[no-untyped-call]
+                stream.wait_stream(torch.cuda.current_stream(src.device))
+                with torch.cuda.stream(stream):
+                    buf.copy_(src, non_blocking=True)
+            else:
+                buf.copy_(src)
+            out.append(dataclasses.replace(blob, tensor=buf))
+        if stream is not None:
+            stream.synchronize()
+        return out
 
     def _arena(self, group: str, blobs: list[Blob]) -> dict[str, torch.Tensor] | None:
         """Buffers for the tensors of one file, back to back in one allocation; None
@@ -101,78 +114,6 @@ class SnapshotBuffers:
             buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.device.type == "cuda")
             self._buffers[key] = buf
         return buf
-
-
-class Snapshot:
-    """Copies of a state's tensors, filled in order by the training thread.
-
-    The background writer starts before the copy and waits, in each copy's
-    `Blob.ready`, only for the tensors not copied yet: writing overlaps the copy, so
-    the save is durable sooner than if the writer started after it.
-    """
-
-    def __init__(self, sources: list[Blob], buffers: list[torch.Tensor]) -> None:
-        self._sources = sources
-        self._buffers = buffers
-        self.blobs = [
-            dataclasses.replace(blob, tensor=buf, ready=functools.partial(self._wait, i + 1))
-            for i, (blob, buf) in enumerate(zip(sources, buffers, strict=True))
-        ]
-        self._copied = 0  # blobs whose copy is complete, in order
-        self._done_at: float | None = None
-        self._failed = False
-        self._moved = threading.Condition()
-
-    def copy(self) -> None:
-        """Fill the buffers (the caller may mutate the sources once this returns)."""
-        try:
-            if any(blob.tensor.device.type == "cuda" for blob in self._sources):
-                self._copy_from_cuda()
-            else:
-                for i, (blob, buf) in enumerate(zip(self._sources, self._buffers, strict=True)):
-                    buf.copy_(blob.tensor)
-                    self._advance(i + 1)
-        except BaseException:
-            with self._moved:
-                self._failed = True
-                self._moved.notify_all()
-            raise
-        self._advance(len(self._sources), done=time.perf_counter())
-
-    def _copy_from_cuda(self) -> None:
-        """Device-to-host copies on a side stream into pinned buffers, then one sync."""
-        stream = None
-        for blob, buf in zip(self._sources, self._buffers, strict=True):
-            src = blob.tensor
-            if src.device.type == "cuda":
-                stream = stream or torch.cuda.Stream(device=src.device)  # type: ignore[no-untyped-call]
-                stream.wait_stream(torch.cuda.current_stream(src.device))
-                with torch.cuda.stream(stream):
-                    buf.copy_(src, non_blocking=True)
-            else:
-                buf.copy_(src)
-        if stream is not None:
-            stream.synchronize()
-
-    def _advance(self, n: int, done: float | None = None) -> None:
-        with self._moved:
-            self._copied = n
-            self._done_at = done
-            self._moved.notify_all()
-
-    def _wait(self, n: int) -> None:
-        with self._moved:
-            self._moved.wait_for(lambda: self._copied >= n or self._failed)
-            if self._copied < n:
-                raise CheckpointError("the snapshot of this save failed on the training thread")
-
-    def wait(self) -> float:
-        """Until the whole copy is done; returns when it was done (``perf_counter``)."""
-        with self._moved:
-            self._moved.wait_for(lambda: self._done_at is not None or self._failed)
-            if self._done_at is None:
-                raise CheckpointError("the snapshot of this save failed on the training thread")
-            return self._done_at
 
 
 class BackgroundWriter:

@@ -34,13 +34,7 @@ import numpy as np
 import torch
 
 from checkpointing import watch
-from checkpointing.background import (
-    BackgroundWriter,
-    SaveStats,
-    Snapshot,
-    SnapshotBuffers,
-    parallel_map,
-)
+from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers, parallel_map
 from checkpointing.coordination import Coordinator, PerRank
 from checkpointing.distributed.coordinator import default_coordinator
 from checkpointing.errors import (
@@ -398,25 +392,19 @@ class CheckpointManager:
         if not self.options.enable_async_checkpointing:
             self._persist(job, self._coordinator, t0)
             return True
+        job.flat.blobs = self._buffers.snapshot(job.flat.blobs)
         if job.flat.sharded:
             from checkpointing.distributed import sharded
 
             job.flat.sharded = sharded.snapshot(
                 job.flat.sharded, lambda key, like: self._buffers.buffer(("\0sharded", key), like)
             )
-        snapshot = self._buffers.prepare(job.flat.blobs)
-        job.flat.blobs = snapshot.blobs
-        self._writer.start(  # it writes each tensor as soon as its copy is done
+        blocking = time.perf_counter() - t0
+        self._writer.start(
             step,
-            lambda abandoned: self._persist(job, self._background, t0, snapshot, abandoned),
+            lambda abandoned: self._persist(job, self._background, t0, blocking, abandoned),
             self.options.async_timeout_secs,
         )
-        try:
-            snapshot.copy()
-        except BaseException:
-            with contextlib.suppress(Exception):  # it fails for want of the snapshot
-                self._writer.wait()
-            raise
         return True
 
     def wait_until_finished(self) -> None:
@@ -472,11 +460,10 @@ class CheckpointManager:
         job: _SaveJob,
         coordinator: Coordinator,
         t0: float,
-        snapshot: Snapshot | None = None,
+        blocking: float | None = None,
         abandoned: Callable[[], bool] = lambda: False,
     ) -> None:
-        """Write, commit, cache and apply retention (on the background thread if async,
-        following the ``snapshot`` as it is copied)."""
+        """Write, commit, cache and apply retention (on the background thread if async)."""
         t1 = time.perf_counter()
         record = self._write(job, coordinator, abandoned)
         with self._lock:
@@ -487,8 +474,8 @@ class CheckpointManager:
         done = time.perf_counter()
         self._last_stats = SaveStats(
             step=job.step,
-            blocking_secs=(done if snapshot is None else snapshot.wait()) - t0,
-            background_secs=0.0 if snapshot is None else done - t1,
+            blocking_secs=done - t0 if blocking is None else blocking,
+            background_secs=0.0 if blocking is None else done - t1,
             nbytes=sum(f.size for f in record.files.values()),
         )
         logger.debug("saved step %d: %s", job.step, self._last_stats)

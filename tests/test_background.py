@@ -20,7 +20,7 @@ from checkpointing import (
     CheckpointManagerOptions,
     DiskFullError,
 )
-from checkpointing.background import Snapshot, SnapshotBuffers
+from checkpointing.background import SnapshotBuffers
 from checkpointing.format import tensors
 from checkpointing.format.tree import Blob
 
@@ -165,7 +165,7 @@ def test_snapshot_buffers_are_reused() -> None:
     buffers = SnapshotBuffers()
 
     def addresses(blobs: list[Blob]) -> list[int]:
-        return [b.tensor.data_ptr() for b in buffers.prepare(blobs).blobs]
+        return [b.tensor.data_ptr() for b in buffers.snapshot(blobs)]
 
     first = addresses(blobs)
     assert addresses(blobs) == first
@@ -204,46 +204,6 @@ def _blobs(n: int) -> list[Blob]:
     return [Blob("g", f"t{i}", torch.full((1000,), float(i)), []) for i in range(n)]
 
 
-def test_writer_follows_the_copy_and_never_reads_ahead_of_it() -> None:
-    sources = _blobs(50)
-    snapshot = SnapshotBuffers().prepare(sources)
-    seen: list[bool] = []
-
-    def writer() -> None:
-        for blob, source in zip(snapshot.blobs, sources, strict=True):
-            blob.ready()
-            seen.append(torch.equal(blob.tensor, source.tensor))
-
-    thread = threading.Thread(target=writer)
-    thread.start()  # before the copy, as an async save does
-    snapshot.copy()
-    thread.join()
-    assert seen == [True] * 50
-    assert snapshot.wait() > 0
-
-
-def test_failed_copy_releases_the_waiting_writer() -> None:
-    sources = _blobs(3)
-    snapshot = Snapshot(sources, [torch.empty(1000), torch.empty(7), torch.empty(1000)])
-    failures: list[BaseException] = []
-
-    def writer() -> None:
-        snapshot.blobs[0].ready()  # copied before the failure
-        try:
-            snapshot.blobs[1].ready()
-        except CheckpointError as e:
-            failures.append(e)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    with pytest.raises(RuntimeError):
-        snapshot.copy()  # a buffer of the wrong size
-    thread.join(timeout=10)
-    assert len(failures) == 1 and "snapshot" in str(failures[0])
-    with pytest.raises(CheckpointError):
-        snapshot.wait()
-
-
 def test_failed_snapshot_raises_from_save_and_commits_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,7 +216,7 @@ def test_failed_snapshot_raises_from_save_and_commits_nothing(
             m.setattr(SnapshotBuffers, "_arena", wrong_buffers)
             with pytest.raises(RuntimeError, match="size"):
                 mgr.save(2, {"x": torch.ones(10)})
-        mgr.check_for_errors()  # the writer's own failure is not raised a second time
+        mgr.check_for_errors()
         assert mgr.all_steps() == [1] and _tmp_entries(tmp_path) == []
         mgr.save(3, {"x": torch.ones(10)})
         mgr.wait_until_finished()

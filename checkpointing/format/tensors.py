@@ -126,7 +126,6 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     with _Hasher() as hasher:  # hashing overlaps the writes: both release the GIL
         hasher.add(memoryview(head))
         for blob in blobs:
-            blob.ready()
             tensor = blob.tensor if blob.tensor.device.type == "cpu" else blob.tensor.cpu()
             data = byte_view(tensor)
             hasher.add(data)

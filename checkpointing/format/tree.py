@@ -46,9 +46,6 @@ class Blob:
     key: str  # unique within the group
     tensor: torch.Tensor
     nodes: list[dict[str, Any]]  # tree nodes reading these bytes; the writer adds file/key
-    # Called before the tensor's bytes are read: an async save's snapshot may still be
-    # copying them (see `checkpointing.background.Snapshot`).
-    ready: Callable[[], object] = lambda: None
 
     @property
     def nbytes(self) -> int:
