@@ -1,8 +1,9 @@
 """Remote save/restore throughput through moto (S3) and fake-gcs-server (GCS).
 
-    .venv/bin/python benchmarks/remote.py --size-gb 0.5 --rounds 3
+    .venv/bin/python benchmarks/remote.py --size-gb 0.5 --rounds 5
 
-In one run, methods interleaved per round, each against a fresh bucket:
+In one run, methods interleaved per round (taking turns at going first, each after
+``--settle`` idle seconds), against a fresh bucket per round, removed afterwards:
 - ours: `CheckpointManager("s3://...")` durable save; download (the step into a fresh
   cache, durably, checked while copied: what a restore does first); restore (download,
   then read in place);
@@ -20,10 +21,11 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "remote"))
@@ -34,6 +36,7 @@ from checkpointing import CheckpointManager, CheckpointManagerOptions
 from checkpointing.storage.cache import fetch_step
 
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
+T = TypeVar("T")
 
 
 def start_servers(log_dir: Path) -> dict[str, tuple[servers.Server, dict[str, Any]]]:
@@ -70,10 +73,19 @@ def new_bucket(protocol: str, options: dict[str, Any]) -> str:
     return f"{protocol}://{name}"
 
 
+def turns(r: int, methods: list[tuple[str, T]]) -> list[tuple[str, T]]:
+    """``methods`` rotated by round ``r``: each goes first as often as the others."""
+    shift = r % len(methods)
+    return methods[shift:] + methods[:shift]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="idle seconds before each timed operation"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
     started = start_servers(work)
@@ -87,41 +99,50 @@ def main() -> None:
     nfiles = len(os.listdir(files)) - 1  # data files, without the commit record
     times: dict[str, list[float]] = {}
 
-    def record(name: str, fn: Callable[[], Any]) -> None:
+    def record(name: str, fn: Callable[[], Any], settle: float) -> None:
+        time.sleep(settle)
         times.setdefault(name, []).append(timed(fn)[0])
 
     try:
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for protocol, (_, options) in started.items():
                 bucket = new_bucket(protocol, options)
                 fs = servers.fresh_fs(protocol, options)
-                url = f"{bucket}/ours"
                 mgr = CheckpointManager(
-                    url, SYNC, storage_options=options, cache_dir=work / "cache"
+                    f"{bucket}/ours", SYNC, storage_options=options, cache_dir=work / "cache"
                 )
-                record(f"{protocol}: ours save", lambda: mgr.save(1, state))
-                record(
-                    f"{protocol}: raw put",
-                    lambda: fs.put(str(files), f"{bucket}/raw", recursive=True),
-                )
-                shutil.rmtree(work / "cache", ignore_errors=True)
-                record(f"{protocol}: ours download", lambda: fetch_step(
-                    mgr._storage, "step_00000001", mgr._records[1], work / "fetched"))
-                shutil.rmtree(work / "fetched", ignore_errors=True)
-                record(f"{protocol}: ours restore", lambda: mgr.restore(state))
-                shutil.rmtree(work / "get", ignore_errors=True)
-                record(
-                    f"{protocol}: raw get",
-                    lambda: fs.get(f"{bucket}/raw", str(work / "get"), recursive=True),
-                )
-                shutil.rmtree(work / "get", ignore_errors=True)
+
+                def ours_save(mgr: CheckpointManager = mgr) -> None:
+                    mgr.save(1, state)
+
+                def raw_put(fs: Any = fs, bucket: str = bucket) -> None:
+                    fs.put(str(files), f"{bucket}/raw", recursive=True)
+
+                def ours_download(mgr: CheckpointManager = mgr) -> None:
+                    fetch_step(mgr._storage, "step_00000001", mgr._records[1], work / "fetched")
+
+                def raw_get(fs: Any = fs, bucket: str = bucket) -> None:
+                    fs.get(f"{bucket}/raw", str(work / "get"), recursive=True)
 
                 def durable_get() -> None:
-                    fs.get(f"{bucket}/raw", str(work / "get"), recursive=True)
+                    raw_get()
                     fsync_tree(work / "get")
 
-                record(f"{protocol}: raw get + fsync", durable_get)
+                # Each pair takes turns at going first; every operation starts settled.
+                for name, fn in turns(r, [("ours save", ours_save), ("raw put", raw_put)]):
+                    record(f"{protocol}: {name}", fn, settle=args.settle)
+                reads = [
+                    ("ours download", ours_download),
+                    ("raw get", raw_get),
+                    ("raw get + fsync", durable_get),
+                    ("ours restore", lambda mgr=mgr: mgr.restore(state)),
+                ]
+                for name, fn in turns(r, reads):
+                    for leftover in ("cache", "fetched", "get"):
+                        shutil.rmtree(work / leftover, ignore_errors=True)
+                    record(f"{protocol}: {name}", fn, settle=args.settle)
                 mgr.close()
+                fs.rm(bucket, recursive=True)  # keep the servers' memory level
             for mirrored in (False, True):
                 directory = work / f"mirror-{mirrored}"
                 shutil.rmtree(directory, ignore_errors=True)
@@ -133,7 +154,8 @@ def main() -> None:
                     mgr.save(1, state)  # warms the snapshot buffers
                     mgr.wait_until_finished()
                     label = "mirrored save (to s3)" if mirrored else "local save"
-                    record(f"blocking: {label}", lambda: mgr.save(2, state))
+                    record(f"blocking: {label}", lambda: mgr.save(2, state), settle=args.settle)
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         for server, _ in started.values():
             servers._stop(server)
