@@ -60,12 +60,9 @@ from checkpointing import (
     CheckpointManager,
     CheckpointManagerOptions,
     EpochIterNaming,
-    EveryNSeconds,
-    EveryNSteps,
-    InitialSave,
     SaveContext,
-    SavePolicy,
 )
+from checkpointing.policies import configured_save_rules
 from trainer_adapters.loop import Progress, ResumableLoop, TrainingUnit
 
 __all__ = ["CheckpointedTrainer", "EpochIterSteps", "HeliosFrequency"]
@@ -196,7 +193,7 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
             return None
         options = self._manager_options or CheckpointManagerOptions()
         read_only = not training
-        rules = _save_rules(options)
+        rules = configured_save_rules(options)
         if self._frequency is not None:
             rules.insert(0, self._frequency)
         policy = rules[0] if len(rules) == 1 else AnyOf(*rules) if rules else AtSteps(())
@@ -360,10 +357,7 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
         dataloader, sampler = core.get_from_optional(self.datamodule.train_dataloader())
         loop = self._start_loop(state, dataloader)
         root_logger, timer = loggers.get_root_logger(), core.AverageTimer()
-        total = self._total_steps
-        pbar = tqdm.tqdm(total=None if total == float("inf") else total, unit="it",
-                         desc="Training iterations", disable=self._pbar_disabled(),
-                         initial=state.current_iteration)
+        pbar = self._overall_pbar("it", "Training iterations", state.current_iteration)
         self.model.train()
         done = False
         try:
@@ -420,10 +414,7 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
         dataloader, sampler = core.get_from_optional(self.datamodule.train_dataloader())
         loop = self._start_loop(state, dataloader)
         root_logger, timer = loggers.get_root_logger(), core.AverageTimer()
-        total = self._total_steps
-        pbar = tqdm.tqdm(total=None if total == float("inf") else total, unit="epoch",
-                         desc="Training epochs", disable=self._pbar_disabled(),
-                         initial=loop.progress.epoch)
+        pbar = self._overall_pbar("epoch", "Training epochs", loop.progress.epoch)
         self.model.train()
         done = False
         try:
@@ -496,27 +487,16 @@ class CheckpointedTrainer(Trainer):  # type: ignore[misc]
     def _should_stop(self) -> bool:
         return bool(self._plugins_should_training_stop() or self.model.should_training_stop())
 
+    def _overall_pbar(self, unit: str, desc: str, initial: int) -> tqdm.tqdm[Any]:
+        total = self._total_steps
+        return tqdm.tqdm(total=None if total == float("inf") else total, unit=unit, desc=desc,
+                         disable=self._pbar_disabled(), initial=initial)
+
     def _pbar_disabled(self) -> bool:
         return bool((self._is_distributed and self.rank != 0) or not self._enable_progress_bar)
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _save_rules(options: CheckpointManagerOptions) -> list[SavePolicy]:
-    """The save rules ``options`` sets, without the manager's "every step" default."""
-    if options.save_policy is not None:
-        return [options.save_policy]
-    rules: list[SavePolicy] = []
-    if options.save_interval_steps is not None:
-        rules.append(EveryNSteps(options.save_interval_steps))
-    if options.save_on_steps is not None:
-        rules.append(AtSteps(options.save_on_steps))
-    if options.save_interval_secs is not None:
-        rules.append(EveryNSeconds(options.save_interval_secs))
-    if options.save_on_initial:
-        rules.append(InitialSave())
-    return rules
 
 
 def _length(loader: Any) -> int | None:

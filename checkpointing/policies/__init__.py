@@ -23,6 +23,7 @@ from checkpointing.policies.save import (
     OnPreemption,
     SaveContext,
     SavePolicy,
+    configured_save_rules,
     decide_save,
     save_policy_from_options,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "RetentionPolicy",
     "SaveContext",
     "SavePolicy",
+    "configured_save_rules",
     "decide_retention",
     "decide_save",
     "retention_policy_from_options",

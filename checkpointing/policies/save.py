@@ -136,6 +136,24 @@ def decide_save(policy: SavePolicy, ctx: SaveContext) -> bool:
     return policy.should_save(ctx)
 
 
+def configured_save_rules(options: CheckpointManagerOptions) -> list[SavePolicy]:
+    """The rules the step, time and initial-save fields set, or ``[save_policy]``, which
+    replaces them; without the every-step default and the preemption rule (adapters
+    that add their own rules start from these)."""
+    if options.save_policy is not None:
+        return [options.save_policy]
+    rules: list[SavePolicy] = []
+    if options.save_interval_steps is not None:
+        rules.append(EveryNSteps(options.save_interval_steps))
+    if options.save_on_steps is not None:
+        rules.append(AtSteps(options.save_on_steps))
+    if options.save_interval_secs is not None:
+        rules.append(EveryNSeconds(options.save_interval_secs))
+    if options.save_on_initial:
+        rules.append(InitialSave())
+    return rules
+
+
 def save_policy_from_options(options: CheckpointManagerOptions) -> SavePolicy:
     """Build the save policy the option fields describe.
 
@@ -145,20 +163,9 @@ def save_policy_from_options(options: CheckpointManagerOptions) -> SavePolicy:
     is due; an explicitly empty ``save_on_steps`` counts as set (save only on preemption
     or initially, say).
     """
-    rules: list[SavePolicy] = []
-    if options.save_policy is not None:
-        rules.append(options.save_policy)
-    else:
-        if options.save_interval_steps is not None:
-            rules.append(EveryNSteps(options.save_interval_steps))
-        if options.save_on_steps is not None:
-            rules.append(AtSteps(options.save_on_steps))
-        if options.save_interval_secs is not None:
-            rules.append(EveryNSeconds(options.save_interval_secs))
-        if not rules:
-            rules.append(EveryNSteps(1))
-        if options.save_on_initial:
-            rules.append(InitialSave())
+    rules = configured_save_rules(options)
+    if all(isinstance(rule, InitialSave) for rule in rules):
+        rules.insert(0, EveryNSteps(1))
     if options.save_on_preemption:
         rules.append(OnPreemption())
     return rules[0] if len(rules) == 1 else AnyOf(*rules)

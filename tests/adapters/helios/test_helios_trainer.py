@@ -51,19 +51,6 @@ def train(out: Path, *args: str, expect: int | None = 0) -> None:
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == expect, status
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
-    cache: dict[tuple[str, ...], Path] = {}
-
-    def get(*args: str) -> Path:
-        if args not in cache:
-            cache[args] = tmp_path_factory.mktemp("ref")
-            train(cache[args], *args)
-        return cache[args]
-
-    return get
-
-
 ITERATION, EPOCH = ("--unit", "iteration", "--freq", "1"), ("--unit", "epoch", "--freq", "1")
 
 

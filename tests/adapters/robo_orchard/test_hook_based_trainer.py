@@ -19,19 +19,6 @@ def train(out: Path, *args: str, expect_kill: bool = False) -> None:
     run([SCRIPT, str(out), *args], expect_kill=expect_kill)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
-    cache: dict[tuple[str, ...], Path] = {}
-
-    def get(*args: str) -> Path:
-        if args not in cache:
-            cache[args] = tmp_path_factory.mktemp("ref")
-            train(cache[args], *args)
-        return cache[args]
-
-    return get
-
-
 # 8 micro-batches per epoch, 3 epochs.
 @pytest.mark.parametrize(
     ("args", "kills"),
