@@ -276,10 +276,15 @@ class DropBehindFile(io.FileIO):
         n = super().readinto(buffer)
         if n:
             os.posix_fadvise(self.fileno(), start, n, os.POSIX_FADV_DONTNEED)
-        with self._moved:
-            self._reader_at = start + (n or 0)
-            self._moved.notify()
+        self.reading_at(start + (n or 0))
         return n
+
+    def reading_at(self, offset: int) -> None:
+        """Move the read-ahead window to ``offset``: for readers of a mapping of this
+        file, which bypass `readinto` (their pages are kept: they hold the tensors)."""
+        with self._moved:
+            self._reader_at = offset
+            self._moved.notify()
 
     def close(self) -> None:
         with self._moved:

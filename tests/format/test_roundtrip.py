@@ -684,6 +684,26 @@ def test_tensors_mapped_from_a_local_file_are_private_copies(tmp_path: Path) -> 
         assert torch.equal(first["b"], -torch.arange(1000.0))
 
 
+def test_mapped_restore_moves_the_read_ahead_through_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore without a target reads through mappings, which the file's read-ahead
+    cannot see: the reader tells it where it is, tensor by tensor, in file order."""
+    from checkpointing.storage.local_files import DropBehindFile
+
+    at: list[int] = []
+    real = DropBehindFile.reading_at
+    monkeypatch.setattr(
+        DropBehindFile, "reading_at", lambda self, offset: (at.append(offset), real(self, offset))
+    )
+    state = {"m": {f"w{i}": torch.randn(64, 64) for i in range(8)}}
+    with CheckpointManager(tmp_path, SYNC) as mgr:
+        mgr.save(1, state)
+        at.clear()  # reads of the save itself
+        assert_same(state, mgr.restore())
+    assert len(at) == 8 and at == sorted(at), at
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_restore_to_cpu_or_in_place_on_cuda(tmp_path: Path) -> None:
     weight = torch.randn(4, 3, device="cuda")

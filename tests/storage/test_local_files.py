@@ -83,3 +83,42 @@ def test_memory_in_step_with_the_file_is_written_as_is(tmp_path: Path, lead: int
     assert (tmp_path / "f.bin").read_bytes() == b"".join(
         [head, view[lead : lead + 2 * BUFFER + 5], view[1:4097], b"tail"]
     )
+
+
+def test_read_ahead_follows_reads_and_mapped_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper thread asks for pages up to a window ahead of the reader, whether it
+    reads (`readinto`) or maps the file and says where it is (`reading_at`)."""
+    import threading
+    import time
+
+    advised: list[int] = []
+    seen = threading.Condition()
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            with seen:
+                advised.append(offset + length)
+                seen.notify_all()
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    size = 4 * DropBehindFile._AHEAD
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as out:
+        out.truncate(size)
+
+    def reaches(end: int) -> bool:
+        with seen:
+            return seen.wait_for(lambda: max(advised, default=0) >= end, timeout=10)
+
+    with DropBehindFile(path) as f:
+        assert reaches(DropBehindFile._AHEAD)
+        time.sleep(0.05)
+        assert max(advised) <= DropBehindFile._AHEAD + DropBehindFile._STEP, "paced"
+        f.readinto(bytearray(DropBehindFile._AHEAD))
+        assert reaches(2 * DropBehindFile._AHEAD)
+        f.reading_at(3 * DropBehindFile._AHEAD)
+        assert reaches(size)
