@@ -87,6 +87,9 @@ def flatten(state: Mapping[str, Any]) -> FlatState:
     return FlatState(items=items, blobs=flattener.blobs, sharded=flattener.sharded)
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 class _Flattener:
     def __init__(self) -> None:
         self.blobs: list[Blob] = []
@@ -134,12 +137,12 @@ class _Flattener:
         )
 
     def _tensor(self, tensor: torch.Tensor, item: str, path: tuple[Any, ...]) -> Node:
-        if is_dtensor(tensor):
-            key = _path(path)
-            self.sharded[key] = tensor.detach()
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            return {"dtensor": {"key": key, "dtype": dtype, "shape": list(tensor.shape)}}
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        if type(tensor) not in _PLAIN_TENSORS:  # checked first: the MRO walk is slower
+            if is_dtensor(tensor):
+                key = _path(path)
+                self.sharded[key] = tensor.detach()
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                return {"dtensor": {"key": key, "dtype": dtype, "shape": list(tensor.shape)}}
             raise UnsupportedTypeError(
                 f"cannot save tensor subclass {type(tensor).__name__} at {_path(path)}: "
                 f"convert it to a plain tensor (sharded tensors need torch.distributed)"
