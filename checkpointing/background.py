@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from checkpointing.errors import CheckpointError
+from checkpointing.format.tensors import data_offsets
 from checkpointing.format.tree import Blob
 
 logger = logging.getLogger("checkpointing")
@@ -91,12 +92,11 @@ class SnapshotBuffers:
         cached = self._arenas.get(group)
         if cached is not None and cached[0] == layout:
             return cached[1]
-        offsets, total = [], 0
-        for blob in blobs:
-            if blob.tensor.device.type != "cpu" or total % blob.tensor.element_size():
+        offsets = data_offsets(blobs)
+        for blob, start in zip(blobs, offsets, strict=True):
+            if blob.tensor.device.type != "cpu" or start % blob.tensor.element_size():
                 return None
-            offsets.append(total)
-            total += blob.nbytes
+        total = offsets[-1] + blobs[-1].nbytes if blobs else 0
         memory = torch.frombuffer(mmap.mmap(-1, max(total, 1)), dtype=torch.uint8)
         arena = {
             blob.key: memory[start : start + blob.nbytes]

@@ -118,11 +118,14 @@ def test_stuck_save_times_out_and_is_never_committed(
         assert mgr.all_steps() == [2]
 
 
-def test_async_and_sync_files_are_byte_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("width", [32, 301], ids=["small", "padded"])
+def test_async_and_sync_files_are_byte_identical(tmp_path: Path, width: int) -> None:
+    """Also for files of 1 MiB and more with odd-sized tensors, whose tensors are
+    aligned by padding entries that the snapshot's layout must reproduce."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(16 * width, width), torch.nn.Linear(width, 4))
     opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 16)).sum().backward()
+    model(torch.randn(2, 16 * width)).sum().backward()
     opt.step()
     state = {"model": model, "optimizer": opt, "extra": {"epoch": 1}}
     for mode in (True, False):
@@ -135,6 +138,9 @@ def test_async_and_sync_files_are_byte_identical(tmp_path: Path) -> None:
     for f in a.iterdir():
         if f.suffix == ".safetensors":
             assert f.read_bytes() == (b / f.name).read_bytes(), f.name
+    with open(a / "optimizer.safetensors", "rb") as f:
+        _, entries = tensors.read_header(f, "optimizer.safetensors")
+    assert any(k.startswith("__pad") for k in entries) == (width == 301)
     records = [json.loads((d / "checkpoint.json").read_bytes()) for d in (a, b)]
     for r in records:
         del r["created_at"], r["committed_at"]

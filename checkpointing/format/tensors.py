@@ -4,8 +4,8 @@ Why hand-written instead of ``safetensors.torch.save_file``/``load_file``: those
 the whole file image (or a copy of every tensor) in memory, doubling peak memory, and
 cannot read into tensors that already exist. The files are standard safetensors (8-byte
 little-endian header length, JSON header padded with spaces to 8 bytes, or to a page
-boundary for files of 1 MiB and more, then the data),
-so ``safetensors.safe_open`` reads them without this library. Dtypes safetensors lacks
+boundary for files of 1 MiB and more, then the data; see `data_offsets`), so
+``safetensors.safe_open`` reads them without this library. Dtypes safetensors lacks
 (complex128, float8_e8m0, ...) are stored as ``U8`` bytes; the commit record keeps the
 real dtype.
 
@@ -36,6 +36,7 @@ CHECKSUM_ALGORITHM = "xxh3_64"
 _CHUNK = 16 << 20  # bytes per write/read call: I/O-bound, and fine-grained write/drop-behind
 _PAGE = 4096
 _ALIGN_DATA_FROM = 1 << 20  # bytes of data from which a file's data starts page-aligned
+_ALIGN_TENSORS = 64  # ... and its tensors of 64 bytes or more start on a cache line
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -98,6 +99,25 @@ class FileWritten:
     checksum: str
 
 
+def data_offsets(blobs: Sequence[Blob]) -> list[int]:
+    """Where each blob's bytes start, counted from the start of a file's data.
+
+    Back to back, except in files of 1 MiB of data or more, where tensors of 64 bytes or
+    more start on a 64-byte boundary (padding entries fill the gaps; safetensors allows
+    no holes). An async save's snapshot is laid out like the file, so that it is written
+    with direct I/O as is; copying into it at addresses off the cache line was 1.3x
+    slower (an Adam ``step`` scalar shifts every tensor after it by 4 bytes).
+    """
+    align = sum(b.nbytes for b in blobs) >= _ALIGN_DATA_FROM
+    offsets, end = [], 0
+    for blob in blobs:
+        if align and blob.nbytes >= _ALIGN_TENSORS:
+            end += -end % _ALIGN_TENSORS
+        offsets.append(end)
+        end += blob.nbytes
+    return offsets
+
+
 def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten:
     """Stream ``blobs`` into ``f`` as one safetensors file.
 
@@ -106,35 +126,43 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     its host copy when it lives on an accelerator.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for blob in blobs:
+    runs: list[Blob | int] = []  # in file order: a blob, or that many bytes of padding
+    taken = {blob.key for blob in blobs}
+    end = 0
+    for blob, start in zip(blobs, data_offsets(blobs), strict=True):
+        if start > end:
+            pad = f"__pad{len(header)}__"
+            while pad in taken:  # a tensor of the state has that name
+                pad += "_"
+            header[pad] = {"dtype": "U8", "shape": [start - end], "data_offsets": [end, start]}
+            runs.append(start - end)
         dtype = _SAFETENSORS_DTYPES.get(blob.tensor.dtype)
         shape = list(blob.tensor.shape) if dtype else [blob.nbytes]
-        header[blob.key] = {
-            "dtype": dtype or "U8",
-            "shape": shape,
-            "data_offsets": [offset, offset + blob.nbytes],
-        }
-        offset += blob.nbytes
+        end = start + blob.nbytes
+        header[blob.key] = {"dtype": dtype or "U8", "shape": shape, "data_offsets": [start, end]}
+        runs.append(blob)
     head = json.dumps(header, separators=(",", ":")).encode()
     # Large files start their data on a page boundary: page-aligned tensor memory (an
     # async save's snapshot) is then written with direct I/O, without a copy.
-    align = _PAGE if offset >= _ALIGN_DATA_FROM else 8
+    align = _PAGE if end >= _ALIGN_DATA_FROM else 8
     head += b" " * (-(8 + len(head)) % align)
     head = struct.pack("<Q", len(head)) + head
     _write_all(f, memoryview(head))
     with _Hasher() as hasher:  # hashing overlaps the writes: both release the GIL
         hasher.add(memoryview(head))
-        for blob in blobs:
-            tensor = blob.tensor if blob.tensor.device.type == "cpu" else blob.tensor.cpu()
-            data = byte_view(tensor)
+        for run in runs:
+            if isinstance(run, int):
+                data = memoryview(bytes(run))
+            else:
+                data = byte_view(run.tensor if run.tensor.is_cpu else run.tensor.cpu())
             hasher.add(data)
             _write_all(f, data)
     digests = hasher.digests
-    for blob, checksum in zip(blobs, digests[1:], strict=True):
-        for node in blob.nodes:
-            node.update(file=filename, key=blob.key, checksum=checksum)
-    return FileWritten(len(head) + offset, digests[0], combine(digests))
+    for run, checksum in zip(runs, digests[1:], strict=True):
+        if isinstance(run, Blob):
+            for node in run.nodes:
+                node.update(file=filename, key=run.key, checksum=checksum)
+    return FileWritten(len(head) + end, digests[0], combine(digests))
 
 
 class _Hasher:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions, TensorMetadata
 from checkpointing.errors import CorruptCheckpointError, UnsupportedTypeError
+from checkpointing.format.tensors import read_header
 from checkpointing.storage.local import LocalStorage
 
 pytestmark = [
@@ -682,6 +683,37 @@ def test_tensors_mapped_from_a_local_file_are_private_copies(tmp_path: Path) -> 
         assert_same(state, again)
         mgr.delete(1)
         assert torch.equal(first["b"], -torch.arange(1000.0))
+
+
+def test_large_files_align_their_tensors_with_padding_entries(tmp_path: Path) -> None:
+    """In files of 1 MiB and more, tensors of 64 bytes or more start on a 64-byte
+    boundary; the padding entries are plain U8 tensors to safetensors, never part of the
+    tree, and never take a name of the state."""
+    state = {
+        "m": {
+            "step": torch.tensor(3.0),  # 4 bytes: shifts what follows
+            "__pad2__": torch.randn(1000, 301),  # the name the first padding would take
+            "bias": torch.randn(301),  # 1204 bytes
+            "tiny": torch.arange(3, dtype=torch.uint8),
+            "w": torch.randn(300, 7, dtype=torch.float64),
+        }
+    }
+    with CheckpointManager(tmp_path, SYNC) as mgr:
+        mgr.save(1, state)
+        assert_same(state, mgr.restore())
+        mgr.verify(1)
+    path = tmp_path / "step_00000001" / "m.safetensors"
+    with open(path, "rb") as f:
+        head, entries = read_header(f, path.name)
+    assert len(head) % 4096 == 0, "the data starts on a page"
+    pads = {k for k in entries if k not in state["m"]}
+    assert pads and all(entries[k].dtype == "U8" for k in pads)
+    for key, entry in entries.items():
+        if entry.end - entry.start >= 64:
+            assert (entry.start - len(head)) % 64 == 0, key
+    plain = safetensors.torch.load_file(path)
+    assert set(plain) == set(state["m"]) | pads
+    assert torch.equal(plain["__pad2__"], state["m"]["__pad2__"])
 
 
 def test_mapped_restore_moves_the_read_ahead_through_the_file(
