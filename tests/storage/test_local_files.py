@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,9 +92,6 @@ def test_read_ahead_follows_reads_and_mapped_readers(
 ) -> None:
     """The helper thread asks for pages up to a window ahead of the reader, whether it
     reads (`readinto`) or maps the file and says where it is (`reading_at`)."""
-    import threading
-    import time
-
     advised: list[int] = []
     seen = threading.Condition()
     real = os.posix_fadvise
