@@ -85,9 +85,9 @@ class SnapshotBuffers:
         return out
 
     def _arena(self, group: str, blobs: list[Blob]) -> dict[str, torch.Tensor] | None:
-        """Buffers for the tensors of one file, back to back in one allocation; None
-        when a tensor's offset would not suit its dtype, or for accelerator tensors
-        (they are staged in pinned buffers)."""
+        """Buffers for the tensors of one file in one allocation, at their offsets in
+        the file (`data_offsets`); None when a tensor's offset would not suit its dtype,
+        or for accelerator tensors (they are staged in pinned buffers)."""
         layout = [(b.key, b.tensor.dtype, b.tensor.shape) for b in blobs]
         cached = self._arenas.get(group)
         if cached is not None and cached[0] == layout:
