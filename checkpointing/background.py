@@ -49,8 +49,9 @@ class SnapshotBuffers:
 
     The tensors bound for one file share one page-aligned allocation, laid out as the
     file lays out its data (which starts on a page boundary), so a local save writes
-    them with direct I/O straight from there, without a bounce copy that would compete
-    with the training thread's copy for memory bandwidth (`storage.local_files`).
+    them with direct I/O straight from there, in a few large writes and without a
+    bounce copy that would compete with the training thread's copy for memory bandwidth
+    (`format.tensors.write_file`, `storage.local_files`).
     """
 
     def __init__(self) -> None:

@@ -126,7 +126,7 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     its host copy when it lives on an accelerator.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    runs: list[Blob | int] = []  # in file order: a blob, or that many bytes of padding
+    runs: list[tuple[Blob | None, int, int]] = []  # file order: blob or None (padding), span
     taken = {blob.key for blob in blobs}
     end = 0
     for blob, start in zip(blobs, data_offsets(blobs), strict=True):
@@ -135,12 +135,12 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
             while pad in taken:  # a tensor of the state has that name
                 pad += "_"
             header[pad] = {"dtype": "U8", "shape": [start - end], "data_offsets": [end, start]}
-            runs.append(start - end)
+            runs.append((None, end, start))
         dtype = _SAFETENSORS_DTYPES.get(blob.tensor.dtype)
         shape = list(blob.tensor.shape) if dtype else [blob.nbytes]
         end = start + blob.nbytes
         header[blob.key] = {"dtype": dtype or "U8", "shape": shape, "data_offsets": [start, end]}
-        runs.append(blob)
+        runs.append((blob, start, end))
     head = json.dumps(header, separators=(",", ":")).encode()
     # Large files start their data on a page boundary: page-aligned tensor memory (an
     # async save's snapshot) is then written with direct I/O, without a copy.
@@ -148,21 +148,59 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     head += b" " * (-(8 + len(head)) % align)
     head = struct.pack("<Q", len(head)) + head
     _write_all(f, memoryview(head))
+    image = _image(runs, end)
     with _Hasher() as hasher:  # hashing overlaps the writes: both release the GIL
         hasher.add(memoryview(head))
-        for run in runs:
-            if isinstance(run, int):
-                data = memoryview(bytes(run))
-            else:
-                data = byte_view(run.tensor if run.tensor.is_cpu else run.tensor.cpu())
-            hasher.add(data)
-            _write_all(f, data)
+        if image is None:
+            for run, start, stop in runs:
+                if run is None:
+                    data = memoryview(bytes(stop - start))
+                else:
+                    data = byte_view(run.tensor if run.tensor.is_cpu else run.tensor.cpu())
+                hasher.add(data)
+                _write_all(f, data)
+        else:  # hashed run by run, written in whole chunks as the hashing gets there
+            flushed = 0
+            for _, start, stop in runs:
+                hasher.add(image[start:stop])
+                if stop - flushed >= _CHUNK:
+                    cut = stop - (stop - flushed) % _CHUNK
+                    _write_all(f, image[flushed:cut])
+                    flushed = cut
+            _write_all(f, image[flushed:])
     digests = hasher.digests
-    for run, checksum in zip(runs, digests[1:], strict=True):
-        if isinstance(run, Blob):
+    for (run, _, _), checksum in zip(runs, digests[1:], strict=True):
+        if run is not None:
             for node in run.nodes:
                 node.update(file=filename, key=run.key, checksum=checksum)
     return FileWritten(len(head) + end, digests[0], combine(digests))
+
+
+def _image(runs: Sequence[tuple[Blob | None, int, int]], size: int) -> memoryview | None:
+    """The file's data as one run of memory, when its tensors already lie there at their
+    file offsets with zeros between them: an async save's snapshot arena
+    (`checkpointing.background`). Written as one run, the file needs a few large writes
+    instead of a small one wherever a tensor ends mid-page (364 of 571 writes at 1 GB)."""
+    blobs = [blob for blob, _, _ in runs if blob is not None]
+    if size < _ALIGN_DATA_FROM or not all(
+        b.tensor.is_cpu and b.tensor.is_contiguous() for b in blobs
+    ):
+        return None  # small files: one write either way
+    storage = blobs[0].tensor.untyped_storage()
+    base = blobs[0].tensor.data_ptr()  # the first blob starts the data
+    for blob, start, _ in runs:
+        if blob is not None and (
+            blob.tensor.untyped_storage().data_ptr() != storage.data_ptr()
+            or blob.tensor.data_ptr() != base + start
+        ):
+            return None
+    offset = base - storage.data_ptr()
+    if offset < 0 or offset + size > storage.nbytes():
+        return None
+    image = byte_view(torch.empty(0, dtype=torch.uint8).set_(storage, offset, (size,), (1,)))
+    if any(any(image[start:stop]) for blob, start, stop in runs if blob is None):
+        return None  # padding must be zeros
+    return image
 
 
 class _Hasher:

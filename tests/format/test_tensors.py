@@ -1,4 +1,5 @@
-"""Data files: one-pass checked copies (downloads, uploads, sync)."""
+"""Data files: writing snapshot arenas in one piece; one-pass checked copies (downloads,
+uploads, sync)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from checkpointing.background import SnapshotBuffers
 from checkpointing.errors import CorruptCheckpointError
 from checkpointing.format import tensors, tree
 
@@ -58,3 +60,47 @@ def test_copy_refuses_a_damaged_file(damage: object, message: str) -> None:
     data, expected = data_file(10, 20)
     with pytest.raises(CorruptCheckpointError, match=message):
         copy(damage(data), expected)  # type: ignore[operator]
+
+
+class CountingFile(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: object) -> int:
+        self.writes += 1
+        return super().write(data)  # type: ignore[arg-type]
+
+
+def odd_state(n: int) -> dict[str, torch.Tensor]:
+    """40 tensors of ``n`` floats, each after a 1-element one: padding between all."""
+    torch.manual_seed(0)
+    return {f"{k}{i}": torch.randn(size) for i in range(40) for k, size in (("w", n), ("step", 1))}
+
+
+def written(blobs: list[tree.Blob]) -> tuple[bytes, int, str]:
+    f = CountingFile()
+    result = tensors.write_file(f, blobs, "x.safetensors")
+    return f.getvalue(), f.writes, result.checksum
+
+
+@pytest.mark.parametrize("n", [20_000, 250_000], ids=["3MB", "40MB"])
+def test_a_snapshot_arena_is_written_as_one_run_of_large_writes(n: int) -> None:
+    blobs = tree.flatten({"x": odd_state(n)}).blobs
+    snapshot = SnapshotBuffers().snapshot(blobs)
+    from_arena, writes, checksum = written(snapshot)
+    from_sources, writes_sources, checksum_sources = written(blobs)
+    assert from_arena == from_sources and checksum == checksum_sources
+    assert writes == 2 + len(from_arena) // (16 << 20), "the header, then 16 MiB pieces"
+    assert writes_sources > 80  # tensors and padding, one by one
+
+
+def test_memory_laid_out_like_the_file_but_not_zero_between_is_written_tensor_by_tensor() -> None:
+    blobs = tree.flatten({"x": odd_state(20_000)}).blobs
+    buffers = SnapshotBuffers()
+    arena = buffers.snapshot(blobs)[0].tensor.untyped_storage()
+    torch.empty(0, dtype=torch.uint8).set_(arena, 0, (arena.nbytes(),), (1,)).fill_(7)
+    snapshot = buffers.snapshot(blobs)  # the tensors again, over a background of 7s
+    from_arena, writes, _ = written(snapshot)
+    assert from_arena == written(blobs)[0], "padding written as zeros"
+    assert writes > 80
