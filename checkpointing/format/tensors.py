@@ -185,7 +185,7 @@ def _image(runs: Sequence[tuple[Blob | None, int, int]], size: int) -> memoryvie
     if size < _ALIGN_DATA_FROM or not all(
         b.tensor.is_cpu and b.tensor.is_contiguous() for b in blobs
     ):
-        return None  # small files: one write either way
+        return None  # small files gain nothing; other tensors are not laid out in place
     storage = blobs[0].tensor.untyped_storage()
     base = blobs[0].tensor.data_ptr()  # the first blob starts the data
     for blob, start, _ in runs:
