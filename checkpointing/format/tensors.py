@@ -181,21 +181,21 @@ def _image(runs: Sequence[tuple[Blob | None, int, int]], size: int) -> memoryvie
     file offsets with zeros between them: an async save's snapshot arena
     (`checkpointing.background`). Written as one run, the file needs a few large writes
     instead of a small one wherever a tensor ends mid-page (364 of 571 writes at 1 GB)."""
-    blobs = [blob for blob, _, _ in runs if blob is not None]
-    if size < _ALIGN_DATA_FROM or not all(
-        b.tensor.is_cpu and b.tensor.is_contiguous() for b in blobs
-    ):
-        return None  # small files gain nothing; other tensors are not laid out in place
-    storage = blobs[0].tensor.untyped_storage()
-    base = blobs[0].tensor.data_ptr()  # the first blob starts the data
-    for blob, start, _ in runs:
-        if blob is not None and (
-            blob.tensor.untyped_storage().data_ptr() != storage.data_ptr()
-            or blob.tensor.data_ptr() != base + start
+    if size < _ALIGN_DATA_FROM:
+        return None  # small files gain nothing
+    placed = [(blob.tensor, start) for blob, start, _ in runs if blob is not None]
+    storage = placed[0][0].untyped_storage()
+    base = placed[0][0].data_ptr()  # the first blob starts the data
+    for tensor, start in placed:
+        if not (
+            tensor.is_cpu
+            and tensor.is_contiguous()
+            and tensor.untyped_storage().data_ptr() == storage.data_ptr()
+            and tensor.data_ptr() == base + start
         ):
             return None
     offset = base - storage.data_ptr()
-    if offset < 0 or offset + size > storage.nbytes():
+    if offset + size > storage.nbytes():
         return None
     image = byte_view(torch.empty(0, dtype=torch.uint8).set_(storage, offset, (size,), (1,)))
     if any(any(image[start:stop]) for blob, start, stop in runs if blob is None):
