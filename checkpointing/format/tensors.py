@@ -23,7 +23,7 @@ import json
 import queue
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import torch
@@ -35,6 +35,8 @@ from checkpointing.format.tree import Blob
 CHECKSUM_ALGORITHM = "xxh3_64"
 _CHUNK = 16 << 20  # bytes per write/read call: I/O-bound, and fine-grained write/drop-behind
 _PAGE = 4096
+_SMALL = 64 << 10  # bytes below which a tensor is hashed inline and written in a batch
+_BATCH = 1 << 20  # bytes of small tensors written together
 _ALIGN_DATA_FROM = 1 << 20  # bytes of data from which a file's data starts page-aligned
 _ALIGN_TENSORS = 64  # ... and its tensors of 64 bytes or more start on a cache line
 
@@ -152,12 +154,17 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     with _Hasher() as hasher:  # hashing overlaps the writes: both release the GIL
         hasher.add(memoryview(head))
         if image is None:
-            for run, start, stop in runs:
-                if run is None:
-                    data = memoryview(bytes(stop - start))
-                else:
-                    data = byte_view(run.tensor if run.tensor.is_cpu else run.tensor.cpu())
-                hasher.add(data)
+
+            def pieces() -> Iterator[memoryview]:
+                for run, start, stop in runs:
+                    if run is None:
+                        data = memoryview(bytes(stop - start))
+                    else:
+                        data = byte_view(run.tensor if run.tensor.is_cpu else run.tensor.cpu())
+                    hasher.add(data)
+                    yield data
+
+            for data in _coalesced(pieces()):
                 _write_all(f, data)
         else:  # hashed run by run, written in whole chunks as the hashing gets there
             flushed = 0
@@ -174,6 +181,30 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
             for node in run.nodes:
                 node.update(file=filename, key=run.key, checksum=checksum)
     return FileWritten(len(head) + end, digests[0], combine(digests))
+
+
+def _coalesced(pieces: Iterable[memoryview]) -> Iterator[memoryview]:
+    """``pieces``, with consecutive small ones joined into one of up to ``_BATCH`` bytes.
+
+    Most of a model's tensors are small (biases, norms, Adam ``step`` scalars), and a
+    write call each cost more than their bytes: a durable save of 50 MB in 780 tensors
+    took 0.083 s written one by one, 0.066 s batched (A/B, 9 rounds).
+    """
+    small: list[memoryview] = []
+    pending = 0
+    for piece in pieces:
+        if len(piece) < _SMALL:
+            small.append(piece)
+            pending += len(piece)
+            if pending < _BATCH:
+                continue
+        if small:
+            yield memoryview(b"".join(small))
+            small, pending = [], 0
+        if len(piece) >= _SMALL:
+            yield piece
+    if small:
+        yield memoryview(b"".join(small))
 
 
 def _image(runs: Sequence[tuple[Blob | None, int, int]], size: int) -> memoryview | None:
@@ -204,24 +235,34 @@ def _image(runs: Sequence[tuple[Blob | None, int, int]], size: int) -> memoryvie
 
 
 class _Hasher:
-    """Digests of byte runs, computed in order on a helper thread."""
+    """Digests of byte runs, in order: large runs on a helper thread, small ones inline
+    (handing them over cost more than hashing them)."""
 
     def __init__(self) -> None:
-        self.digests: list[str] = []
-        self._todo: queue.Queue[memoryview | None] = queue.Queue(maxsize=4)
+        self._digests: list[str] = []
+        self._todo: queue.Queue[tuple[int, memoryview] | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="checkpointing-hash", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (data := self._todo.get()) is not None:
+        while (job := self._todo.get()) is not None:
             try:
-                self.digests.append(digest(data))
+                self._digests[job[0]] = digest(job[1])
             except BaseException as e:  # re-raised by __exit__
                 self._error = e
 
     def add(self, data: memoryview) -> None:
-        self._todo.put(data)
+        if len(data) < _SMALL:
+            self._digests.append(digest(data))
+        else:
+            self._digests.append("")
+            self._todo.put((len(self._digests) - 1, data))
+
+    @property
+    def digests(self) -> list[str]:
+        """Complete once the ``with`` block has exited."""
+        return self._digests
 
     def __enter__(self) -> _Hasher:
         return self

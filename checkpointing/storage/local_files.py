@@ -51,6 +51,13 @@ def create_durable(path: Path) -> DurableFile:
     return _WriteBehindFile(fd)
 
 
+# Bounce buffers of closed files, for the next file: new ones cost page faults that
+# were a fifth of a 50 MB save (0.064 s against 0.049 s reused). At most one file's
+# worth (16 MiB) stays allocated between saves.
+_spare: list[np.ndarray[Any, Any]] = []
+_spare_lock = threading.Lock()
+
+
 class _DirectFile:
     """Writes with O_DIRECT on a helper thread, from the caller's memory where it can.
 
@@ -59,8 +66,8 @@ class _DirectFile:
     the rest is copied into page-aligned bounce buffers (numpy's copy releases the GIL)
     while the helper writes the previous ones. Either way the caller's bytes must stay
     unchanged until `close`, which pads the last page, truncates the file to its true
-    size and fsyncs it. Bounce buffers are allocated as needed: a small file touches one
-    page.
+    size and fsyncs it. Bounce buffers are taken as needed (a small file needs one) and
+    kept for the next file.
     """
 
     _BUFFER = 4 << 20
@@ -114,6 +121,9 @@ class _DirectFile:
     def _take_buffer(self) -> np.ndarray[Any, Any]:
         if self._free.empty() and self._allocated < self._BUFFERS:
             self._allocated += 1
+            with _spare_lock:
+                if _spare:
+                    return _spare.pop()
             return np.frombuffer(mmap.mmap(-1, self._BUFFER), dtype=np.uint8)
         return self._free.get()
 
@@ -167,6 +177,9 @@ class _DirectFile:
             os.fsync(self._fd)
         finally:
             os.close(self._fd)
+            with _spare_lock:
+                while not self._free.empty() and len(_spare) < self._BUFFERS:
+                    _spare.append(self._free.get())
 
     def __enter__(self) -> _DirectFile:
         return self

@@ -104,3 +104,31 @@ def test_memory_laid_out_like_the_file_but_not_zero_between_is_written_tensor_by
     from_arena, writes, _ = written(snapshot)
     assert from_arena == written(blobs)[0], "padding written as zeros"
     assert writes > 80
+
+
+def small_and_large(n_small: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    state = {f"b{i}": torch.randn(1 + i % 50) for i in range(n_small)}
+    return state | {"big": torch.randn(300_000), "step": torch.tensor(3.0)}
+
+
+def test_small_tensors_are_hashed_and_written_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    blobs = tree.flatten({"x": small_and_large(300)}).blobs
+    batched, writes, checksum = written(blobs)
+    nodes = [dict(node) for blob in blobs for node in blob.nodes]
+    monkeypatch.setattr(tensors, "_SMALL", 0)  # every tensor on its own
+    one_by_one, writes_one_by_one, checksum_one_by_one = written(blobs)
+    assert batched == one_by_one and checksum == checksum_one_by_one
+    assert nodes == [dict(node) for blob in blobs for node in blob.nodes], "same digests"
+    assert writes_one_by_one > 300 and writes <= 5, "header, small ones, big, small ones"
+    assert tensors.file_checksums(io.BytesIO(batched), "f")[1] == checksum
+
+
+@given(st.lists(st.integers(0, 200_000), max_size=40))
+def test_coalesced_pieces_keep_the_bytes_and_their_order(sizes: list[int]) -> None:
+    pieces = [memoryview(bytes([i % 251]) * n) for i, n in enumerate(sizes)]
+    out = list(tensors._coalesced(pieces))
+    assert b"".join(out) == b"".join(pieces)
+    assert all(len(p) < tensors._BATCH + tensors._SMALL for p in out)
+    large = [p for p in pieces if len(p) >= tensors._SMALL]
+    assert [p for p in out if any(p is q for q in large)] == large, "large ones as they are"

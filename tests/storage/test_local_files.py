@@ -39,6 +39,20 @@ def test_bytes_round_trip(tmp_path: Path, mode: str, size: int, piece: int) -> N
         assert f.read() == data
 
 
+def test_bounce_buffers_are_reused_by_the_next_file_and_its_stale_bytes_never_written(
+    tmp_path: Path,
+) -> None:
+    with create_durable(tmp_path / "a.bin") as f:
+        f.write(b"\xab" * (3 * BUFFER))  # fills, and leaves behind, every bounce buffer
+    spare = list(local_files._spare)
+    assert 0 < len(spare) <= local_files._DirectFile._BUFFERS, "one file's worth is kept"
+    with create_durable(tmp_path / "b.bin") as f:
+        f.write(b"\x01" * 5000)  # ends mid-page: the rest of that page is padding
+        reused = f._current  # type: ignore[attr-defined]
+        assert any(reused is buffer for buffer in spare)
+    assert (tmp_path / "b.bin").read_bytes() == b"\x01" * 5000
+
+
 def test_existing_file_is_never_overwritten(tmp_path: Path, mode: str) -> None:
     (tmp_path / "f.bin").write_bytes(b"old")
     with pytest.raises(FileExistsError):
