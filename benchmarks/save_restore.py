@@ -2,11 +2,13 @@
 accelerate and the disk itself, measured in one run with the methods taking turns.
 
     .venv/bin/python benchmarks/save_restore.py --size-gb 1 [--rounds 3] [--dir DIR] [--json OUT]
+        [--methods safetensors,DCP]  # peers to run (this library and the disk always run)
 
 Every round runs every method once (starting one further along each round), each in a
 fresh directory: durable save (file data and directories fsync'd inside the timing), then
 for each restore mode: drop the page cache, restore, touch one byte per page of what
 came back (lazy mmaps fault in). Speed ratios are "times as fast": above 1 is faster.
+Targets are judged round by round: the two times compared ran in the same round.
 
 Each timed operation starts after ``--settle`` idle seconds. On VMs with free page
 reporting (virtio-balloon) memory freed less than ~2 s earlier is cheap to reuse, while
