@@ -40,6 +40,9 @@ _BATCH = 1 << 20  # bytes of small tensors written together
 _ALIGN_DATA_FROM = 1 << 20  # bytes of data from which a file's data starts page-aligned
 _ALIGN_TENSORS = 64  # ... and its tensors of 64 bytes or more start on a cache line
 
+# A file's data in order: (the blob, or None for padding; start; end), offsets from the data
+_Runs = Sequence[tuple[Blob | None, int, int]]
+
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -128,7 +131,7 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     its host copy when it lives on an accelerator.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    runs: list[tuple[Blob | None, int, int]] = []  # file order: blob or None (padding), span
+    runs: list[tuple[Blob | None, int, int]] = []  # see _Runs
     taken = {blob.key for blob in blobs}
     end = 0
     for blob, start in zip(blobs, data_offsets(blobs), strict=True):
@@ -154,33 +157,43 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
     with _Hasher() as hasher:  # hashing overlaps the writes: both release the GIL
         hasher.add(memoryview(head))
         if image is None:
-
-            def pieces() -> Iterator[memoryview]:
-                for run, start, stop in runs:
-                    if run is None:
-                        data = memoryview(bytes(stop - start))
-                    else:
-                        data = byte_view(run.tensor if run.tensor.is_cpu else run.tensor.cpu())
-                    hasher.add(data)
-                    yield data
-
-            for data in _coalesced(pieces()):
-                _write_all(f, data)
-        else:  # hashed run by run, written in whole chunks as the hashing gets there
-            flushed = 0
-            for _, start, stop in runs:
-                hasher.add(image[start:stop])
-                if stop - flushed >= _CHUNK:
-                    cut = stop - (stop - flushed) % _CHUNK
-                    _write_all(f, image[flushed:cut])
-                    flushed = cut
-            _write_all(f, image[flushed:])
+            _write_runs(f, runs, hasher)
+        else:
+            _write_image(f, image, runs, hasher)
     digests = hasher.digests
     for (run, _, _), checksum in zip(runs, digests[1:], strict=True):
         if run is not None:
             for node in run.nodes:
                 node.update(file=filename, key=run.key, checksum=checksum)
     return FileWritten(len(head) + end, digests[0], combine(digests))
+
+
+def _write_runs(f: BinaryIO, runs: _Runs, hasher: _Hasher) -> None:
+    """Hash and write the runs one by one, small ones batched (`_coalesced`)."""
+
+    def pieces() -> Iterator[memoryview]:
+        for run, start, stop in runs:
+            if run is None:
+                data = memoryview(bytes(stop - start))
+            else:
+                data = byte_view(run.tensor if run.tensor.is_cpu else run.tensor.cpu())
+            hasher.add(data)
+            yield data
+
+    for data in _coalesced(pieces()):
+        _write_all(f, data)
+
+
+def _write_image(f: BinaryIO, image: memoryview, runs: _Runs, hasher: _Hasher) -> None:
+    """Hash the runs of ``image`` one by one; write it in whole chunks as hashing gets there."""
+    flushed = 0
+    for _, start, stop in runs:
+        hasher.add(image[start:stop])
+        if stop - flushed >= _CHUNK:
+            cut = stop - (stop - flushed) % _CHUNK
+            _write_all(f, image[flushed:cut])
+            flushed = cut
+    _write_all(f, image[flushed:])
 
 
 def _coalesced(pieces: Iterable[memoryview]) -> Iterator[memoryview]:
@@ -193,21 +206,22 @@ def _coalesced(pieces: Iterable[memoryview]) -> Iterator[memoryview]:
     small: list[memoryview] = []
     pending = 0
     for piece in pieces:
-        if len(piece) < _SMALL:
-            small.append(piece)
-            pending += len(piece)
-            if pending < _BATCH:
-                continue
-        if small:
+        if len(piece) >= _SMALL:
+            if small:
+                yield memoryview(b"".join(small))
+                small, pending = [], 0
+            yield piece
+            continue
+        small.append(piece)
+        pending += len(piece)
+        if pending >= _BATCH:
             yield memoryview(b"".join(small))
             small, pending = [], 0
-        if len(piece) >= _SMALL:
-            yield piece
     if small:
         yield memoryview(b"".join(small))
 
 
-def _image(runs: Sequence[tuple[Blob | None, int, int]], size: int) -> memoryview | None:
+def _image(runs: _Runs, size: int) -> memoryview | None:
     """The file's data as one run of memory, when its tensors already lie there at their
     file offsets with zeros between them: an async save's snapshot arena
     (`checkpointing.background`). Written as one run, the file needs a few large writes
@@ -239,7 +253,7 @@ class _Hasher:
     (handing them over cost more than hashing them)."""
 
     def __init__(self) -> None:
-        self._digests: list[str] = []
+        self.digests: list[str] = []  # complete once the ``with`` block has exited
         self._todo: queue.Queue[tuple[int, memoryview] | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="checkpointing-hash", daemon=True)
@@ -248,21 +262,16 @@ class _Hasher:
     def _run(self) -> None:
         while (job := self._todo.get()) is not None:
             try:
-                self._digests[job[0]] = digest(job[1])
+                self.digests[job[0]] = digest(job[1])
             except BaseException as e:  # re-raised by __exit__
                 self._error = e
 
     def add(self, data: memoryview) -> None:
         if len(data) < _SMALL:
-            self._digests.append(digest(data))
+            self.digests.append(digest(data))
         else:
-            self._digests.append("")
-            self._todo.put((len(self._digests) - 1, data))
-
-    @property
-    def digests(self) -> list[str]:
-        """Complete once the ``with`` block has exited."""
-        return self._digests
+            self.digests.append("")
+            self._todo.put((len(self.digests) - 1, data))
 
     def __enter__(self) -> _Hasher:
         return self
