@@ -39,6 +39,7 @@ _SMALL = 64 << 10  # bytes below which a tensor is hashed inline and written in 
 _BATCH = 1 << 20  # bytes of small tensors written together
 _ALIGN_DATA_FROM = 1 << 20  # bytes of data from which a file's data starts page-aligned
 _ALIGN_TENSORS = 64  # ... and its tensors of 64 bytes or more start on a cache line
+_IN_PLACE_FROM = 1 << 20  # ... or, from this size, at their memory's page offset
 
 # A file's data in order: (the blob, or None for padding; start; end), offsets from the data
 _Runs = Sequence[tuple[Blob | None, int, int]]
@@ -107,20 +108,33 @@ class FileWritten:
 def data_offsets(blobs: Sequence[Blob]) -> list[int]:
     """Where each blob's bytes start, counted from the start of a file's data.
 
-    Back to back, except in files of 1 MiB of data or more, where tensors of 64 bytes or
-    more start on a 64-byte boundary (padding entries fill the gaps; safetensors allows
-    no holes). An async save's snapshot is laid out like the file, so that it is written
-    with direct I/O as is; copying into it at addresses off the cache line was 1.25x
-    slower (an Adam ``step`` scalar shifts every tensor after it by 4 bytes).
+    Back to back, except in files of 1 MiB of data or more (whose data starts on a page,
+    see `write_file`), where padding entries fill gaps (safetensors allows no holes):
+
+    - a contiguous CPU tensor of 1 MiB or more starts where the file's page offset
+      equals its address's page offset, so direct I/O writes it from the tensor itself,
+      without a copy into a bounce buffer (`storage.local_files`): a durable 1 GB save
+      took 0.465 s against 0.548 s copied, the raw disk 0.505 s (A/B, 7 rounds);
+    - other tensors of 64 bytes or more start on a 64-byte boundary. An async save's
+      snapshot is laid out like the file, so that it is written with direct I/O as is;
+      copying into it at addresses off the cache line was 1.25x slower (an Adam
+      ``step`` scalar shifts every tensor after it by 4 bytes).
     """
     align = sum(b.nbytes for b in blobs) >= _ALIGN_DATA_FROM
     offsets, end = [], 0
     for blob in blobs:
-        if align and blob.nbytes >= _ALIGN_TENSORS:
+        if align and blob.nbytes >= _IN_PLACE_FROM and _in_memory(blob.tensor):
+            end += (blob.tensor.data_ptr() - end) % _PAGE
+        elif align and blob.nbytes >= _ALIGN_TENSORS:
             end += -end % _ALIGN_TENSORS
         offsets.append(end)
         end += blob.nbytes
     return offsets
+
+
+def _in_memory(tensor: torch.Tensor) -> bool:
+    """Whether `byte_view` gives the tensor's own memory (no copy)."""
+    return tensor.is_cpu and tensor.is_contiguous()
 
 
 def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten:

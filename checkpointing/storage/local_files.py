@@ -61,8 +61,9 @@ _spare_lock = threading.Lock()
 class _DirectFile:
     """Writes with O_DIRECT on a helper thread, from the caller's memory where it can.
 
-    Runs of the caller's bytes that are page-aligned where the file is (an async save's
-    snapshot: see `checkpointing.background`) are written from that memory as they are;
+    Runs of the caller's bytes that are page-aligned where the file is (large tensors,
+    placed so by `format.tensors.data_offsets`; an async save's snapshot) are written
+    from that memory as they are;
     the rest is copied into page-aligned bounce buffers (numpy's copy releases the GIL)
     while the helper writes the previous ones. Either way the caller's bytes must stay
     unchanged until `close`, which pads the last page, truncates the file to its true

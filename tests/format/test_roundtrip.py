@@ -686,14 +686,16 @@ def test_tensors_mapped_from_a_local_file_are_private_copies(tmp_path: Path) -> 
 
 
 def test_large_files_align_their_tensors_with_padding_entries(tmp_path: Path) -> None:
-    """In files of 1 MiB and more, tensors of 64 bytes or more start on a 64-byte
-    boundary; the padding entries are plain U8 tensors to safetensors, never part of the
-    tree, and never take a name of the state."""
+    """In files of 1 MiB and more, tensors of 1 MiB and more start at their memory's
+    page offset (written from there with direct I/O), other tensors of 64 bytes or more
+    on a 64-byte boundary; the padding entries are plain U8 tensors to safetensors,
+    never part of the tree, and never take a name of the state."""
     state = {
         "m": {
             "step": torch.tensor(3.0),  # 4 bytes: shifts what follows
             "__pad2__": torch.randn(1000, 301),  # the name the first padding would take
             "bias": torch.randn(301),  # 1204 bytes
+            "big": torch.randn(2 << 20)[5:-3],  # 8 MB at an address 20 bytes into a page
             "tiny": torch.arange(3, dtype=torch.uint8),
             "w": torch.randn(300, 7, dtype=torch.float64),
         }
@@ -708,9 +710,11 @@ def test_large_files_align_their_tensors_with_padding_entries(tmp_path: Path) ->
     assert len(head) % 4096 == 0, "the data starts on a page"
     pads = {k for k in entries if k not in state["m"]}
     assert pads and all(entries[k].dtype == "U8" for k in pads)
-    for key, entry in entries.items():
-        if entry.end - entry.start >= 64:
-            assert (entry.start - len(head)) % 64 == 0, key
+    for key, tensor in state["m"].items():
+        if tensor.nbytes >= 1 << 20:
+            assert entries[key].start % 4096 == tensor.data_ptr() % 4096 != 0, key
+        elif tensor.nbytes >= 64:
+            assert entries[key].start % 64 == 0, key
     plain = safetensors.torch.load_file(path)
     assert set(plain) == set(state["m"]) | pads
     assert torch.equal(plain["__pad2__"], state["m"]["__pad2__"])

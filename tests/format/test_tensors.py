@@ -4,8 +4,11 @@ uploads, sync)."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 from checkpointing.background import SnapshotBuffers
 from checkpointing.errors import CorruptCheckpointError
 from checkpointing.format import tensors, tree
+from checkpointing.storage import local_files
 
 
 def data_file(*sizes: int) -> tuple[bytes, tuple[int, str, str]]:
@@ -104,6 +108,36 @@ def test_memory_laid_out_like_the_file_but_not_zero_between_is_written_tensor_by
     from_arena, writes, _ = written(snapshot)
     assert from_arena == written(blobs)[0], "padding written as zeros"
     assert writes > 80
+
+
+def test_large_tensors_go_to_disk_from_their_own_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors of 1 MiB and more start at their memory's page offset in the file, so
+    direct I/O writes all but their first and last page from the tensor itself."""
+    state = {
+        "a": torch.randn(3 << 20)[3:],  # 12 bytes into a page
+        "step": torch.tensor(1.0),
+        "b": torch.randn(1 << 20, dtype=torch.float64)[1:],
+    }
+    sent: list[tuple[int, int]] = []  # (address, bytes) of each write
+    real = local_files._DirectFile._write_all
+
+    def spy(self: local_files._DirectFile, view: memoryview) -> None:
+        sent.append((np.frombuffer(view, dtype=np.uint8).ctypes.data, len(view)))
+        real(self, view)
+
+    monkeypatch.setattr(local_files._DirectFile, "_write_all", spy)
+    path = tmp_path / "x.safetensors"
+    with local_files.create_durable(path) as f:
+        assert isinstance(f, local_files._DirectFile), "this filesystem has O_DIRECT"
+        tensors.write_file(f, tree.flatten({"x": state}).blobs, "x.safetensors")
+    for key in ("a", "b"):
+        start, stop = state[key].data_ptr(), state[key].data_ptr() + state[key].nbytes
+        as_is = sum(n for address, n in sent if start <= address and address + n <= stop)
+        assert as_is > state[key].nbytes - 2 * 4096, key
+    loaded = safetensors.torch.load_file(path)
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
 
 
 def small_and_large(n_small: int) -> dict[str, torch.Tensor]:
