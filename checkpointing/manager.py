@@ -658,7 +658,8 @@ class CheckpointManager:
                     return dest
                 return loaded
 
-            restored = {n: tree.unflatten(nodes[n], read, targets[n]) for n in names}
+            restored = {n: tree.unflatten(nodes[n], read, targets[n], reader.settle) for n in names}
+            reader.settle()
         return restored if target is None else {**target, **restored}
 
     def _item_node(self, record: Record, name: str) -> tree.Node:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -20,6 +23,12 @@ from checkpointing.format.tensors import (
     read_header,
     read_into,
 )
+from checkpointing.storage.local_files import BOUNCE, read_bounced, read_direct
+
+_PIECE = BOUNCE  # bytes per request of theirs, at most
+_SMALL = 64 << 10  # bytes of whole pages below which a destination goes through a bounce
+_PAGE = 4096
+_READERS = 4  # requests in flight
 
 
 class StepReader:
@@ -28,6 +37,10 @@ class StepReader:
     Sizes are always checked against the record; checksums when ``verify`` is set.
     Tensors read without a destination are memoized, so tensors that shared storage when
     saved share it again.
+
+    Tensors read into a destination from a local file are read and verified on helper
+    threads (`_InPlaceReads`): the destination is returned before its bytes are in, and
+    `settle` waits for them.
     """
 
     def __init__(
@@ -40,8 +53,14 @@ class StepReader:
         self._files: dict[str, tuple[BinaryIO, dict[str, Entry]]] = {}
         self._maps: dict[str, mmap.mmap | None] = {}
         self._memo: dict[tuple[str, str], torch.Tensor] = {}
+        self._in_place = _InPlaceReads()
+
+    def settle(self) -> None:
+        """Wait for the reads into destinations still in flight; raise their first error."""
+        self._in_place.settle()
 
     def close(self) -> None:
+        self._in_place.close()
         for f, _ in self._files.values():
             f.close()
         self._files.clear()
@@ -96,6 +115,24 @@ class StepReader:
             return self._memo[memo_key]
         f, _ = self._open(body["file"])
         entry = self._entry(body)
+        if dest is not None:
+            fd = getattr(f, "direct", lambda: None)()  # a local file with direct I/O
+            if fd is not None:
+                data = byte_view(dest.detach())
+                if len(data) != entry.end - entry.start:
+                    raise CorruptCheckpointError(
+                        f"{self._path(body['file'])}: tensor holds {entry.end - entry.start} "
+                        f"bytes, expected {len(data)}"
+                    )
+                self._in_place.start(
+                    fd,
+                    entry.start,
+                    data,
+                    dest.data_ptr(),
+                    lambda: self._check(data, body),
+                    self._path(body["file"]),
+                )
+                return dest
         out = None if dest is not None else self._mapped(body["file"], f, entry, dtype, shape)
         if out is not None:
             data = byte_view(out)
@@ -103,14 +140,17 @@ class StepReader:
             out = torch.empty(shape, dtype=dtype) if dest is None else dest.detach()
             data = byte_view(out)
             read_into(f, entry, data, self._path(body["file"]))
+        self._check(data, body)
+        if dest is None:
+            self._memo[memo_key] = out
+        return out
+
+    def _check(self, data: memoryview, body: dict[str, Any]) -> None:
         if self._verify and digest(data) != body["checksum"]:
             raise CorruptCheckpointError(
                 f"{self._path(body['file'])}: checksum mismatch in tensor {body['key']!r}; "
                 f"the file is corrupt. Restore another step (all_steps()) or a copy."
             )
-        if dest is None:
-            self._memo[memo_key] = out
-        return out
 
     def _mapped(
         self, filename: str, f: BinaryIO, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]
@@ -193,6 +233,143 @@ class StepReader:
 
     def _path(self, filename: str) -> str:
         return f"{self._where}/{filename}"
+
+
+class _InPlaceReads:
+    """Reads into existing memory on helper threads, with direct I/O, several requests
+    in flight.
+
+    Reading into the destination skips the page cache and the copy out of it, and
+    several requests keep the disk busier than one at a time: a cold in-place restore
+    of 1 GB took 0.50 s, against 0.61 s through the page cache with read-ahead
+    (`DropBehindFile`) and 0.77 s for the disk read in 64 MiB requests one at a time
+    (A/B, 5 rounds). The whole pages of a destination that is page-aligned where the
+    file is are read into as they are, in requests of up to `_PIECE` bytes; the rest
+    (small tensors, the ends of large ones, memory out of step with the file) is read
+    through a bounce buffer, one request for up to `_PIECE` bytes that follow each other
+    in the file: 50 MB in 780 tensors took 0.071 s, against 0.107 s with a request for
+    each tensor and 0.067 s through the page cache.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: list[Future[None]] = []
+        # bytes to read through the bounce buffer, not started yet: (file offset,
+        # destination, its tensor), in file order, all of one file
+        self._bounced: list[tuple[int, memoryview, _Countdown]] = []
+        self._bounced_file: tuple[int, str] = (-1, "")  # (descriptor, path)
+
+    def start(
+        self,
+        fd: int,
+        offset: int,
+        dest: memoryview,
+        address: int,
+        then: Callable[[], None],
+        path: str,
+    ) -> None:
+        """Start filling ``dest`` (at ``address``) with the bytes at ``offset`` of ``fd``
+        (opened with O_DIRECT); ``then`` runs once they are all in, on a helper thread."""
+        end = offset + len(dest)
+        first = offset + (-offset % _PAGE)  # the first and last page boundaries in the range
+        last = end - end % _PAGE
+        if (address + first - offset) % _PAGE or last - first < _SMALL:  # out of step
+            spans = [(a, b, False) for a, b in _pieces(offset, end)]
+        else:
+            spans = [(offset, first, False), *((a, b, True) for a, b in _pieces(first, last))]
+            spans.append((last, end, False))
+        spans = [span for span in spans if span[0] < span[1]]
+        if not spans:
+            then()
+            return
+        tensor = _Countdown(len(spans), then)
+        for a, b, direct in spans:
+            view = dest[a - offset : b - offset]
+            if direct:
+                self._start_bounced()  # first, in file order
+                self._submit(_read_into, fd, a, view, tensor, path)
+            else:
+                self._bounce(fd, path, a, view, tensor)
+
+    def _bounce(
+        self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Countdown
+    ) -> None:
+        if self._bounced and (
+            (fd, path) != self._bounced_file
+            or offset < self._bounced[-1][0] + len(self._bounced[-1][1])
+            or offset + len(dest) - self._bounced[0][0] > _PIECE
+        ):
+            self._start_bounced()
+        self._bounced.append((offset, dest, tensor))
+        self._bounced_file = (fd, path)
+
+    def _start_bounced(self) -> None:
+        if self._bounced:
+            self._submit(_read_through, *self._bounced_file, self._bounced)
+            self._bounced = []
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_READERS, thread_name_prefix="checkpointing-read")
+        self._in_flight.append(self._pool.submit(fn, *args))
+
+    def settle(self) -> None:
+        self._start_bounced()
+        in_flight, self._in_flight = self._in_flight, []
+        errors = [e for e in (f.exception() for f in in_flight) if e is not None]
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        """Wait for the reads in flight (their errors go nowhere), stop the helpers."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._in_flight.clear()
+        self._bounced.clear()
+
+
+def _pieces(start: int, end: int) -> list[tuple[int, int]]:
+    """``start`` to ``end``, cut at the multiples of `_PIECE`."""
+    cuts = [start, *range(start - start % _PIECE + _PIECE, end, _PIECE), end]
+    return list(itertools.pairwise(cuts))
+
+
+class _Countdown:
+    """Runs ``then`` when the last of ``parts`` parts is done, on the thread doing it."""
+
+    def __init__(self, parts: int, then: Callable[[], None]) -> None:
+        self._left = parts
+        self._then = then
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = not self._left
+        if last:
+            self._then()
+
+
+def _read_into(fd: int, offset: int, dest: memoryview, tensor: _Countdown, path: str) -> None:
+    try:
+        read_direct(fd, offset, dest)
+    except EOFError:
+        raise CorruptCheckpointError(f"{path}: file is truncated") from None
+    tensor.done()
+
+
+def _read_through(fd: int, path: str, parts: list[tuple[int, memoryview, _Countdown]]) -> None:
+    start = parts[0][0]
+    try:
+        data = read_bounced(fd, start, parts[-1][0] + len(parts[-1][1]) - start)
+    except EOFError:
+        raise CorruptCheckpointError(f"{path}: file is truncated") from None
+    source = np.frombuffer(data, dtype=np.uint8)
+    for offset, dest, tensor in parts:
+        at = offset - start
+        np.copyto(np.frombuffer(dest, dtype=np.uint8), source[at : at + len(dest)])
+        tensor.done()
 
 
 def _fill(dest: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:

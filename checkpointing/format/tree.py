@@ -281,26 +281,33 @@ def sharded_destinations(
     return found
 
 
-def unflatten(node: Node, read: ReadArray, target: Any = None) -> Any:
+def unflatten(
+    node: Node, read: ReadArray, target: Any = None, settle: Callable[[], None] = lambda: None
+) -> Any:
     """Rebuild a value from its tree.
 
     ``read(tag, body, dest)`` returns the value of a "tensor"/"ndarray" node, filled
-    into ``dest`` when ``dest`` is a matching tensor of the target. Stateful targets get
-    their state loaded in place (``load_state_dict``) and are returned themselves.
+    into ``dest`` when ``dest`` is a matching tensor of the target, possibly before its
+    bytes are in: ``settle()`` waits for them. Stateful targets get their state loaded in
+    place (``load_state_dict``, after ``settle``) and are returned themselves.
     """
     if is_stateful(target):
-        target.load_state_dict(unflatten(node, read, target.state_dict()))
+        state = unflatten(node, read, target.state_dict(), settle)
+        settle()
+        target.load_state_dict(state)
         return target
     if node is None or isinstance(node, bool | int | str | float):
         return node
     if isinstance(node, list):
-        return [unflatten(n, read, _nth(target, i, len(node))) for i, n in enumerate(node)]
+        return [unflatten(n, read, _nth(target, i, len(node)), settle) for i, n in enumerate(node)]
     ((tag, body),) = node.items()
     if tag == "dict":
         sub = target if isinstance(target, Mapping) else {}
-        return {k: unflatten(v, read, sub.get(k)) for k, v in body}
+        return {k: unflatten(v, read, sub.get(k), settle) for k, v in body}
     if tag == "tuple":
-        return tuple(unflatten(n, read, _nth(target, i, len(body))) for i, n in enumerate(body))
+        return tuple(
+            unflatten(n, read, _nth(target, i, len(body)), settle) for i, n in enumerate(body)
+        )
     if tag == "float":
         return float(body)
     if tag == "bytes":

@@ -258,7 +258,9 @@ class DropBehindFile(io.FileIO):
     32 MiB ahead of the reader (WILLNEED, whose submission cost then overlaps the reads)
     and the reader drops the pages it consumed (DONTNEED), sparing the kernel the
     page-cache upkeep: in-place restores about 2x faster here. Other readers of the
-    same files read them from disk again.
+    same files read them from disk again. The read-ahead starts with the first read of
+    data, and never once the file is read with `read_direct` (it would read the same
+    bytes twice).
     """
 
     _AHEAD = 32 << 20
@@ -270,7 +272,16 @@ class DropBehindFile(io.FileIO):
         self._size = os.fstat(self.fileno()).st_size
         self._reader_at = 0
         self._moved = threading.Condition()
-        threading.Thread(target=self._prefetch, daemon=True).start()
+        self._prefetching = False
+        self._direct: int | None = None  # an O_DIRECT descriptor of the file, once opened
+
+    def direct(self) -> int | None:
+        """A descriptor of this file opened with O_DIRECT, for `read_direct`; None where
+        the filesystem has no direct I/O. Turns the read-ahead off."""
+        if self._direct is None and _O_DIRECT is not None:
+            with contextlib.suppress(OSError):
+                self._direct = os.open(self.name, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
+        return self._direct
 
     def _prefetch(self) -> None:
         ahead = 0
@@ -298,9 +309,50 @@ class DropBehindFile(io.FileIO):
         file, which bypass `readinto` (their pages are kept: they hold the tensors)."""
         with self._moved:
             self._reader_at = offset
+            if not self._prefetching and self._direct is None:
+                self._prefetching = True
+                threading.Thread(target=self._prefetch, daemon=True).start()
             self._moved.notify()
 
     def close(self) -> None:
         with self._moved:
             super().close()
+            if self._direct is not None:
+                os.close(self._direct)
+                self._direct = None
             self._moved.notify()
+
+
+_bounce = threading.local()  # each reading thread's page-aligned buffer for `read_bounced`
+BOUNCE = 4 << 20  # the most bytes `read_bounced` reads at once
+
+
+def read_direct(fd: int, offset: int, dest: memoryview) -> None:
+    """Fill ``dest`` with the bytes at ``offset`` of ``fd``, a descriptor opened with
+    O_DIRECT: no page cache, no copy. ``dest``'s address, ``offset`` and ``len(dest)``
+    must be multiples of the page size. Raises EOFError when the file ends first."""
+    done = 0
+    while done < len(dest):
+        n = os.preadv(fd, [dest[done:]], offset + done)
+        if not n:
+            raise EOFError(f"the file ends at {offset + done}, before {offset + len(dest)}")
+        done += n
+
+
+def read_bounced(fd: int, offset: int, length: int) -> memoryview:
+    """The ``length`` (at most `BOUNCE`) bytes at ``offset`` of ``fd`` (opened with
+    O_DIRECT), read in one request into a buffer of the calling thread: valid until
+    its next call. For memory that is not page-aligned where the file is. Raises
+    EOFError when the file ends first."""
+    buffer = getattr(_bounce, "buffer", None)
+    if buffer is None:
+        buffer = _bounce.buffer = memoryview(mmap.mmap(-1, BOUNCE + 2 * _ALIGN))
+    lead = offset % _ALIGN
+    pages = -(-(lead + length) // _ALIGN) * _ALIGN
+    done = 0
+    while done < lead + length:
+        n = os.preadv(fd, [buffer[done:pages]], offset - lead + done)
+        if not n:
+            raise EOFError(f"the file ends at {offset - lead + done}, before {offset + length}")
+        done += n
+    return buffer[lead : lead + length]

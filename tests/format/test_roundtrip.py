@@ -92,8 +92,6 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return bytes(raw.contiguous().numpy())
 
 
-
-
 # ------------------------------------------------------------------ comparison
 
 
@@ -641,6 +639,86 @@ def test_restore_in_place_keeps_module_and_optimizer_tensors(tmp_path: Path) -> 
     for name, tensor in after.items():
         assert tensor.data_ptr() == pointers[name], f"{name} was replaced, not filled in place"
         assert torch.equal(tensor, snapshot[name]), f"{name} not restored"
+
+
+class Watcher:
+    """A stateful object whose load_state_dict records what its tensors hold then."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.seen = {k: v.clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["same tensors", "new tensors"])
+def test_large_tensors_are_read_in_place_on_helper_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: bool
+) -> None:
+    """Tensors are read into the target by the helper threads with direct I/O, whether
+    their memory is in step with the file (the tensors saved) or not (new ones); a
+    stateful target sees its bytes in when it loads them."""
+    from checkpointing.format import reader
+
+    torch.manual_seed(0)
+    saved = {f"t{i}": torch.randn(n) for i, n in enumerate([3, 40_000, 1 << 20, 5, 300_001])}
+    with CheckpointManager(tmp_path, SYNC) as mgr:
+        mgr.save(1, {"w": Watcher(saved), "plain": {"x": saved["t2"] * 2}})
+    target = {k: torch.empty_like(v) if fresh else v for k, v in saved.items()}
+    expected = {k: v.clone() for k, v in saved.items()}
+    if not fresh:
+        for v in saved.values():
+            v.zero_()
+    pointers = {k: v.data_ptr() for k, v in target.items()}
+    read: list[int] = []  # bytes read by the helper threads, direct or bounced
+    real_direct, real_bounced = reader.read_direct, reader.read_bounced
+
+    def direct(fd: int, offset: int, dest: memoryview) -> None:
+        read.append(len(dest))
+        real_direct(fd, offset, dest)
+
+    def bounced(fd: int, offset: int, length: int) -> memoryview:
+        read.append(length)
+        return real_bounced(fd, offset, length)
+
+    monkeypatch.setattr(reader, "read_direct", direct)
+    monkeypatch.setattr(reader, "read_bounced", bounced)
+    watcher, plain = Watcher(target), {"x": torch.zeros(1 << 20)}
+    with CheckpointManager(tmp_path, READ_ONLY) as mgr:
+        restored = mgr.restore({"w": watcher, "plain": plain})
+    assert restored is not None and restored["w"] is watcher
+    assert_same(watcher.seen, expected)
+    assert_same(target, expected)
+    assert {k: v.data_ptr() for k, v in target.items()} == pointers
+    assert torch.equal(plain["x"], expected["t2"] * 2)
+    in_files = sum(v.nbytes for v in expected.values()) + plain["x"].nbytes
+    assert in_files <= sum(read) < in_files + 4096 * len(read), "all read by the helpers"
+
+
+def test_corruption_read_in_place_is_detected(tmp_path: Path) -> None:
+    state = {"m": {"a": torch.randn(1 << 20), "b": torch.randn(100_000)}}
+    with CheckpointManager(tmp_path, SYNC) as mgr:
+        mgr.save(1, state)
+    path = step_dir(tmp_path) / "m.safetensors"
+    with open(path, "rb") as f:
+        _, entries = read_header(f, path.name)
+    offset = entries["b"].start + 12345
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 1]))
+    with (
+        CheckpointManager(tmp_path, READ_ONLY) as mgr,
+        pytest.raises(
+            CorruptCheckpointError, match=r"m.safetensors: checksum mismatch in tensor 'b'"
+        ),
+    ):
+        mgr.restore({"m": {k: torch.empty_like(v) for k, v in state["m"].items()}})
 
 
 def iter_tensors(value: Any) -> Iterator[torch.Tensor]:

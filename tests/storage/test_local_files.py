@@ -128,6 +128,10 @@ def test_read_ahead_follows_reads_and_mapped_readers(
             return seen.wait_for(lambda: max(advised, default=0) >= end, timeout=10)
 
     with DropBehindFile(path) as f:
+        f.read(8)  # a header: no read-ahead yet
+        time.sleep(0.05)
+        assert not advised
+        f.readinto(bytearray(1))
         assert reaches(DropBehindFile._AHEAD)
         time.sleep(0.05)
         assert max(advised) <= DropBehindFile._AHEAD + DropBehindFile._STEP, "paced"
@@ -135,3 +139,55 @@ def test_read_ahead_follows_reads_and_mapped_readers(
         assert reaches(2 * DropBehindFile._AHEAD)
         f.reading_at(3 * DropBehindFile._AHEAD)
         assert reaches(size)
+
+
+def test_no_read_ahead_for_a_file_read_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read-ahead would read the bytes that direct reads read again."""
+    advised: list[int] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append(offset)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    with DropBehindFile(path) as f:
+        assert f.direct() is not None, "this filesystem has O_DIRECT"
+        f.readinto(bytearray(1000))
+        f.reading_at(5000)
+        time.sleep(0.05)
+    assert not advised
+
+
+def test_read_direct_fills_page_aligned_memory(tmp_path: Path) -> None:
+    data = os.urandom(3 * BUFFER + 100)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    memory = mmap.mmap(-1, 2 * BUFFER)
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        local_files.read_direct(fd, 4096, memoryview(memory))
+        assert memory[:] == data[4096 : 4096 + 2 * BUFFER]
+        with pytest.raises(EOFError):
+            local_files.read_direct(fd, 2 * BUFFER, memoryview(memory))
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 70_000])
+@pytest.mark.parametrize("length", [0, 1, 4096, local_files.BOUNCE])
+def test_read_bounced_reads_any_range(tmp_path: Path, offset: int, length: int) -> None:
+    """Any offset and length up to BOUNCE, in one request; past the end: EOFError."""
+    data = os.urandom(offset + length + 10)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        assert local_files.read_bounced(fd, offset, length) == data[offset : offset + length]
+        with pytest.raises(EOFError):
+            local_files.read_bounced(fd, offset + 11, length or 1)
