@@ -699,6 +699,31 @@ def test_large_tensors_are_read_in_place_on_helper_threads(
     assert in_files <= sum(read) < in_files + 4096 * len(read), "all read by the helpers"
 
 
+def test_restore_without_target_reads_on_helper_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from checkpointing.format import reader
+
+    state = {"m": {"a": torch.randn(1 << 20), "b": torch.arange(7), "c": torch.randn(70_000)}}
+    with CheckpointManager(tmp_path, SYNC) as mgr:
+        mgr.save(1, state)
+    read: list[int] = []  # bytes read by the helper threads, direct or bounced
+    real_direct, real_bounced = reader.read_direct, reader.read_bounced
+    monkeypatch.setattr(
+        reader,
+        "read_direct",
+        lambda fd, at, dest: (read.append(len(dest)), real_direct(fd, at, dest)),
+    )
+    monkeypatch.setattr(
+        reader, "read_bounced", lambda fd, at, n: (read.append(n), real_bounced(fd, at, n))[1]
+    )
+    with CheckpointManager(tmp_path, READ_ONLY) as mgr:
+        restored = mgr.restore()
+    assert_same(restored, state)
+    in_file = sum(v.nbytes for v in state["m"].values())
+    assert in_file <= sum(read) < in_file + 4096 * len(read)
+
+
 def test_corruption_read_in_place_is_detected(tmp_path: Path) -> None:
     state = {"m": {"a": torch.randn(1 << 20), "b": torch.randn(100_000)}}
     with CheckpointManager(tmp_path, SYNC) as mgr:
@@ -801,10 +826,12 @@ def test_large_files_align_their_tensors_with_padding_entries(tmp_path: Path) ->
 def test_mapped_restore_moves_the_read_ahead_through_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A restore without a target reads through mappings, which the file's read-ahead
-    cannot see: the reader tells it where it is, tensor by tensor, in file order."""
+    """Where files have no direct I/O (tmpfs), a restore without a target reads through
+    mappings, which the file's read-ahead cannot see: the reader tells it where it is,
+    tensor by tensor, in file order."""
     from checkpointing.storage.local_files import DropBehindFile
 
+    monkeypatch.setattr(DropBehindFile, "direct", lambda self: None)
     at: list[int] = []
     real = DropBehindFile.reading_at
     monkeypatch.setattr(
