@@ -32,6 +32,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,8 @@ from _common import (
 CHUNK = 64 << 20
 OURS, DISK = "this library", "disk O_DIRECT"
 DIRECT_READ = "read O_DIRECT"
+PARALLEL_READ = "read O_DIRECT x4"  # 4 requests of 4 MiB in flight: faster for reads
+BEST_READ = "faster read, per round"  # the disk's read limit: the faster of those two
 IN_PLACE, NO_TARGET = "restore in place", "restore, no target"
 
 
@@ -178,9 +181,25 @@ def disk(nbytes: int) -> list[Method]:
         finally:
             os.close(fd)
 
+    def read_parallel(d: Path, streams: int = 4, piece: int = 4 << 20) -> None:
+        fd = os.open(d / "raw.bin", os.O_RDONLY | os.O_DIRECT)
+
+        def stream(i: int) -> None:
+            into = view[i * piece : (i + 1) * piece]
+            for pos in range(i * piece, nbytes, streams * piece):
+                n = min(piece, nbytes - pos)
+                assert os.preadv(fd, [into[:n]], pos) == n
+
+        try:
+            with ThreadPoolExecutor(streams) as pool:
+                list(pool.map(stream, range(streams)))
+        finally:
+            os.close(fd)
+
     return [
         Method(DISK, lambda d: write(d, os.O_DIRECT), {
             DIRECT_READ: lambda d: read(d, os.O_DIRECT),
+            PARALLEL_READ: read_parallel,
             "read buffered": lambda d: read(d, 0),
         }, kind="disk", save_label="write+fsync"),
         Method("disk buffered", lambda d: write(d, 0), {}, kind="disk",
@@ -233,6 +252,11 @@ def run(methods: list[Method], rounds: int, root: Path, settle: float) -> tuple[
 
 def report(methods: list[Method], results: Results, nbytes: int) -> str:
     kinds = {m.name: m.kind for m in methods}
+    reads = results[DISK][DIRECT_READ], results[DISK].get(PARALLEL_READ, [])
+    if reads[1]:
+        best = [min(a, b, key=lambda s: s.seconds) for a, b in zip(*reads, strict=True)]
+        results = {**results, DISK: {**results[DISK], BEST_READ: best}}
+    read_limit = BEST_READ if reads[1] else DIRECT_READ
     med = {(name, op): Spread.of([s.seconds for s in ss]).median
            for name, ops in results.items() for op, ss in ops.items()}
     save_ops = {m.name: m.save_label for m in methods}
@@ -240,7 +264,7 @@ def report(methods: list[Method], results: Results, nbytes: int) -> str:
     def is_save(name: str, op: str) -> bool:
         return save_ops[name] == op
 
-    disk_write, disk_read = med[DISK, "write+fsync"], med[DISK, DIRECT_READ]
+    disk_write, disk_read = med[DISK, "write+fsync"], med[DISK, read_limit]
     best_peer = {
         kind: min((t for (name, op), t in med.items()
                    if kinds[name] == "peer" and is_save(name, op) == (kind == "save")),
@@ -276,7 +300,7 @@ def report(methods: list[Method], results: Results, nbytes: int) -> str:
          ">=", 0.9),
         *[(f"save: {name} time / ours", (name, op), "durable save", ">", 1.0)
           for (name, op) in med if kinds[name] == "peer" and is_save(name, op)],
-        ("restore in place: disk O_DIRECT read time / ours", (DISK, DIRECT_READ), IN_PLACE,
+        ("restore in place: faster disk read time / ours", (DISK, read_limit), IN_PLACE,
          ">=", 0.9),
         ("restore, no target: safetensors load_file time / ours", ("safetensors", "load_file"),
          NO_TARGET, ">=", 1.0),
@@ -333,7 +357,8 @@ def main() -> None:
           f"settle {args.settle:g} s before each operation, torch threads: "
           f"{torch.get_num_threads()}")
     print("x disk / x best peer: that time / this time (above 1 is faster); save rows vs "
-          "O_DIRECT write+fsync, restore rows vs O_DIRECT cold read\n")
+          "O_DIRECT write+fsync, restore rows vs the faster O_DIRECT cold read of the round "
+          "(64 MiB requests one at a time, or 4 MiB ones 4 in flight)\n")
     print(report(methods, results, nbytes))
     if args.json:
         args.json.write_text(json.dumps({

@@ -39,7 +39,7 @@ class StepReader:
     saved share it again.
 
     Tensors of local files with direct I/O are read into their destination, or into a
-    new tensor, and verified on helper threads (`_InPlaceReads`): they are returned
+    new tensor, and verified on helper threads (`_ParallelReads`): they are returned
     before their bytes are in, and `settle` waits for them. New tensors are plain
     ``torch.empty`` ones, mostly out of step with the file, so mostly read through
     bounce buffers, which beat reading into fresh memory directly and mapping the file:
@@ -58,14 +58,14 @@ class StepReader:
         self._files: dict[str, tuple[BinaryIO, dict[str, Entry]]] = {}
         self._maps: dict[str, mmap.mmap | None] = {}
         self._memo: dict[tuple[str, str], torch.Tensor] = {}
-        self._in_place = _InPlaceReads()
+        self._reads = _ParallelReads()
 
     def settle(self) -> None:
-        """Wait for the reads into destinations still in flight; raise their first error."""
-        self._in_place.settle()
+        """Wait for the reads still in flight; raise the first of their errors."""
+        self._reads.settle()
 
     def close(self) -> None:
-        self._in_place.close()
+        self._reads.close()
         for f, _ in self._files.values():
             f.close()
         self._files.clear()
@@ -129,7 +129,7 @@ class StepReader:
                 raise CorruptCheckpointError(
                     f"{path}: tensor holds {entry.end - entry.start} bytes, expected {len(data)}"
                 )
-            self._in_place.start(
+            self._reads.start(
                 fd, entry.start, data, target.data_ptr(), lambda: self._check(data, body), path
             )
             if dest is None:
@@ -247,9 +247,8 @@ class StepReader:
         return f"{self._where}/{filename}"
 
 
-class _InPlaceReads:
-    """Reads into existing memory on helper threads, with direct I/O, several requests
-    in flight.
+class _ParallelReads:
+    """Reads into memory on helper threads, with direct I/O, several requests in flight.
 
     Reading into the destination skips the page cache and the copy out of it, and
     several requests keep the disk busier than one at a time: a cold in-place restore

@@ -1,11 +1,15 @@
-"""Local files written durably at disk speed, and read sequentially at disk speed.
+"""Local files written durably at disk speed, and read at disk speed.
 
 Hand-written because it measurably matters (benchmarks/save_restore.py). A plain
 ``write`` only fills the page cache and ``fsync`` then writes everything at the end,
-serially. Writes here go around the page cache (O_DIRECT) from aligned bounce buffers,
-a helper thread writing one buffer while the caller fills the next: durable saves at
-about 0.95x the raw O_DIRECT speed of the disk, against 0.8x for buffered writes with
-write-behind (still used where O_DIRECT is refused, e.g. tmpfs) and 0.3x for write+fsync.
+serially. Writes here go around the page cache (O_DIRECT), from the caller's memory
+where it is page-aligned where the file is and through aligned bounce buffers
+elsewhere, a helper thread writing while the caller goes on: durable saves at about the
+raw O_DIRECT speed of the disk, against 0.8x for buffered writes with write-behind
+(still used where O_DIRECT is refused, e.g. tmpfs) and 0.3x for write+fsync. Reads go
+around the page cache too (`read_direct`, `read_bounced`: the restore's helper threads
+in `format.reader`), or through it with read-ahead where O_DIRECT is refused
+(`DropBehindFile`).
 """
 
 from __future__ import annotations
@@ -251,16 +255,17 @@ class _WriteBehindFile:
 
 
 class DropBehindFile(io.FileIO):
-    """A file read sequentially in large disk requests, dropping what it has read.
+    """A file read sequentially in large disk requests, dropping what it has read; and
+    the descriptor for direct reads of the same file (`direct`).
 
     Restores read tensor by tensor, often a few MB at a time; on their own those reads
     become small disk requests that wait on latency. A helper thread asks for the next
     32 MiB ahead of the reader (WILLNEED, whose submission cost then overlaps the reads)
     and the reader drops the pages it consumed (DONTNEED), sparing the kernel the
-    page-cache upkeep: in-place restores about 2x faster here. Other readers of the
-    same files read them from disk again. The read-ahead starts with the first read of
-    data, and never once the file is read with `read_direct` (it would read the same
-    bytes twice).
+    page-cache upkeep: in-place restores through the page cache about 2x faster here.
+    Other readers of the same files read them from disk again. The read-ahead starts
+    with the first read of data, and never once `direct` was asked for (it would read
+    the same bytes twice).
     """
 
     _AHEAD = 32 << 20
@@ -333,7 +338,7 @@ def read_direct(fd: int, offset: int, dest: memoryview) -> None:
     must be multiples of the page size. Raises EOFError when the file ends first."""
     done = 0
     while done < len(dest):
-        n = os.preadv(fd, [dest[done:]], offset + done)
+        n = _pread(fd, dest[done:], offset + done)
         if not n:
             raise EOFError(f"the file ends at {offset + done}, before {offset + len(dest)}")
         done += n
@@ -351,8 +356,21 @@ def read_bounced(fd: int, offset: int, length: int) -> memoryview:
     pages = -(-(lead + length) // _ALIGN) * _ALIGN
     done = 0
     while done < lead + length:
-        n = os.preadv(fd, [buffer[done:pages]], offset - lead + done)
+        n = _pread(fd, buffer[done:pages], offset - lead + done)
         if not n:
             raise EOFError(f"the file ends at {offset - lead + done}, before {offset + length}")
         done += n
     return buffer[lead : lead + length]
+
+
+def _pread(fd: int, into: memoryview, offset: int) -> int:
+    try:
+        return os.preadv(fd, [into], offset)
+    except OSError as e:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if e.errno != errno.EINVAL or not flags & _O_DIRECT:  # type: ignore[operator]
+            raise
+    # Direct I/O refused (a device with larger blocks, some FUSE filesystems): go on
+    # through the page cache, for every reader of this descriptor.
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)  # type: ignore[operator]
+    return os.preadv(fd, [into], offset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import threading
@@ -191,3 +192,19 @@ def test_read_bounced_reads_any_range(tmp_path: Path, offset: int, length: int) 
         assert local_files.read_bounced(fd, offset, length) == data[offset : offset + length]
         with pytest.raises(EOFError):
             local_files.read_bounced(fd, offset + 11, length or 1)
+
+
+def test_direct_reads_refused_go_on_through_the_page_cache(tmp_path: Path) -> None:
+    """A read direct I/O refuses (here: memory that is not page-aligned) is done through
+    the page cache instead, and so are the next ones."""
+    data = os.urandom(3 * 4096)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    memory = bytearray(2 * 4096)
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        local_files.read_direct(fd, 4096, memoryview(memory)[1:4097])
+        assert memory[1:4097] == data[4096:8192]
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        assert local_files.read_bounced(fd, 5, 100) == data[5:105]
