@@ -55,6 +55,9 @@ def create_durable(path: Path) -> DurableFile:
     return _WriteBehindFile(fd)
 
 
+# Bytes to write, and the bounce buffer they are in, if any
+_Job = tuple[np.ndarray[Any, Any], np.ndarray[Any, Any] | None]
+
 # Bounce buffers of closed files, for the next file: new ones cost page faults that
 # were a fifth of a 50 MB save (0.064 s against 0.049 s reused). At most one file's
 # worth (16 MiB) stays allocated between saves.
@@ -67,16 +70,16 @@ class _DirectFile:
 
     Runs of the caller's bytes that are page-aligned where the file is (large tensors,
     placed so by `format.tensors.data_offsets`; an async save's snapshot) are written
-    from that memory as they are;
-    the rest is copied into page-aligned bounce buffers (numpy's copy releases the GIL)
-    while the helper writes the previous ones. Either way the caller's bytes must stay
-    unchanged until `close`, which pads the last page, truncates the file to its true
-    size and fsyncs it. Bounce buffers are taken as needed (a small file needs one) and
-    kept for the next file.
+    from that memory as they are; the rest is copied into page-aligned bounce buffers
+    (numpy's copy releases the GIL) while the helper writes the previous ones. Either
+    way the caller's bytes must stay unchanged until `close`, which pads the last page,
+    truncates the file to its true size and fsyncs it. Bounce buffers are taken as
+    needed (a small file needs one) and kept for the next file.
     """
 
     _BUFFER = 4 << 20
     _BUFFERS = 4
+    _GATHER = 64 << 20  # bytes after which a call takes no more jobs (nor after 64 jobs)
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -85,9 +88,7 @@ class _DirectFile:
         self._filled = 0
         self._allocated = 0
         self._free: queue.Queue[np.ndarray[Any, Any]] = queue.Queue()
-        # (bytes to write, the bounce buffer they are in, if any); None: no more
-        self._full: queue.Queue[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any] | None] | None]
-        self._full = queue.Queue()
+        self._full: queue.Queue[_Job | None] = queue.Queue()  # None: no more
         self._error: OSError | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._drain, name="checkpointing-write", daemon=True)
@@ -133,22 +134,40 @@ class _DirectFile:
         return self._free.get()
 
     def _drain(self) -> None:
-        while (job := self._full.get()) is not None:
-            data, bounce = job
-            if self._error is None:
+        more = True
+        while more:
+            jobs, more = self._gather()
+            if jobs and self._error is None:
                 try:
-                    self._write_all(memoryview(data))  # type: ignore[arg-type]
+                    self._write_all([memoryview(data) for data, _ in jobs])  # type: ignore[arg-type]
                 except OSError as e:  # raised to the caller on its next call
                     self._error = e
-            if bounce is not None:
-                self._free.put(bounce)
+            for _, bounce in jobs:
+                if bounce is not None:
+                    self._free.put(bounce)
 
-    def _write_all(self, view: memoryview) -> None:
+    def _gather(self) -> tuple[list[_Job], bool]:
+        """What is queued, after waiting for the first, to write in one call (a tensor's
+        aligned bytes and the bounce buffer with its ends become one request, not three:
+        a 1 GB save 0.460 s against 0.480 s, A/B, 9 rounds); and whether more will come."""
+        jobs: list[_Job] = []
+        job = self._full.get()
+        while job is not None:
+            jobs.append(job)
+            if len(jobs) == 64 or sum(len(data) for data, _ in jobs) >= self._GATHER:
+                return jobs, True
+            try:
+                job = self._full.get_nowait()
+            except queue.Empty:
+                return jobs, True
+        return jobs, False
+
+    def _write_all(self, views: list[memoryview]) -> None:
         """A short write (a nearly full disk) is continued until it completes or raises
         ENOSPC, so a file is never silently cut off."""
-        while view:
+        while views:
             try:
-                n = os.write(self._fd, view)
+                n = os.writev(self._fd, views)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -159,7 +178,10 @@ class _DirectFile:
                     raise
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)  # type: ignore[operator]
                 continue
-            view = view[n:]
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]
 
     def _raise_error(self) -> None:
         if self._error is not None:

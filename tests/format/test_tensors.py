@@ -123,9 +123,9 @@ def test_large_tensors_go_to_disk_from_their_own_memory(
     sent: list[tuple[int, int]] = []  # (address, bytes) of each write
     real = local_files._DirectFile._write_all
 
-    def spy(self: local_files._DirectFile, view: memoryview) -> None:
-        sent.append((np.frombuffer(view, dtype=np.uint8).ctypes.data, len(view)))
-        real(self, view)
+    def spy(self: local_files._DirectFile, views: list[memoryview]) -> None:
+        sent.extend((np.frombuffer(v, dtype=np.uint8).ctypes.data, len(v)) for v in views)
+        real(self, views)
 
     monkeypatch.setattr(local_files._DirectFile, "_write_all", spy)
     path = tmp_path / "x.safetensors"

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from checkpointing.storage import local_files
@@ -66,7 +67,7 @@ def test_direct_io_refused_mid_file_goes_on_buffered(tmp_path: Path) -> None:
     f = create_durable(tmp_path / "f.bin")
     assert isinstance(f, local_files._DirectFile)
     data = bytearray(os.urandom(3 * 4096 + 1))
-    f._write_all(memoryview(data)[1:])  # an unaligned address and length
+    f._write_all([memoryview(data)[1:]])  # an unaligned address and length
     f._size = len(data) - 1  # what write() would have counted
     f.close()
     assert (tmp_path / "f.bin").read_bytes() == data[1:]
@@ -208,3 +209,26 @@ def test_direct_reads_refused_go_on_through_the_page_cache(tmp_path: Path) -> No
         assert memory[1:4097] == data[4096:8192]
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
         assert local_files.read_bounced(fd, 5, 100) == data[5:105]
+
+
+def test_the_writer_takes_what_is_queued_in_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to 64 jobs or _GATHER bytes per call, and it knows when no more will come."""
+    monkeypatch.setattr(local_files._DirectFile, "_drain", lambda self: None)
+    f = create_durable(tmp_path / "f.bin")
+    assert isinstance(f, local_files._DirectFile)
+    page = np.zeros(4096, dtype=np.uint8)
+    for _ in range(70):
+        f._full.put((page, None))
+    f._full.put(None)
+    assert [(len(jobs), more) for jobs, more in (f._gather(), f._gather())] == [
+        (64, True),
+        (6, False),
+    ]
+    big = np.zeros(local_files._DirectFile._GATHER, dtype=np.uint8)
+    f._full.put((page, None))
+    f._full.put((big, None))
+    f._full.put((page, None))
+    assert [len(jobs) for jobs, _ in (f._gather(), f._gather())] == [2, 1]
+    os.close(f._fd)
