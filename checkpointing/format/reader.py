@@ -171,11 +171,11 @@ class StepReader:
 
         Without a destination, mapping beats allocating and reading through the page
         cache: no fresh memory to fault in, no copy out of the page cache (what
-        ``safetensors.load_file`` does too). Pages are read when first touched, by the checksum
-        or by the caller, and ahead of that by the file's read-ahead (`reading_at`),
-        which keeps the disk busy while the checksum runs: 1.09x ``load_file`` in an A/B,
-        against 0.95x without it. Files on other storage, and tensors whose offset is
-        not a multiple of their element size, are read instead.
+        ``safetensors.load_file`` does too). Pages are read when first touched, by the
+        checksum or by the caller, and ahead of that by the file's read-ahead
+        (`reading_at`), which keeps the disk busy while the checksum runs: 1.09x
+        ``load_file`` in an A/B, against 0.95x without it. Files on other storage, and
+        tensors whose offset is not a multiple of their element size, are read instead.
         """
         if filename not in self._maps:
             try:

@@ -301,11 +301,13 @@ class DropBehindFile(io.FileIO):
         self._moved = threading.Condition()
         self._prefetching = False
         self._direct: int | None = None  # an O_DIRECT descriptor of the file, once opened
+        self._direct_tried = False
 
     def direct(self) -> int | None:
         """A descriptor of this file opened with O_DIRECT, for `read_direct`; None where
         the filesystem has no direct I/O. Turns the read-ahead off."""
-        if self._direct is None and _O_DIRECT is not None:
+        if not self._direct_tried and _O_DIRECT is not None:
+            self._direct_tried = True
             with contextlib.suppress(OSError):
                 self._direct = os.open(self.name, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
         return self._direct
