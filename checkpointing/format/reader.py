@@ -123,7 +123,7 @@ class StepReader:
         path = self._path(body["file"])
         fd = getattr(f, "direct", lambda: None)()  # a local file with direct I/O
         if fd is not None:
-            target = torch.empty(shape, dtype=dtype) if dest is None else dest.detach()
+            target = torch.empty(shape, dtype=dtype) if dest is None else dest
             data = byte_view(target)
             if len(data) != entry.end - entry.start:
                 raise CorruptCheckpointError(
@@ -298,7 +298,7 @@ class _ParallelReads:
             view = dest[a - offset : b - offset]
             if direct:
                 self._start_bounced()  # first, in file order
-                self._submit(_read_into, fd, a, view, tensor, path)
+                self._submit(path, _read_into, fd, a, view, tensor)
             else:
                 self._bounce(fd, path, a, view, tensor)
 
@@ -316,13 +316,20 @@ class _ParallelReads:
 
     def _start_bounced(self) -> None:
         if self._bounced:
-            self._submit(_read_through, *self._bounced_file, self._bounced)
+            fd, path = self._bounced_file
+            self._submit(path, _read_through, fd, self._bounced)
             self._bounced = []
 
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+    def _submit(self, path: str, read: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                read(*args)
+            except EOFError:
+                raise CorruptCheckpointError(f"{path}: file is truncated") from None
+
         if self._pool is None:
             self._pool = ThreadPoolExecutor(_READERS, thread_name_prefix="checkpointing-read")
-        self._in_flight.append(self._pool.submit(fn, *args))
+        self._in_flight.append(self._pool.submit(run))
 
     def settle(self) -> None:
         self._start_bounced()
@@ -362,20 +369,14 @@ class _Countdown:
             self._then()
 
 
-def _read_into(fd: int, offset: int, dest: memoryview, tensor: _Countdown, path: str) -> None:
-    try:
-        read_direct(fd, offset, dest)
-    except EOFError:
-        raise CorruptCheckpointError(f"{path}: file is truncated") from None
+def _read_into(fd: int, offset: int, dest: memoryview, tensor: _Countdown) -> None:
+    read_direct(fd, offset, dest)
     tensor.done()
 
 
-def _read_through(fd: int, path: str, parts: list[tuple[int, memoryview, _Countdown]]) -> None:
+def _read_through(fd: int, parts: list[tuple[int, memoryview, _Countdown]]) -> None:
     start = parts[0][0]
-    try:
-        data = read_bounced(fd, start, parts[-1][0] + len(parts[-1][1]) - start)
-    except EOFError:
-        raise CorruptCheckpointError(f"{path}: file is truncated") from None
+    data = read_bounced(fd, start, parts[-1][0] + len(parts[-1][1]) - start)
     source = np.frombuffer(data, dtype=np.uint8)
     for offset, dest, tensor in parts:
         at = offset - start

@@ -655,26 +655,11 @@ class Watcher:
         self.seen = {k: v.clone() for k, v in state.items()}
 
 
-@pytest.mark.parametrize("fresh", [False, True], ids=["same tensors", "new tensors"])
-def test_large_tensors_are_read_in_place_on_helper_threads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: bool
-) -> None:
-    """Tensors are read into the target by the helper threads with direct I/O, whether
-    their memory is in step with the file (the tensors saved) or not (new ones); a
-    stateful target sees its bytes in when it loads them."""
+def helper_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the reads the restore's helper threads make, direct or bounced."""
     from checkpointing.format import reader
 
-    torch.manual_seed(0)
-    saved = {f"t{i}": torch.randn(n) for i, n in enumerate([3, 40_000, 1 << 20, 5, 300_001])}
-    with CheckpointManager(tmp_path, SYNC) as mgr:
-        mgr.save(1, {"w": Watcher(saved), "plain": {"x": saved["t2"] * 2}})
-    target = {k: torch.empty_like(v) if fresh else v for k, v in saved.items()}
-    expected = {k: v.clone() for k, v in saved.items()}
-    if not fresh:
-        for v in saved.values():
-            v.zero_()
-    pointers = {k: v.data_ptr() for k, v in target.items()}
-    read: list[int] = []  # bytes read by the helper threads, direct or bounced
+    read: list[int] = []
     real_direct, real_bounced = reader.read_direct, reader.read_bounced
 
     def direct(fd: int, offset: int, dest: memoryview) -> None:
@@ -687,6 +672,27 @@ def test_large_tensors_are_read_in_place_on_helper_threads(
 
     monkeypatch.setattr(reader, "read_direct", direct)
     monkeypatch.setattr(reader, "read_bounced", bounced)
+    return read
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["same tensors", "new tensors"])
+def test_large_tensors_are_read_in_place_on_helper_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: bool
+) -> None:
+    """Tensors are read into the target by the helper threads with direct I/O, whether
+    their memory is in step with the file (the tensors saved) or not (new ones); a
+    stateful target sees its bytes in when it loads them."""
+    torch.manual_seed(0)
+    saved = {f"t{i}": torch.randn(n) for i, n in enumerate([3, 40_000, 1 << 20, 5, 300_001])}
+    with CheckpointManager(tmp_path, SYNC) as mgr:
+        mgr.save(1, {"w": Watcher(saved), "plain": {"x": saved["t2"] * 2}})
+    target = {k: torch.empty_like(v) if fresh else v for k, v in saved.items()}
+    expected = {k: v.clone() for k, v in saved.items()}
+    if not fresh:
+        for v in saved.values():
+            v.zero_()
+    pointers = {k: v.data_ptr() for k, v in target.items()}
+    read = helper_reads(monkeypatch)
     watcher, plain = Watcher(target), {"x": torch.zeros(1 << 20)}
     with CheckpointManager(tmp_path, READ_ONLY) as mgr:
         restored = mgr.restore({"w": watcher, "plain": plain})
@@ -702,21 +708,10 @@ def test_large_tensors_are_read_in_place_on_helper_threads(
 def test_restore_without_target_reads_on_helper_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from checkpointing.format import reader
-
     state = {"m": {"a": torch.randn(1 << 20), "b": torch.arange(7), "c": torch.randn(70_000)}}
     with CheckpointManager(tmp_path, SYNC) as mgr:
         mgr.save(1, state)
-    read: list[int] = []  # bytes read by the helper threads, direct or bounced
-    real_direct, real_bounced = reader.read_direct, reader.read_bounced
-    monkeypatch.setattr(
-        reader,
-        "read_direct",
-        lambda fd, at, dest: (read.append(len(dest)), real_direct(fd, at, dest)),
-    )
-    monkeypatch.setattr(
-        reader, "read_bounced", lambda fd, at, n: (read.append(n), real_bounced(fd, at, n))[1]
-    )
+    read = helper_reads(monkeypatch)
     with CheckpointManager(tmp_path, READ_ONLY) as mgr:
         restored = mgr.restore()
     assert_same(restored, state)
