@@ -61,7 +61,8 @@ CHUNK = 64 << 20
 OURS, DISK = "this library", "disk O_DIRECT"
 DIRECT_READ = "read O_DIRECT"
 PARALLEL_READ = "read O_DIRECT x4"  # 4 requests of 4 MiB in flight: faster for reads
-BEST_READ = "faster read, per round"  # the disk's read limit: the faster of those two
+REUSED_READ = "x4, one 16 MiB buffer"  # cache-hot memory: a reference, not a limit
+BEST_READ = "faster read, per round"  # the disk's read limit: the faster of the first two
 IN_PLACE, NO_TARGET = "restore in place", "restore, no target"
 
 
@@ -154,11 +155,20 @@ def peers(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[Method]:
 
 
 def disk(nbytes: int) -> list[Method]:
-    """The limits: ``nbytes`` (rounded up to a page) written and read in 64 MiB chunks."""
+    """The limits: ``nbytes`` (rounded up to a page) written in 64 MiB chunks from one
+    buffer, and read back into memory of the state's size, already faulted in, where an
+    in-place restore puts them.
+
+    Reading into one small buffer over and over (``REUSED_READ``) is shown too but is no
+    limit for a restore: on this VM the disk's data lands faster in memory the CPU caches
+    hold in some spells (1.19x, 1 GB, an A/B of 8 rounds), slower in others (0.81-0.86x)."""
     nbytes = -(-nbytes // PAGE) * PAGE
     buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
     buf.write(os.urandom(CHUNK))
     view = memoryview(buf)
+    dest = mmap.mmap(-1, nbytes)
+    torch.frombuffer(dest, dtype=torch.uint8).fill_(1)  # faulted in, like the state
+    into = memoryview(dest)
 
     def chunks() -> list[int]:
         return [min(CHUNK, nbytes - pos) for pos in range(0, nbytes, CHUNK)]
@@ -176,19 +186,20 @@ def disk(nbytes: int) -> list[Method]:
     def read(d: Path, flags: int) -> None:
         fd = os.open(d / "raw.bin", os.O_RDONLY | flags)
         try:
-            for n in chunks():
-                assert os.readv(fd, [view[:n]]) == n
+            for pos in range(0, nbytes, CHUNK):
+                n = min(CHUNK, nbytes - pos)
+                assert os.readv(fd, [into[pos : pos + n]]) == n
         finally:
             os.close(fd)
 
-    def read_parallel(d: Path, streams: int = 4, piece: int = 4 << 20) -> None:
+    def read_parallel(d: Path, reuse: bool, streams: int = 4, piece: int = 4 << 20) -> None:
         fd = os.open(d / "raw.bin", os.O_RDONLY | os.O_DIRECT)
 
         def stream(i: int) -> None:
-            into = view[i * piece : (i + 1) * piece]
             for pos in range(i * piece, nbytes, streams * piece):
                 n = min(piece, nbytes - pos)
-                assert os.preadv(fd, [into[:n]], pos) == n
+                at = i * piece if reuse else pos
+                assert os.preadv(fd, [(view if reuse else into)[at : at + n]], pos) == n
 
         try:
             with ThreadPoolExecutor(streams) as pool:
@@ -199,7 +210,8 @@ def disk(nbytes: int) -> list[Method]:
     return [
         Method(DISK, lambda d: write(d, os.O_DIRECT), {
             DIRECT_READ: lambda d: read(d, os.O_DIRECT),
-            PARALLEL_READ: read_parallel,
+            PARALLEL_READ: partial(read_parallel, reuse=False),
+            REUSED_READ: partial(read_parallel, reuse=True),
             "read buffered": lambda d: read(d, 0),
         }, kind="disk", save_label="write+fsync"),
         Method("disk buffered", lambda d: write(d, 0), {}, kind="disk",
@@ -302,6 +314,8 @@ def report(methods: list[Method], results: Results, nbytes: int) -> str:
           for (name, op) in med if kinds[name] == "peer" and is_save(name, op)],
         ("restore in place: faster disk read time / ours", (DISK, read_limit), IN_PLACE,
          ">=", 0.9),
+        ("(reference) restore in place: read into one buffer / ours", (DISK, REUSED_READ),
+         IN_PLACE, "", 0.0),
         ("restore, no target: safetensors load_file time / ours", ("safetensors", "load_file"),
          NO_TARGET, ">=", 1.0),
     ]
@@ -312,7 +326,8 @@ def report(methods: list[Method], results: Results, nbytes: int) -> str:
         rounds, of_medians = speedup(other, ours)
         ok = rounds.median >= want if cmp == ">=" else rounds.median > want
         target_rows.append([what, f"{rounds.median:.2f}", f"{rounds.lo:.2f}-{rounds.hi:.2f}",
-                            f"{of_medians:.2f}", f"{cmp} {want:.2f}", "PASS" if ok else "FAIL"])
+                            f"{of_medians:.2f}", *([f"{cmp} {want:.2f}", "PASS" if ok else "FAIL"]
+                                                   if cmp else ["", ""])])
     for what, op in (("save", "durable save"), ("restore in place", IN_PLACE)):
         target_rows.append([f"{what}: peak extra memory (x state)", f"{peak(op):.2f}", "", "",
                             "<= 0.10", "PASS" if peak(op) <= 0.1 else "FAIL"])
@@ -358,7 +373,8 @@ def main() -> None:
           f"{torch.get_num_threads()}")
     print("x disk / x best peer: that time / this time (above 1 is faster); save rows vs "
           "O_DIRECT write+fsync, restore rows vs the faster O_DIRECT cold read of the round "
-          "(64 MiB requests one at a time, or 4 MiB ones 4 in flight)\n")
+          "into memory of the state's size (64 MiB requests one at a time, or 4 MiB ones 4 "
+          "in flight)\n")
     print(report(methods, results, nbytes))
     if args.json:
         args.json.write_text(json.dumps({
