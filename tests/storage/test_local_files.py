@@ -87,6 +87,37 @@ def test_write_error_reaches_the_caller(tmp_path: Path) -> None:
         f.close()
 
 
+def test_bytes_bounced_between_runs_of_own_memory_share_a_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ends of many large tensors queue up ahead of the writer in one bounce buffer,
+    not one buffer each (with four buffers the caller would wait at the fifth); and
+    the file comes out right."""
+    memory = mmap.mmap(-1, 3 * 4096)
+    memory.write(os.urandom(3 * 4096))
+    tensor = memoryview(memory)[100 : 100 + 2 * 4096]  # in step after 100 bytes of file
+    pieces = [os.urandom(100)] + [tensor] * (2 * local_files._DirectFile._BUFFERS + 1)
+
+    blocked = tmp_path / "blocked.bin"
+    with monkeypatch.context() as m:
+        m.setattr(local_files._DirectFile, "_drain", lambda self: None)  # nothing written
+        f = create_durable(blocked)
+        assert isinstance(f, local_files._DirectFile)
+        writer = threading.Thread(target=lambda: [f.write(p) for p in pieces], daemon=True)
+        writer.start()
+        writer.join(timeout=10)
+        assert not writer.is_alive(), "the caller waits for a bounce buffer"
+        jobs = list(f._full.queue)
+        assert len(jobs) == 2 * (len(pieces) - 1)  # bounced, own memory, bounced, ...
+        assert all(len(data) % 4096 == 0 and bounce is None for data, bounce in jobs)
+        os.close(f._fd)
+
+    with create_durable(tmp_path / "f.bin") as f:
+        for piece in pieces:
+            f.write(piece)
+    assert (tmp_path / "f.bin").read_bytes() == b"".join(bytes(p) for p in pieces)
+
+
 @pytest.mark.parametrize("lead", [0, 100, 4096, 5000])
 def test_memory_in_step_with_the_file_is_written_as_is(tmp_path: Path, lead: int) -> None:
     """Page-aligned memory at a page-aligned file offset goes out without a bounce copy;
