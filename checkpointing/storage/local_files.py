@@ -122,12 +122,12 @@ class _DirectFile:
         return len(src)
 
     def _submit_current(self, *, last: bool) -> None:
-        """Queue the bounce buffer's bytes not queued yet. Before the caller's own memory
-        (``last=False``) the buffer stays in use, its next bytes after these (both end
-        on a page of the file, and so of the buffer): were it queued whole, the four
-        buffers would hold the caller back to four large tensors ahead of the disk, and
-        the writer to writes of 10 MiB (median) where it could make 64 MiB ones. With
-        ``last``, the buffer goes back to the free ones once written."""
+        """Queue the bounce buffer's bytes not queued yet. Before a run of the caller's
+        own memory (``last=False``) the buffer stays current and fills on after them
+        (the run starts on a page of the file, so they end on a page of the buffer).
+        Queued whole, as it once was, four buffers held the caller to four large tensors
+        ahead of the disk and the writes to 10 MiB (median) instead of 64 MiB. With
+        ``last`` the buffer goes back to the free ones once written."""
         if self._current is None:
             return
         part = self._current[self._sent : self._filled]
