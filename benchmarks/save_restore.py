@@ -175,7 +175,7 @@ def disk(nbytes: int) -> list[Method]:
             for pos in range(0, nbytes, CHUNK):
                 n = min(CHUNK, nbytes - pos)
                 at = pos % len(memory)
-                assert os.writev(fd, [memoryview(memory)[at : at + n]]) == n
+                assert os.write(fd, memoryview(memory)[at : at + n]) == n
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -307,7 +307,8 @@ def report(methods: list[Method], results: Results, nbytes: int) -> str:
         pairs = zip(results[other[0]][other[1]], results[OURS][ours], strict=True)
         return Spread.of([o.seconds / s.seconds for o, s in pairs]), med[other] / med[OURS, ours]
 
-    speed_checks = [  # (what, the other method's operation, ours, target: ratio >= / >)
+    # (what, the other method's operation, ours, target: ratio >= / >, or "" for a reference)
+    speed_checks = [
         ("save: disk O_DIRECT write time / ours", (DISK, "write+fsync"), "durable save",
          ">=", 0.9),
         ("(reference) save: write from one buffer / ours", (REUSED, "write+fsync"),
@@ -327,9 +328,9 @@ def report(methods: list[Method], results: Results, nbytes: int) -> str:
             continue
         rounds, of_medians = speedup(other, ours)
         ok = rounds.median >= want if cmp == ">=" else rounds.median > want
+        verdict = [f"{cmp} {want:.2f}", "PASS" if ok else "FAIL"] if cmp else ["", ""]
         target_rows.append([what, f"{rounds.median:.2f}", f"{rounds.lo:.2f}-{rounds.hi:.2f}",
-                            f"{of_medians:.2f}", *([f"{cmp} {want:.2f}", "PASS" if ok else "FAIL"]
-                                                   if cmp else ["", ""])])
+                            f"{of_medians:.2f}", *verdict])
     for what, op in (("save", "durable save"), ("restore in place", IN_PLACE)):
         target_rows.append([f"{what}: peak extra memory (x state)", f"{peak(op):.2f}", "", "",
                             "<= 0.10", "PASS" if peak(op) <= 0.1 else "FAIL"])

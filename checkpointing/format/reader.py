@@ -23,11 +23,10 @@ from checkpointing.format.tensors import (
     read_header,
     read_into,
 )
-from checkpointing.storage.local_files import BOUNCE, fault_in, read_bounced, read_direct
+from checkpointing.storage.local_files import ALIGN, BOUNCE, fault_in, read_bounced, read_direct
 
 _PIECE = BOUNCE  # bytes per request of theirs, at most
 _SMALL = 64 << 10  # bytes of whole pages below which a destination goes through a bounce
-_PAGE = 4096
 _READERS = 4  # requests in flight
 
 
@@ -290,9 +289,9 @@ class _ParallelReads:
         """Start filling ``dest`` (at ``address``) with the bytes at ``offset`` of ``fd``
         (opened with O_DIRECT); ``then`` runs once they are all in, on a helper thread."""
         end = offset + len(dest)
-        first = offset + (-offset % _PAGE)  # the first and last page boundaries in the range
-        last = end - end % _PAGE
-        if (address + first - offset) % _PAGE or last - first < _SMALL:  # out of step
+        first = offset + (-offset % ALIGN)  # the first and last page boundaries in the range
+        last = end - end % ALIGN
+        if (address + first - offset) % ALIGN or last - first < _SMALL:  # out of step
             spans = [(a, b, False) for a, b in _pieces(offset, end)]
         else:
             spans = [(offset, first, False), *((a, b, True) for a, b in _pieces(first, last))]
