@@ -2,14 +2,19 @@
 
 A crash at any moment leaves either the complete step or a ``.tmp-*`` directory that
 no listing shows and the next writer removes. Deletion renames the step away first, so
-a step is never half-deleted in sight.
+a step is never half-deleted in sight; the files are then removed on a helper thread,
+because unlinking a large step is slow (0.2 s for 1 GB here, a third of a sync save
+that deletes the step before it), and the next step's writer waits for them to go so
+that it finds their space free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +27,7 @@ from checkpointing.storage.base import StepWriter, Storage
 from checkpointing.storage.local_files import DropBehindFile, create_durable
 
 T = TypeVar("T")
+logger = logging.getLogger("checkpointing")
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
 
@@ -72,6 +78,7 @@ class LocalStorage(Storage):
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         self._lock: filelock.FileLock | None = None
+        self._removing: list[threading.Thread] = []  # removing deleted steps' files
 
     def committed(self, record_name: str) -> list[str]:
         try:
@@ -87,6 +94,7 @@ class LocalStorage(Storage):
         ]
 
     def begin(self, name: str, token: str) -> StepWriter:
+        self.finish_deletes()
         return _LocalStepWriter(self.root, name, token)
 
     def _path(self, path: str) -> Path:
@@ -128,7 +136,16 @@ class LocalStorage(Storage):
         doomed = self.root / f"{TMP_PREFIX}{name}-deleting-{uuid.uuid4().hex[:8]}"
         os.rename(self.root / name, doomed)
         fsync_dir(self.root)
-        shutil.rmtree(doomed)
+        remover = threading.Thread(
+            target=_remove_tree, args=(doomed,), name="checkpointing-delete", daemon=True
+        )
+        remover.start()
+        self._removing.append(remover)
+
+    def finish_deletes(self) -> None:
+        """Wait until the files of deleted steps are gone and their space is free."""
+        while self._removing:
+            self._removing.pop().join()
 
     def cleanup(self, is_step: Callable[[str], bool], record_name: str) -> list[str]:
         removed = []
@@ -153,6 +170,14 @@ class LocalStorage(Storage):
         self._lock = lock
 
     def unlock(self) -> None:
+        self.finish_deletes()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except OSError as e:  # invisible already; the next writer's start-up removes it
+        logger.warning("could not remove the deleted step %s: %s", path, e)
