@@ -398,21 +398,6 @@ def read_bounced(fd: int, offset: int, length: int) -> memoryview:
     return buffer[lead : lead + length]
 
 
-_madvise = _linux_call("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_POPULATE_WRITE = 23  # MADV_POPULATE_WRITE, Linux 5.14
-
-
-def fault_in(address: int, length: int) -> None:
-    """Fault in the whole pages of new memory at ``address`` in one call, before it is
-    read into. Faulting them one by one as a copy first writes them costs more than the
-    copy (a 1 GB restore without target: 0.62 s against 0.70 s, medians of 14 rounds);
-    the kernel does it in one pass. Does nothing before Linux 5.14 or elsewhere."""
-    start = -(-address // ALIGN) * ALIGN
-    end = (address + length) // ALIGN * ALIGN
-    if _madvise is not None and end > start:
-        _madvise(start, end - start, _POPULATE_WRITE)  # an error only leaves it undone
-
-
 def _read_at_least(fd: int, into: memoryview, offset: int, need: int) -> None:
     """Read into ``into`` from ``offset`` until its first ``need`` bytes are in."""
     done = 0

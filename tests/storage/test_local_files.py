@@ -5,8 +5,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -211,24 +209,6 @@ def test_read_direct_fills_page_aligned_memory(tmp_path: Path) -> None:
         assert memory[:] == data[4096 : 4096 + 2 * BUFFER]
         with pytest.raises(EOFError):
             local_files.read_direct(fd, 2 * BUFFER, memoryview(memory))
-
-
-@pytest.mark.skipif(
-    sys.platform != "linux"
-    or tuple(map(int, re.findall(r"\d+", os.uname().release)[:2])) < (5, 14),
-    reason="MADV_POPULATE_WRITE needs Linux 5.14",
-)
-def test_fault_in_makes_new_memory_resident() -> None:
-    def resident() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE
-
-    size = 32 << 20
-    memory = mmap.mmap(-1, size + 2 * mmap.PAGESIZE)
-    address = np.frombuffer(memory, dtype=np.uint8).ctypes.data + 100
-    before = resident()
-    local_files.fault_in(address, size)
-    assert size - mmap.PAGESIZE <= resident() - before < size + (1 << 20), "whole pages only"
 
 
 @pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 70_000])
