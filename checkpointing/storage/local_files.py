@@ -22,7 +22,6 @@ import io
 import mmap
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -231,21 +230,16 @@ class _DirectFile:
         self.close()
 
 
-def _linux_call(name: str, *argtypes: Any) -> Callable[..., int] | None:
-    """A C library function that only Linux has, or None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
         return None
-    fn.argtypes = argtypes
-    return fn  # type: ignore[no-any-return]
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn
 
 
-_sync_file_range = _linux_call(
-    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
-)
+_sync_file_range = _load_sync_file_range()
 _START_WRITEBACK = 2  # SYNC_FILE_RANGE_WRITE
 _WAIT_WRITEBACK = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 _WRITE_BEHIND = 32 << 20  # bytes in flight before waiting for the oldest
