@@ -128,8 +128,10 @@ class BackgroundWriter:
         self._deadline: float | None = None
 
     @property
-    def step_in_flight(self) -> int | None:
-        return self._step if self.busy else None
+    def pending_step(self) -> int | None:
+        """The step of the job not waited for yet, running or done: unlike `busy`, it
+        does not depend on the job's timing."""
+        return self._step if self._thread is not None else None
 
     @property
     def busy(self) -> bool:

@@ -168,6 +168,12 @@ class CheckpointManager:
                 step_of=self._naming.parse,
             )
         self._records: dict[int, Record] = {}
+        # In a job of several processes, the steps an async save commits or deletes stay
+        # out of (in) the listings until the training thread joins the save (the next
+        # save, wait_until_finished, ...): every process then lists the same steps at
+        # the same point of its program, whatever the timing of its background thread.
+        self._unlisted: set[int] = set()
+        self._delisted: dict[int, Record] = {}
         self._protected: set[int] = set()
         self._recorded: dict[int, dict[str, Any]] = {}  # step -> metrics recorded later
         self._closed = False
@@ -212,6 +218,8 @@ class CheckpointManager:
 
         In a distributed job the primary scans and the others take its view (collective).
         """
+        if self._coordinator.world_size > 1:
+            self._join()  # or the listings would differ by the timing of each process
         scan = self._scan() if self._coordinator.is_primary else None
         if self._coordinator.world_size > 1:
             scan = self._coordinator.broadcast(scan)
@@ -245,8 +253,17 @@ class CheckpointManager:
         """Committed steps, ascending, of both tiers when mirrored (from the cache; see
         `reload`)."""
         if self._mirror is None:
-            return list(self._records)
-        return sorted({*self._records, *self._mirror.records})
+            return list(self._listed())
+        return sorted({*self._listed(), *self._mirror.records})
+
+    def _listed(self) -> dict[int, Record]:
+        """The local steps the listings show (see ``_unlisted``)."""
+        records = self._records  # first: the writer sets the others before it
+        unlisted, delisted = self._unlisted, self._delisted
+        if not (unlisted or delisted):
+            return records
+        shown = {s: r for s, r in records.items() if s not in unlisted}
+        return dict(sorted({**shown, **delisted}.items()))
 
     def latest_step(self) -> int | None:
         """The newest committed step of either tier, or None (from the cache)."""
@@ -267,7 +284,7 @@ class CheckpointManager:
         rank = KeepBest(1, metric, self.options.best_mode)
         scored = [
             (score, step)
-            for step in self._records
+            for step in self._listed()
             if (score := rank.score(self.metrics(step))) is not None
         ]
         return max(scored)[1] if scored else None
@@ -302,7 +319,10 @@ class CheckpointManager:
         (its clock decides time-based saves), or yes once a preemption signal reached
         any process.
         """
-        latest = self.latest_step()
+        # The newest commit this process knows of, listed or not (see ``_unlisted``):
+        # only the primary's answer counts in a distributed job.
+        mirrored = self._mirror.records if self._mirror is not None else {}
+        latest = max({*self._records, *mirrored}, default=None)
         triggered = self._preemption.triggered
         wanted = decide_save(
             self._save_policy,
@@ -356,7 +376,7 @@ class CheckpointManager:
         self._check_writable()
         self.check_for_errors()
         _check_step(step)
-        in_flight = self._writer.step_in_flight
+        in_flight = self._writer.pending_step
         if step in self.all_steps() or step == in_flight:
             raise StepAlreadyExistsError(
                 f"step {step} already has a checkpoint in {self.directory}; delete(step) it "
@@ -387,7 +407,7 @@ class CheckpointManager:
             metadata=None if metadata is None else to_json_value(metadata, "metadata"),
         )
         self._saves += 1
-        self._writer.wait()
+        self._join()
         self._preemption_saved = self._preemption.triggered or self._preempted_anywhere
         if not self.options.enable_async_checkpointing:
             self._persist(job, self._coordinator, t0)
@@ -410,9 +430,17 @@ class CheckpointManager:
     def wait_until_finished(self) -> None:
         """Block until the save in flight is committed (and uploaded, when mirrored);
         raise its failure, if any."""
-        self._writer.wait()
+        self._join()
         if self._mirror is not None:
             self._mirror.wait()
+
+    def _join(self) -> None:
+        """Wait for the save in flight; its steps enter the listings (see ``_unlisted``)."""
+        try:
+            self._writer.wait()
+        finally:
+            with self._lock:
+                self._unlisted, self._delisted = set(), {}
 
     def check_for_errors(self) -> None:
         """Raise the failure of a finished background save or upload, without waiting."""
@@ -466,9 +494,12 @@ class CheckpointManager:
         """Write, commit, cache and apply retention (on the background thread if async)."""
         t1 = time.perf_counter()
         record = self._write(job, coordinator, abandoned)
+        unjoined = blocking is not None and coordinator.world_size > 1
         with self._lock:
+            if unjoined:  # before _records: `_listed` reads without the lock
+                self._unlisted = {*self._unlisted, job.step}
             self._records = dict(sorted({**self._records, job.step: record}.items()))
-        self._apply_retention(coordinator)
+        self._apply_retention(coordinator, unjoined=unjoined)
         if self._mirror is not None and self._coordinator.is_primary:
             self._mirror.upload(self._storage, self._records, self._clock())
         done = time.perf_counter()
@@ -597,8 +628,8 @@ class CheckpointManager:
                 f"target must be a mapping of item names, like the state given to save(); "
                 f"got {type(target).__name__}"
             )
-        if step is None or step == self._writer.step_in_flight:
-            self._writer.wait()  # a save in flight is about to be the step asked for
+        if step is None or step == self._writer.pending_step:
+            self._join()  # a save in flight is about to be the step asked for
         wanted = step if step is not None else self.latest_step()
         if self._coordinator.world_size > 1:  # everyone restores the primary's choice
             wanted = self._coordinator.broadcast(wanted)
@@ -788,7 +819,9 @@ class CheckpointManager:
         with self._lock:
             self._record(step)
             if step in self._records:
-                self._delete(step)
+                if self._coordinator.is_primary:
+                    self._storage.delete(self._naming.name(step), RECORD_NAME)
+                self._forget([step])
             if self._mirror is not None and step in self._mirror.records:
                 if self._coordinator.is_primary:
                     self._mirror.delete(step)
@@ -799,10 +832,17 @@ class CheckpointManager:
                 self._save_protected()
         self._coordinator.barrier(f"delete step {step}")
 
-    def _delete(self, step: int) -> None:
-        if self._coordinator.is_primary:
-            self._storage.delete(self._naming.name(step), RECORD_NAME)
-        self._records = {s: r for s, r in self._records.items() if s != step}
+    def _forget(self, steps: Iterable[int], *, unjoined: bool = False) -> None:
+        """Drop deleted steps from the cache (listed until the join if ``unjoined``).
+
+        Called under ``_lock``; `_listed` reads without it, so each attribute is
+        replaced, never mutated, and `_delisted` is set before `_records` drops them.
+        """
+        gone = set(steps)
+        if unjoined:
+            listed = {s: r for s, r in self._records.items() if s in gone}
+            self._delisted = {**self._delisted, **listed}
+        self._records = {s: r for s, r in self._records.items() if s not in gone}
 
     def protect(self, step: int) -> None:
         """Pin ``step`` so that retention never deletes it (persisted in the directory)."""
@@ -829,7 +869,7 @@ class CheckpointManager:
                 nbytes=sum(f.size for f in record.files.values()),
                 metrics=record.metrics,
             )
-            for step, record in self._records.items()
+            for step, record in self._listed().items()
         ]
 
     def _decide(self, leased: Iterable[int] = ()) -> RetentionDecision:
@@ -846,8 +886,9 @@ class CheckpointManager:
             always_keep_latest=self.options.always_keep_latest,
         )
 
-    def _apply_retention(self, coordinator: Coordinator) -> None:
-        """The primary decides and deletes; the others follow its decision."""
+    def _apply_retention(self, coordinator: Coordinator, *, unjoined: bool = False) -> None:
+        """The primary decides and deletes; the others follow its decision. ``unjoined``:
+        by an async save, whose deletes stay listed until it is joined."""
         if self._retention is None:
             return
         deleted: list[int] = []
@@ -864,14 +905,15 @@ class CheckpointManager:
                                 logger.info("step %d kept: an evaluation job leased it", step)
                                 continue
                             logger.info("retention deletes step %d", step)
-                            self._delete(step)
+                            self._storage.delete(self._naming.name(step), RECORD_NAME)
+                            self._forget([step], unjoined=unjoined)
                             deleted.append(step)
             except Exception as e:
                 error = e
         if coordinator.world_size > 1:
             deleted, failure = coordinator.broadcast((deleted, _describe(error)))
             with self._lock:
-                self._records = {s: r for s, r in self._records.items() if s not in deleted}
+                self._forget(deleted, unjoined=unjoined)
             if failure is not None and error is None:
                 raise CheckpointError(f"retention failed on the primary: {failure}")
         if error is not None:
@@ -882,7 +924,7 @@ class CheckpointManager:
         or that would be with ``dry_run``."""
         if not dry_run:
             self._check_writable()
-            self._writer.wait()
+            self._join()
             before = set(self._records)
             self._apply_retention(self._coordinator)
             return sorted(before - set(self._records))
@@ -947,7 +989,7 @@ class CheckpointManager:
 
     def _record(self, step: int) -> Record:
         try:
-            return self._records[step]
+            return self._records.get(step) or self._delisted[step]
         except KeyError:
             if self._mirror is not None and step in self._mirror.records:
                 return self._mirror.records[step]

@@ -20,7 +20,7 @@ from checkpointing import (
     CheckpointManagerOptions,
     DiskFullError,
 )
-from checkpointing.background import SnapshotBuffers
+from checkpointing.background import BackgroundWriter, SnapshotBuffers
 from checkpointing.format import tensors
 from checkpointing.format.tree import Blob
 
@@ -164,6 +164,17 @@ def test_saving_every_step_does_not_grow_memory(tmp_path: Path) -> None:
     assert grown < 16 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 180 saves"
     assert stats is not None and stats.step == 199 and stats.nbytes > 4 * 2**20
     assert stats.blocking_secs > 0 and stats.background_secs > 0
+
+
+def test_pending_step_does_not_depend_on_the_job_timing() -> None:
+    """Set from start until waited for, finished or not: a distributed manager decides
+    on it, and its processes' background threads finish at different times."""
+    writer = BackgroundWriter()
+    writer.start(7, lambda abandoned: None, None)
+    writer.join()
+    assert not writer.busy and writer.pending_step == 7
+    writer.wait()
+    assert writer.pending_step is None
 
 
 def test_snapshot_buffers_are_reused() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,9 @@ def basic(directory: str, rank: int, world: int) -> dict[str, Any]:
             opt.zero_grad()
             own = torch.full((3,), float(rank * 100 + step))
             mgr.save(step, {"model": model.module, "opt": opt, "own": PerRank(own)})
-            seen.append(mgr.all_steps())
+            if rank == 1:  # looks once its background save has committed; the others at once
+                time.sleep(0.3)
+            seen.append((mgr.all_steps(), mgr.latest_step()))
         mgr.wait_until_finished()
         record = mgr._records[mgr.latest_step()]
         files = sorted(record.files)
