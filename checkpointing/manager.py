@@ -216,7 +216,8 @@ class CheckpointManager:
     def reload(self) -> None:
         """Rescan the directory for steps written or deleted by other processes.
 
-        In a distributed job the primary scans and the others take its view (collective).
+        In a distributed job the primary scans and the others take its view (collective),
+        once this manager's save in flight is done.
         """
         if self._coordinator.world_size > 1:
             self._join()  # or the listings would differ by the timing of each process
