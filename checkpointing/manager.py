@@ -252,7 +252,8 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending, of both tiers when mirrored (from the cache; see
-        `reload`)."""
+        `reload`). In a distributed job an async save's changes show once it is waited
+        for (the next `save`, `wait_until_finished`, ...), on every process alike."""
         if self._mirror is None:
             return list(self._listed())
         return sorted({*self._listed(), *self._mirror.records})
