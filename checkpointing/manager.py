@@ -174,6 +174,11 @@ class CheckpointManager:
         # the same point of its program, whatever the timing of its background thread.
         self._unlisted: set[int] = set()
         self._delisted: dict[int, Record] = {}
+        # The remote tier as listed in a distributed job: the primary's uploads run on
+        # after each save, so every process lists the records the primary had at the
+        # last save (or reload), taken into the listings at the same join.
+        self._remote_listed: dict[int, Record] = {}
+        self._remote_agreed: dict[int, Record] | None = None  # at the save not joined
         self._protected: set[int] = set()
         self._recorded: dict[int, dict[str, Any]] = {}  # step -> metrics recorded later
         self._closed = False
@@ -227,7 +232,7 @@ class CheckpointManager:
         assert scan is not None
         found, protected, recorded, mirrored = scan
         if self._mirror is not None:
-            self._mirror.records = mirrored
+            self._mirror.records = self._remote_listed = mirrored
         with self._lock:
             self._records = found
             self._protected = protected
@@ -256,7 +261,8 @@ class CheckpointManager:
         for (the next `save`, `wait_until_finished`, ...), on every process alike."""
         if self._mirror is None:
             return list(self._listed())
-        return sorted({*self._listed(), *self._mirror.records})
+        remote = self._mirror.records if self._coordinator.world_size == 1 else self._remote_listed
+        return sorted({*self._listed(), *remote})
 
     def _listed(self) -> dict[int, Record]:
         """The local steps the listings show (see ``_unlisted``)."""
@@ -443,6 +449,8 @@ class CheckpointManager:
         finally:
             with self._lock:
                 self._unlisted, self._delisted = set(), {}
+                if self._remote_agreed is not None:
+                    self._remote_listed, self._remote_agreed = self._remote_agreed, None
 
     def check_for_errors(self) -> None:
         """Raise the failure of a finished background save or upload, without waiting."""
@@ -502,6 +510,8 @@ class CheckpointManager:
                 self._unlisted = {*self._unlisted, job.step}
             self._records = dict(sorted({**self._records, job.step: record}.items()))
         self._apply_retention(coordinator, unjoined=unjoined)
+        if self._mirror is not None and coordinator.world_size > 1:
+            self._agree_on_remote(coordinator, unjoined=unjoined)
         if self._mirror is not None and self._coordinator.is_primary:
             self._mirror.upload(self._storage, self._records, self._clock())
         done = time.perf_counter()
@@ -512,6 +522,28 @@ class CheckpointManager:
             nbytes=sum(f.size for f in record.files.values()),
         )
         logger.debug("saved step %d: %s", job.step, self._last_stats)
+
+    def _agree_on_remote(self, coordinator: Coordinator, *, unjoined: bool) -> None:
+        """Every process takes the primary's remote records (see ``_remote_listed``):
+        those it lacks and those gone since the last agreement, usually one step."""
+        assert self._mirror is not None
+        listed = self._remote_listed
+        change: tuple[dict[int, Record], set[int]] | None = None
+        if coordinator.is_primary:
+            live = self._mirror.records
+            change = ({s: r for s, r in live.items() if s not in listed}, set(listed) - set(live))
+        change = coordinator.broadcast(change)
+        assert change is not None
+        added, gone = change
+        agreed = {s: r for s, r in listed.items() if s not in gone}
+        agreed = dict(sorted({**agreed, **added}.items()))
+        if not coordinator.is_primary:
+            self._mirror.records = agreed  # no uploads here: the view is all there is
+        with self._lock:
+            if unjoined:
+                self._remote_agreed = agreed
+            else:
+                self._remote_listed = agreed
 
     def _write(
         self, job: _SaveJob, coordinator: Coordinator, abandoned: Callable[[], bool]
@@ -828,7 +860,10 @@ class CheckpointManager:
                 if self._coordinator.is_primary:
                     self._mirror.delete(step)
                 else:
-                    self._mirror.records.pop(step)
+                    self._mirror.records = {
+                        s: r for s, r in self._mirror.records.items() if s != step
+                    }
+                self._remote_listed = {s: r for s, r in self._remote_listed.items() if s != step}
             if step in self._protected:
                 self._protected.discard(step)
                 self._save_protected()

@@ -54,7 +54,10 @@ class FsspecStorage(Storage):
         self, url: str, *, storage_options: dict[str, Any] | None = None, retry_secs: float = 120
     ) -> None:
         self.url = url.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if self.url.startswith("file://"):  # a mirror on a mounted file system
+            options.setdefault("auto_mkdir", True)  # else writes need their folders made
+        self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         self.root = root.rstrip("/")
         self.retry = retrying(retry_secs)
 

@@ -76,6 +76,17 @@ def test_collective_save_restore(tmp_path: Path, world: int, primary: int) -> No
         assert len(mgr.item_metadata()["own"]) == world
 
 
+def test_mirrored_job_lists_the_remote_tier_alike_everywhere(tmp_path: Path) -> None:
+    """Uploads run on the primary alone, after each save: the others list the remote
+    steps the primary had when the save committed, from the same point on."""
+    ranks = launch(2, "mirrored", tmp_path / "ckpt", tmp_path)
+    seen = [r["seen"] for r in ranks]
+    assert seen[0] == seen[1]
+    assert all(r["first"] == [0.0] * 4 for r in ranks)  # downloaded once, read by both
+    assert seen[0][-1] == [0, 1, 2, 3]  # all uploaded (the remote tier keeps every step)
+    assert all(len(listed) > 0 for listed in seen[0][1:])
+
+
 def test_async_commit_leaves_the_training_thread_free(tmp_path: Path) -> None:
     ranks = launch(2, "overlap", tmp_path / "ckpt", tmp_path)
     assert ranks == [{"sum": 2.0, "in_progress": True, "steps": [1]}] * 2

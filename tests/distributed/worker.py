@@ -80,6 +80,26 @@ def basic(directory: str, rank: int, world: int) -> dict[str, Any]:
     }
 
 
+def mirrored(directory: str, rank: int, world: int) -> dict[str, Any]:
+    """Local retention keeps one step, the remote tier all. The primary looks once its
+    uploads are done, the others at once: all must list the same remote steps."""
+    remote = f"file://{directory}-remote"
+    options = CheckpointManagerOptions(max_to_keep=1)
+    seen = []
+    with CheckpointManager(directory, options, remote=remote, remote_retention=None) as mgr:
+        for step in range(4):
+            mgr.save(step, {"x": torch.full((4,), float(step))})
+            if rank == 0:
+                time.sleep(0.3)
+            seen.append(mgr.all_steps())
+        first = mgr.restore(step=0)  # only in the remote tier by now
+        mgr.wait_until_finished()
+        mgr.reload()
+        seen.append(mgr.all_steps())
+    assert first is not None
+    return {"seen": seen, "first": first["x"].tolist()}
+
+
 def sharded_save(directory: str, rank: int, world: int) -> dict[str, Any]:
     model = Sharded()
     with torch.no_grad():
