@@ -10,12 +10,17 @@ for each restore mode: drop the page cache, restore, touch one byte per page of 
 came back (lazy mmaps fault in). Speed ratios are "times as fast": above 1 is faster.
 Targets are judged round by round: the two times compared ran in the same round.
 
-Each timed operation starts after ``--settle`` idle seconds. On VMs with free page
-reporting (virtio-balloon) memory freed less than ~2 s earlier is cheap to reuse, while
-memory the host has taken back is slow to use again (page cache: ~2 s per GiB on the VM
-this was written on): a cold buffered read right after drop_caches then looks several
-times faster than one in a process started later. Settling makes every operation pay
-for fresh memory (page cache included) the same way.
+Each timed operation starts after ``--settle`` idle seconds (default: 4 per GB of state,
+at least 3). On VMs with free page reporting (virtio-balloon) memory freed a moment
+earlier is cheap to use again, while memory the host has taken back is slow (page cache:
+~2 s per GiB on the VM this was written on), and the host takes it back gradually:
+touching 3 GB anew took 1.4 s right after freeing 3 GB, 3.3 s 3 s later, 3.9 s 10 s
+later, 4.1 s 20 s later (1 GB freed: no difference). Without settling, an operation pays
+less for its fresh memory (page cache included) when the one before it freed some:
+``load_file`` right after safetensors' buffered save, whose page cache the cold-cache
+drop frees, took 3.04 s against 6.39 s settled 12 s (3 GB), which turned "no target"
+from 0.76x ``load_file`` into 1.43x. Settling makes every operation pay for fresh
+memory the same way.
 """
 
 from __future__ import annotations
@@ -349,9 +354,12 @@ def main() -> None:
                         help="comma-separated peers to run besides this library and the disk "
                         "(default: all), e.g. safetensors")
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
-    parser.add_argument("--settle", type=float, default=3.0,
-                        help="idle seconds before each timed operation (see above)")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="idle seconds before each timed operation (default: 4 per GB of "
+                        "state, at least 3; see above)")
     args = parser.parse_args()
+    if args.settle is None:
+        args.settle = max(3.0, 4.0 * args.size_gb)
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, opt = transformer_with_adam(int(args.size_gb * GB))
