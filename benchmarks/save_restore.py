@@ -15,12 +15,14 @@ at least 3). On VMs with free page reporting (virtio-balloon) memory freed a mom
 earlier is cheap to use again, while memory the host has taken back is slow (page cache:
 ~2 s per GiB on the VM this was written on), and the host takes it back gradually:
 touching 3 GB anew took 1.4 s right after freeing 3 GB, 3.3 s 3 s later, 3.9 s 10 s
-later, 4.1 s 20 s later (1 GB freed: no difference). Without settling, an operation pays
-less for its fresh memory (page cache included) when the one before it freed some:
-``load_file`` right after safetensors' buffered save, whose page cache the cold-cache
-drop frees, took 3.04 s against 6.39 s settled 12 s (3 GB), which turned "no target"
-from 0.76x ``load_file`` into 1.43x. Settling makes every operation pay for fresh
-memory the same way.
+later, 4.1 s 20 s later (1 GB freed: no difference). So an operation pays less for its
+fresh memory (page cache included) when the one before it freed some, as a buffered save
+does when the cold-cache drop frees its page cache: at 3 GB, ``load_file`` settled 3 s
+after safetensors' save took 5.69 s, settled 12 s with nothing freed before it 6.96 s,
+and a restore without target 4.03 s against 4.41 s (A/B, 4 rounds). Settled 3 s, the
+runs of sessions 9 and 10 had our restore without target at 0.79x and 0.76x
+``load_file``; settled 12 s, 1.43x and 1.40x. Settling makes every operation pay for
+fresh memory the same way.
 """
 
 from __future__ import annotations
