@@ -186,6 +186,7 @@ class CheckpointManager:
         self._preemption_saved = False  # a save happened after the signal
         self._preempted_anywhere = False  # a signal reached some process of the job
         self._writer = BackgroundWriter()
+        self._pending_began = 0.0  # clock reading when the save in flight began
         self._buffers = SnapshotBuffers()
         self._last_stats: SaveStats | None = None
         # Guards retention and deletes against restores on other threads (the
@@ -321,23 +322,30 @@ class CheckpointManager:
 
     def should_save(self, step: int) -> bool:
         """Whether the save policy wants ``step`` saved. Never for a step at or below
-        the latest committed one.
+        the latest one committed or being saved.
 
         In a distributed job this is collective: every process gets the primary's answer
         (its clock decides time-based saves), or yes once a preemption signal reached
         any process.
         """
-        # The newest commit this process knows of, listed or not (see ``_unlisted``):
-        # only the primary's answer counts in a distributed job.
+        # The newest save this process knows of: committed, listed or not (see
+        # ``_unlisted``), or still being written, which counts from the moment the
+        # training thread started it, whatever the background thread has done since
+        # (else a slow async save would let the time rule save again at once). Only the
+        # primary's answer counts in a distributed job.
         mirrored = self._mirror.records if self._mirror is not None else {}
         latest = max({*self._records, *mirrored}, default=None)
+        began = None if latest is None else self._record(latest).created_at
+        pending = self._writer.pending_step
+        if pending is not None and (latest is None or pending > latest):
+            latest, began = pending, self._pending_began
         triggered = self._preemption.triggered
         wanted = decide_save(
             self._save_policy,
             SaveContext(
                 step=step,
                 latest_step=latest,
-                last_save_time=None if latest is None else self._record(latest).committed_at,
+                last_save_time=began,
                 now=self._clock(),
                 preempted=triggered and not self._preemption_saved,
             ),
@@ -428,6 +436,7 @@ class CheckpointManager:
                 job.flat.sharded, lambda key, like: self._buffers.buffer(("\0sharded", key), like)
             )
         blocking = time.perf_counter() - t0
+        self._pending_began = started
         self._writer.start(
             step,
             lambda abandoned: self._persist(job, self._background, t0, blocking, abandoned),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,26 @@ def test_time_based_saves_use_the_injected_clock(tmp_path: Path) -> None:
     with _mgr(tmp_path, clock, save_interval_secs=60) as mgr:  # the last save time survives
         clock.now += 10
         assert not mgr.should_save(4)
+
+
+def test_a_save_in_flight_counts_for_the_time_rule(tmp_path: Path) -> None:
+    """An async save still being written is the newest save, from when it began: the
+    time rule must not make the next steps due while it is written, nor later count
+    from its commit."""
+    clock = FakeClock()
+    opts = CheckpointManagerOptions(save_interval_secs=60, save_on_initial=True)
+    with CheckpointManager(tmp_path, opts, clock=clock) as mgr:
+        gate = threading.Event()
+        persist = mgr._persist
+        mgr._persist = lambda *a, **k: (gate.wait(10), persist(*a, **k))[1]  # type: ignore[method-assign]
+        assert mgr.save(1, STATE), "nothing saved yet: due"
+        clock.now += 30  # the save of step 1 commits at 1030, 30 s after it began
+        assert not mgr.should_save(2), "step 1 is being saved: neither initial nor due"
+        gate.set()
+        mgr.wait_until_finished()
+        assert not mgr.should_save(2)
+        clock.now += 31
+        assert mgr.should_save(3), "61 s since the save of step 1 began"
 
 
 def test_keep_time_interval_uses_commit_times(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Rules read only the context (no clock, no disk), so a manager can evaluate them on any
 host and tests can drive them with a fake clock. Combine rules with `AnyOf`; the manager
-asks `decide_save`, which also refuses steps at or below the newest committed one.
+asks `decide_save`, which also refuses steps at or below the newest one saved or being
+saved.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ class SaveContext:
     """What a save rule may look at. Times are readings of the manager's clock, in seconds."""
 
     step: int
-    latest_step: int | None  # newest committed step, None if the directory is empty
-    last_save_time: float | None  # commit time of the newest committed save, None if none
+    latest_step: int | None  # newest step committed or being saved; None if none
+    last_save_time: float | None  # when the save of ``latest_step`` began; None if none
     now: float
     preempted: bool = False  # a preemption signal has been received
 
@@ -71,7 +72,8 @@ class AtSteps:
 
 @dataclass(frozen=True)
 class EveryNSeconds:
-    """Save when at least ``secs`` have passed since the newest committed save.
+    """Save when at least ``secs`` have passed since the newest save began (committed
+    or still being written, so a slow async save does not make every step due).
 
     With no committed save yet the rule is due at once, as in Orbax's time-based policy:
     a run that has never saved is the one with the most to lose.
@@ -126,7 +128,8 @@ class AnyOf:
 
 
 def decide_save(policy: SavePolicy, ctx: SaveContext) -> bool:
-    """The manager's question: never a step at or below the newest committed one.
+    """The manager's question: never a step at or below the newest one saved or being
+    saved.
 
     Committed steps are never overwritten and steps only move forward, so such a save
     could only fail; answering no here keeps every policy free of that check.
