@@ -75,7 +75,7 @@ class EveryNSeconds:
     """Save when at least ``secs`` have passed since the newest save began (committed
     or still being written, so a slow async save does not make every step due).
 
-    With no committed save yet the rule is due at once, as in Orbax's time-based policy:
+    With no save yet the rule is due at once, as in Orbax's time-based policy:
     a run that has never saved is the one with the most to lose.
     """
 
