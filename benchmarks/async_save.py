@@ -16,8 +16,9 @@ Every round runs each method once, starting one further along each round:
                fsync of its directory.
 
 Orbax is not measured: it checkpoints JAX arrays only. Each timed operation starts after
---settle idle seconds (see save_restore.py: on VMs with free page reporting, memory freed
-just before is cheaper to reuse, which would favour whoever allocates right after a free).
+--settle idle seconds (default: 4 per GB of state, at least 3; see save_restore.py: on VMs
+with free page reporting, memory freed just before is cheaper to reuse for a while, which
+would favour whoever allocates right after a free).
 Peak extra memory is resident memory above the level just before the operation.
 
 Part 2: a small transformer (nn.TransformerEncoder, AdamW) trained on CPU for
@@ -188,7 +189,8 @@ def warm_up(root: Path) -> None:
 
 def bench_size(size_gb: float, args: argparse.Namespace, root: Path) -> SaveBench:
     model, opt = transformer_with_adam(int(size_gb * GB))
-    b = SaveBench({"model": model, "optimizer": opt}, root, args.warm, args.settle)
+    settle = max(3.0, 4.0 * size_gb) if args.settle is None else args.settle
+    b = SaveBench({"model": model, "optimizer": opt}, root, args.warm, settle)
     methods: list[Callable[[], None]] = [
         lambda: ours(b, True), lambda: ours(b, False), lambda: copy_floor(b),
         lambda: dcp_async_save(b),
@@ -399,8 +401,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warm", type=int, default=3,
                         help="warm saves (and floor copies, DCP saves) per method per round")
-    parser.add_argument("--settle", type=float, default=3.0,
-                        help="idle seconds before each timed save (see above)")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="idle seconds before each timed save (default: 4 per GB of "
+                        "state, at least 3; see above)")
     parser.add_argument("--train-steps", type=int, default=300, help="0: skip part 2")
     parser.add_argument("--every", type=int, default=50, help="save every N training steps")
     parser.add_argument("--train-rounds", type=int, default=3)
@@ -435,8 +438,9 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+    settle = "4 s per GB, at least 3 s" if args.settle is None else f"{args.settle:g} s"
     print(f"scratch under {root.parent}; {args.rounds} rounds x {args.warm} warm samples per "
-          f"method, settle {args.settle:g} s, torch threads {torch.get_num_threads()}. "
+          f"method, settle {settle}, torch threads {torch.get_num_threads()}. "
           f"Orbax: not measured (JAX-only).\n")
     print("\n\n".join(sections))
     print("\nSummary (ratios of medians)")

@@ -183,10 +183,13 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None)
-    parser.add_argument("--settle", type=float, default=3.0,
-                        help="idle seconds before each operation (see save_restore.py)")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="idle seconds before each operation (default: 4 per GB of "
+                        "state, at least 3; see save_restore.py)")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.settle is None:
+        args.settle = max(3.0, 4.0 * args.size_gb)
     if args.worker is not None:
         worker(args.size_gb, args.rounds, args.settle, args.worker)
         return
