@@ -24,6 +24,13 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # ------------------------------------------------------------------ timing
 
 
+def default_settle(size_gb: float) -> float:
+    """Idle seconds before a timed operation on a state of ``size_gb``: 4 per GB, at
+    least 3. This VM's host takes freed memory back over seconds (see save_restore.py),
+    so memory freed just before is cheaper to reuse; the pause must grow with the size."""
+    return max(3.0, 4.0 * size_gb)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Seconds ``fn`` took, and what it returned."""
     start = time.perf_counter()

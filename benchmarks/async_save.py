@@ -60,6 +60,7 @@ from _common import (
     GB,
     PeakRSS,
     Spread,
+    default_settle,
     format_table,
     fsync_tree,
     iter_tensors,
@@ -189,7 +190,7 @@ def warm_up(root: Path) -> None:
 
 def bench_size(size_gb: float, args: argparse.Namespace, root: Path) -> SaveBench:
     model, opt = transformer_with_adam(int(size_gb * GB))
-    settle = max(3.0, 4.0 * size_gb) if args.settle is None else args.settle
+    settle = default_settle(size_gb) if args.settle is None else args.settle
     b = SaveBench({"model": model, "optimizer": opt}, root, args.warm, settle)
     methods: list[Callable[[], None]] = [
         lambda: ours(b, True), lambda: ours(b, False), lambda: copy_floor(b),

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from checkpointing import CheckpointManager, CheckpointManagerOptions, SingleProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import GB, Spread, format_table, make_cold
+from _common import GB, Spread, default_settle, format_table, make_cold
 
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
 READ = CheckpointManagerOptions(read_only=True)
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.settle is None:
-        args.settle = max(3.0, 4.0 * args.size_gb)
+        args.settle = default_settle(args.size_gb)
     if args.worker is not None:
         worker(args.size_gb, args.rounds, args.settle, args.worker)
         return

@@ -54,6 +54,7 @@ from _common import (
     PAGE,
     PeakRSS,
     Spread,
+    default_settle,
     format_table,
     fsync_tree,
     make_cold,
@@ -361,7 +362,7 @@ def main() -> None:
                         "state, at least 3; see above)")
     args = parser.parse_args()
     if args.settle is None:
-        args.settle = max(3.0, 4.0 * args.size_gb)
+        args.settle = default_settle(args.size_gb)
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, opt = transformer_with_adam(int(args.size_gb * GB))
