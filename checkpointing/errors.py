@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class CheckpointError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -38,6 +40,11 @@ class CorruptCheckpointError(CheckpointError):
     """A file is missing, has the wrong size, or fails its checksum."""
 
 
+class UnsupportedFormatError(CheckpointError):
+    """The checkpoint was written in a format this version of the library cannot read:
+    a newer one (upgrade), or a retired one (the message says how to convert it)."""
+
+
 class DirectoryLockedError(CheckpointError):
     """Another manager is writing to the same directory."""
 
@@ -53,3 +60,15 @@ class DiskFullError(CheckpointError, OSError):
 class CoordinationError(CheckpointError):
     """The processes of a distributed job did not meet in time: one died, hung, or did
     not make the same manager calls as the others."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # out of blocks, inodes, quota
+
+
+def raise_if_disk_full(error: BaseException, message: str) -> None:
+    """Raise `DiskFullError` (``message``, then what to do) from ``error`` when it is a
+    full disk, out of inodes or over quota; return otherwise."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        raise DiskFullError(
+            error.errno, f"{message}: {error.strerror}. Free space, or keep fewer checkpoints."
+        ) from error

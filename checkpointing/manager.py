@@ -47,11 +47,18 @@ from checkpointing.errors import (
     ReadOnlyError,
     StepAlreadyExistsError,
     StepOrderError,
+    UnsupportedFormatError,
 )
-from checkpointing.format import tensors, tree
+from checkpointing.format import schema, tensors, tree
 from checkpointing.format.naming import PrefixNaming, StepNaming
 from checkpointing.format.reader import StepReader
-from checkpointing.format.record import RECORD_NAME, FileInfo, Record, to_json_value
+from checkpointing.format.record import (
+    MAX_RECORD_BYTES,
+    RECORD_NAME,
+    FileInfo,
+    Record,
+    to_json_value,
+)
 from checkpointing.mirror import Mirror
 from checkpointing.options import CheckpointManagerOptions
 from checkpointing.policies.preemption import PreemptionWatcher
@@ -84,6 +91,7 @@ def _finish_saves_at_exit() -> None:
             logger.exception("a checkpoint save failed while the interpreter exited")
 
 
+_MAX_BOOKKEEPING_BYTES = 16 << 20  # protected.json, recorded_metrics.json
 PROTECTED_NAME = "protected.json"
 RECORDED_METRICS_NAME = "recorded_metrics.json"  # metrics written back by evaluators
 
@@ -97,6 +105,18 @@ class _SaveJob:
     per_rank: dict[str, tree.Node]  # the trees of this process's `PerRank` items
     metrics: dict[str, Any] | None
     metadata: dict[str, Any] | None
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What `CheckpointManager.reload` found (the primary's, in a distributed job)."""
+
+    records: dict[int, Record]
+    dirs: dict[int, str]  # step -> its folder's name
+    unreadable: dict[int, CheckpointError]  # step -> why its record cannot be used
+    protected: set[int]
+    recorded: dict[int, dict[str, Any]]  # evaluator metrics by step
+    mirrored: dict[int, Record]  # the remote tier's records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +188,8 @@ class CheckpointManager:
                 step_of=self._naming.parse,
             )
         self._records: dict[int, Record] = {}
+        self._dirs: dict[int, str] = {}  # see `_name`
+        self._unreadable: dict[int, CheckpointError] = {}
         # In a job of several processes, the steps an async save commits or deletes stay
         # out of (in) the listings until the training thread joins the save (the next
         # save, wait_until_finished, ...): every process then lists the same steps at
@@ -231,30 +253,47 @@ class CheckpointManager:
         if self._coordinator.world_size > 1:
             scan = self._coordinator.broadcast(scan)
         assert scan is not None
-        found, protected, recorded, mirrored = scan
         if self._mirror is not None:
-            self._mirror.records = self._remote_listed = mirrored
+            self._mirror.records = self._remote_listed = scan.mirrored
         with self._lock:
-            self._records = found
-            self._protected = protected
-            self._recorded = recorded
+            self._records = scan.records
+            self._dirs = scan.dirs
+            self._unreadable = scan.unreadable
+            self._protected = scan.protected
+            self._recorded = scan.recorded
 
-    def _scan(
-        self,
-    ) -> tuple[dict[int, Record], set[int], dict[int, dict[str, Any]], dict[int, Record]]:
+    def _scan(self) -> _Scan:
         if self._mirror is not None:
             self._mirror.reload()
-        found: dict[int, Record] = {}
-        for name in self._storage.committed(RECORD_NAME):
-            step = self._naming.parse(name)
-            if step is None:
-                continue
-            record = self._records.get(step) or self._read_record(name)
-            if record is not None:
-                found[step] = record
         mirrored = {} if self._mirror is None else self._mirror.records
-        found = dict(sorted(found.items()))
-        return found, self._load_protected(), self._load_recorded_metrics(), mirrored
+        scan = _Scan({}, {}, {}, self._load_protected(), self._load_recorded_metrics(), mirrored)
+        names = self._storage.committed(RECORD_NAME)
+        found = [(step, n) for n in names if (step := self._naming.parse(n)) is not None]
+        # Where two folders hold one step (step_5 and step_00000005), today's name wins.
+        found.sort(key=lambda s_n: (s_n[0], s_n[1] != self._naming.name(s_n[0]), s_n[1]))
+        for step, name in found:
+            if step in scan.dirs:
+                where = f"{self.directory}/{name}"
+                logger.warning("ignoring %s: step %d has another folder", where, step)
+                continue
+            try:
+                record = self._records.get(step) or self._read_record(name, step)
+            except FileNotFoundError:  # deleted by another process since the listing
+                continue
+            except (CorruptCheckpointError, UnsupportedFormatError) as e:
+                logger.warning("step %d cannot be read: %s", step, e)
+                scan.unreadable[step] = e
+            else:
+                scan.records[step] = record
+            scan.dirs[step] = name
+        scan.records = dict(sorted(scan.records.items()))
+        return scan
+
+    def unreadable_steps(self) -> dict[int, str]:
+        """Steps whose folder holds a commit record that cannot be used: damaged, or of a
+        newer format. They are never listed, restored or deleted by retention; restoring
+        the latest step raises while one of them is newer than it (see `restore`)."""
+        return {step: str(error) for step, error in sorted(self._unreadable.items())}
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending, of both tiers when mirrored (from the cache; see
@@ -393,12 +432,13 @@ class CheckpointManager:
         self.check_for_errors()
         _check_step(step)
         in_flight = self._writer.pending_step
-        if step in self.all_steps() or step == in_flight:
+        if step in self.all_steps() or step == in_flight or step in self._unreadable:
             raise StepAlreadyExistsError(
                 f"step {step} already has a checkpoint in {self.directory}; delete(step) it "
                 f"first if you mean to replace it"
             )
-        latest = max((s for s in (self.latest_step(), in_flight) if s is not None), default=None)
+        newest = (self.latest_step(), in_flight, max(self._unreadable, default=None))
+        latest = max((s for s in newest if s is not None), default=None)
         if latest is not None and step < latest and not force:
             raise StepOrderError(
                 f"step {step} is below the latest checkpoint ({latest}) in {self.directory}. "
@@ -676,6 +716,7 @@ class CheckpointManager:
         wanted = step if step is not None else self.latest_step()
         if self._coordinator.world_size > 1:  # everyone restores the primary's choice
             wanted = self._coordinator.broadcast(wanted)
+        self._refuse_unreadable(wanted, latest=step is None)
         if missing_ok and wanted not in self.all_steps():
             return None
         step = self._resolve(wanted)
@@ -690,6 +731,22 @@ class CheckpointManager:
                 if not self._reading[step]:
                     del self._reading[step]
 
+    def _refuse_unreadable(self, step: int | None, *, latest: bool) -> None:
+        """Raise if ``step`` is unreadable or, restoring the ``latest``, if a newer step
+        is: resuming from an older step, or from scratch, must be the user's choice."""
+        if step in self._unreadable:
+            error = self._unreadable[step]
+            raise type(error)(str(error))
+        newer = [s for s in self._unreadable if latest and (step is None or s > step)]
+        if newer:
+            error = self._unreadable[max(newer)]
+            older = "no step is readable" if step is None else f"restore(step={step}) reads"
+            raise type(error)(
+                f"the newest step, {max(newer)}, cannot be read: {error}. Of the older ones, "
+                f"{older}; delete({max(newer)}) or move its folder away to resume from "
+                f"there by default"
+            )
+
     def _restore(
         self, record: Record, target: Mapping[str, Any] | None, items: Iterable[str] | None
     ) -> dict[str, Any]:
@@ -703,15 +760,17 @@ class CheckpointManager:
             )
         nodes = {n: self._item_node(record, n) for n in names}
         targets = {n: _unwrap(None if target is None else target.get(n)) for n in names}
-        name = self._naming.name(step)
         downloaded = False  # by this call, which checked every file while copying it
         if self._mirror is not None and step not in self._records:
             local, downloaded = self._fetch_from_mirror(step, record)
         elif isinstance(self._storage, FsspecStorage):
-            local, downloaded = fetch_step(self._storage, name, record, self._cache_dir)
+            local, downloaded = fetch_step(
+                self._storage, self._name(step), record, self._cache_dir
+            )
         else:
             assert isinstance(self._storage, LocalStorage)
-            local = self._storage.root / name
+            local = self._storage.root / self._name(step)
+        name = local.name
         files = LocalStorage(local.parent, create=False)
         verify = self.options.verify_checksums and not downloaded
         shards = self._load_sharded(record, nodes, targets, local, verify=verify)
@@ -810,10 +869,9 @@ class CheckpointManager:
         """
         step = self._resolve(step)
         record = self._record(step)
-        storage = self._storage
+        storage, name = self._storage, self._name(step)
         if self._mirror is not None and step not in self._records:
-            storage = self._mirror.storage
-        name = self._naming.name(step)
+            storage, name = self._mirror.storage, self._naming.name(step)
         for filename, info in record.files.items():
             path = f"{name}/{filename}"
             _check_file(functools.partial(storage.open_read, path), info, f"{storage.url}/{path}")
@@ -829,7 +887,7 @@ class CheckpointManager:
         """
         with watch.lease(self._storage, step):
             yield self._storage.exists(
-                f"{self._naming.name(step)}/{RECORD_NAME}"
+                f"{self._name(step)}/{RECORD_NAME}"
             ) and not watch.being_deleted(self._storage, step, time.time())
 
     def leased_steps(self) -> set[int]:
@@ -838,7 +896,7 @@ class CheckpointManager:
 
     def step_directory(self, step: int) -> str:
         """The path or URL of a step's directory."""
-        return f"{self.directory}/{self._naming.name(step)}"
+        return f"{self.directory}/{self._name(step)}"
 
     def iter_new_checkpoints(self, **kwargs: Any) -> Iterator[int]:
         """New committed steps as they appear; see `checkpointing.checkpoints_iterator`."""
@@ -848,22 +906,41 @@ class CheckpointManager:
         """Store metrics for ``step`` beside it (not in its commit record), e.g. from a
         separate evaluation job; best-N retention uses them after the writer's next
         `reload` or save. Allowed on read-only managers."""
-        name = self._naming.name(self._record(step).step)
+        self._record(step)
+        name = self._name(step)
         merged = {**self._recorded.get(step, {}), **to_json_value(metrics, "metrics")}
-        self._storage.write_bytes(f"{name}/{RECORDED_METRICS_NAME}", json.dumps(merged).encode())
+        gone = CheckpointNotFoundError(
+            f"step {step} was deleted from {self.directory} meanwhile; its metrics were not "
+            f"recorded"
+        )
+        if not self._storage.exists(f"{name}/{RECORD_NAME}"):
+            raise gone
+        try:  # into the step's folder, never creating it again
+            self._storage.write_bytes(
+                f"{name}/{RECORDED_METRICS_NAME}", json.dumps(merged).encode()
+            )
+        except FileNotFoundError:
+            raise gone from None
         self._recorded = {**self._recorded, step: merged}
 
     # ---------------------------------------------------------------- deleting
 
     def delete(self, step: int) -> None:
-        """Delete a committed step (from both tiers, when mirrored)."""
+        """Delete a committed step (from both tiers, when mirrored), or an unreadable one
+        (`unreadable_steps`)."""
         self._check_writable()
         self.wait_until_finished()
         with self._lock:
-            self._record(step)
+            if step in self._unreadable:
+                if self._coordinator.is_primary:
+                    self._storage.delete(self._name(step), RECORD_NAME)
+                self._unreadable = {s: e for s, e in self._unreadable.items() if s != step}
+                self._forget([step])
+            else:
+                self._record(step)
             if step in self._records:
                 if self._coordinator.is_primary:
-                    self._storage.delete(self._naming.name(step), RECORD_NAME)
+                    self._storage.delete(self._name(step), RECORD_NAME)
                 self._forget([step])
             if self._mirror is not None and step in self._mirror.records:
                 if self._coordinator.is_primary:
@@ -889,6 +966,7 @@ class CheckpointManager:
             listed = {s: r for s, r in self._records.items() if s in gone}
             self._delisted = {**self._delisted, **listed}
         self._records = {s: r for s, r in self._records.items() if s not in gone}
+        self._dirs = {s: n for s, n in self._dirs.items() if s not in gone}
 
     def protect(self, step: int) -> None:
         """Pin ``step`` so that retention never deletes it (persisted in the directory)."""
@@ -951,7 +1029,7 @@ class CheckpointManager:
                                 logger.info("step %d kept: an evaluation job leased it", step)
                                 continue
                             logger.info("retention deletes step %d", step)
-                            self._storage.delete(self._naming.name(step), RECORD_NAME)
+                            self._storage.delete(self._name(step), RECORD_NAME)
                             self._forget([step], unjoined=unjoined)
                             deleted.append(step)
             except Exception as e:
@@ -986,7 +1064,7 @@ class CheckpointManager:
         for step, record in self._records.items():
             if step in other._records:
                 continue
-            names = (self._naming.name(step), other._naming.name(step))
+            names = (self._name(step), other._naming.name(step))
             copy_step(self._storage, other._storage, names, record, progress)
             with other._lock:
                 other._records = dict(sorted({**other._records, step: record}.items()))
@@ -1044,30 +1122,58 @@ class CheckpointManager:
                 f"{self.all_steps() or 'none'} (call reload() to see other processes' saves)"
             ) from None
 
-    def _read_record(self, name: str) -> Record | None:
-        """The record of a listed step; None if it vanished or is unreadable (logged)."""
+    def _read_record(self, name: str, step: int) -> Record:
+        """The record in folder ``name``, which must be of ``step``."""
         path = f"{name}/{RECORD_NAME}"
-        try:
-            return Record.from_json(self._storage.read_bytes(path), f"{self.directory}/{path}")
-        except FileNotFoundError:  # deleted by another process since the listing
-            return None
-        except CorruptCheckpointError as e:
-            logger.warning("ignoring step directory %s: %s", name, e)
-            return None
+        where = f"{self.directory}/{path}"
+        record = Record.from_json(self._storage.read_bytes(path, MAX_RECORD_BYTES), where)
+        if record.step != step:
+            raise CorruptCheckpointError(
+                f"{where}: the record is of step {record.step}, its folder of step {step}; "
+                f"was the folder renamed? Rename it back"
+            )
+        return record
+
+    def _name(self, step: int) -> str:
+        """The folder of ``step``: as found (an earlier ``step_format_fixed_length`` may
+        have padded it otherwise), or as this manager names new steps."""
+        return self._dirs.get(step) or self._naming.name(step)
 
     def _load_protected(self) -> set[int]:
-        if not self._storage.exists(PROTECTED_NAME):
+        """The protected steps. A damaged file stops a writer (it could otherwise delete
+        a step the user pinned) and is ignored by readers."""
+        where = f"{self.directory}/{PROTECTED_NAME}"
+        try:
+            data = self._storage.read_bytes(PROTECTED_NAME, _MAX_BOOKKEEPING_BYTES)
+            return schema.check_steps(schema.loads(data, where), where)
+        except FileNotFoundError:
             return set()
-        return set(json.loads(self._storage.read_bytes(PROTECTED_NAME)))
+        except CorruptCheckpointError as e:
+            if not self.options.read_only:
+                raise CorruptCheckpointError(
+                    f"{e}. It lists the steps protect() pinned; write the list again "
+                    f"(e.g. [] for none) or delete the file, then reopen"
+                ) from None
+            logger.warning("ignoring %s", e)
+            return set()
 
     def _load_recorded_metrics(self) -> dict[int, dict[str, Any]]:
+        """Metrics recorded by evaluation jobs; damaged files are skipped (logged)."""
         recorded = {}
         for name in self._storage.committed(RECORDED_METRICS_NAME):
             step = self._naming.parse(name)
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                path = f"{name}/{RECORDED_METRICS_NAME}"
-                recorded[step] = json.loads(self._storage.read_bytes(path))
-        return {s: m for s, m in recorded.items() if s is not None}
+            if step is None:
+                continue
+            path = f"{name}/{RECORDED_METRICS_NAME}"
+            where = f"{self.directory}/{path}"
+            try:
+                data = self._storage.read_bytes(path, _MAX_BOOKKEEPING_BYTES)
+                recorded[step] = schema.check_metrics(schema.loads(data, where), where)
+            except FileNotFoundError:
+                continue
+            except CorruptCheckpointError as e:
+                logger.warning("ignoring recorded metrics: %s", e)
+        return recorded
 
     def _save_protected(self) -> None:
         if self._coordinator.is_primary:

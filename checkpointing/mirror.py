@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from checkpointing.background import BackgroundWriter
-from checkpointing.format.record import RECORD_NAME, Record
+from checkpointing.format.record import MAX_RECORD_BYTES, RECORD_NAME, Record
 from checkpointing.policies.retention import CheckpointInfo, RetentionPolicy, decide_retention
 from checkpointing.storage.base import Storage
 from checkpointing.storage.remote import FsspecStorage
@@ -45,7 +45,8 @@ class Mirror:
             step = self._step_of(name)
             if step is not None:
                 found[step] = self.records.get(step) or Record.from_json(
-                    self.storage.read_bytes(f"{name}/{RECORD_NAME}"), f"{self.storage.url}/{name}"
+                    self.storage.read_bytes(f"{name}/{RECORD_NAME}", MAX_RECORD_BYTES),
+                    f"{self.storage.url}/{name}",
                 )
         self.records = dict(sorted(found.items()))
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from checkpointing.errors import CorruptCheckpointError
+from checkpointing.format import schema
 from checkpointing.storage import Storage
 
 if TYPE_CHECKING:
@@ -39,9 +42,7 @@ def lease(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterator[
     stop = threading.Event()
 
     def write() -> None:
-        storage.write_bytes(
-            path, json.dumps({"step": step, "expires_at": time.time() + ttl}).encode()
-        )
+        storage.write_bytes(path, _body(step, time.time() + ttl), parents=True)
 
     def renew() -> None:
         while not stop.wait(ttl / 3):
@@ -59,38 +60,54 @@ def lease(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterator[
         storage.remove(path)
 
 
+# `<step>.<32 hex>.json`: a reader's lease; `<step>.deleting.json`: a trainer's mark.
+# Other names in the folder are not ours and are left alone.
+_LEASE_NAME = re.compile(r"([0-9]+)\.(?:[0-9a-f]{32}|(deleting))\.json")
+_MAX_LEASE_BYTES = 4096
+
+
 def leased_steps(storage: Storage, now: float) -> set[int]:
-    """Steps under a live lease (expired leases and marks are removed on the way)."""
+    """Steps under a live lease. Expired leases and marks are removed on the way, and so
+    are files of those names that are not leases (leases are written atomically, so
+    such a file was never one)."""
     steps = set()
     for name in storage.listdir(LEASE_DIR):
+        found = _LEASE_NAME.fullmatch(name)
+        if found is None:
+            continue
         path = f"{LEASE_DIR}/{name}"
-        body = _read(storage, path)
-        if body is None:
-            continue  # released meanwhile, or being replaced
-        if body["expires_at"] <= now:
+        expires_at = _expiry(storage, path, int(found.group(1)))
+        if expires_at is None or expires_at <= now:
             storage.remove(path)
-        elif not name.endswith(_DELETING):
-            steps.add(int(body["step"]))
+        elif not found.group(2):
+            steps.add(int(found.group(1)))
     return steps
 
 
-_DELETING = ".deleting.json"
+def _body(step: int, expires_at: float) -> bytes:
+    return json.dumps({"step": step, "expires_at": expires_at}).encode()
 
 
-def _read(storage: Storage, path: str) -> dict[str, Any] | None:
+def _expiry(storage: Storage, path: str, step: int) -> float | None:
+    """When the lease or mark at ``path`` expires; None if it is gone or not one."""
     try:
-        body: dict[str, Any] = json.loads(storage.read_bytes(path))
-    except (FileNotFoundError, ValueError):
+        body = schema.loads(storage.read_bytes(path, _MAX_LEASE_BYTES), path)
+    except (FileNotFoundError, CorruptCheckpointError):
         return None
-    return body
+    if not isinstance(body, dict) or body.get("step") != step:
+        return None
+    expires_at = body.get("expires_at")
+    if not isinstance(expires_at, float | int) or isinstance(expires_at, bool):
+        return None
+    return float(expires_at)
 
 
 @contextlib.contextmanager
 def deleting(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterator[bool]:
     """Mark ``step`` as being deleted during the block; yields whether it may go (False
     when a reader leased it meanwhile). A crashed deleter's mark expires after ``ttl``."""
-    path = f"{LEASE_DIR}/{step}{_DELETING}"
-    storage.write_bytes(path, json.dumps({"step": step, "expires_at": time.time() + ttl}).encode())
+    path = f"{LEASE_DIR}/{step}.deleting.json"
+    storage.write_bytes(path, _body(step, time.time() + ttl), parents=True)
     try:
         yield step not in leased_steps(storage, time.time())
     finally:
@@ -99,8 +116,8 @@ def deleting(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterat
 
 def being_deleted(storage: Storage, step: int, now: float) -> bool:
     """Whether a trainer is deleting ``step`` (call it with a lease held)."""
-    body = _read(storage, f"{LEASE_DIR}/{step}{_DELETING}")
-    return body is not None and body["expires_at"] > now
+    expires_at = _expiry(storage, f"{LEASE_DIR}/{step}.deleting.json", step)
+    return expires_at is not None and expires_at > now
 
 
 def iter_new_checkpoints(

@@ -75,7 +75,7 @@ def test_lease_defers_deletion_until_released(tmp_path: Path) -> None:
 def test_expired_lease_is_ignored(tmp_path: Path) -> None:
     with _writer(tmp_path, max_to_keep=1) as trainer:
         trainer.save(1, STATE)
-        lease = tmp_path / watch.LEASE_DIR / "1.crashed-reader.json"
+        lease = tmp_path / watch.LEASE_DIR / f"1.{'c' * 32}.json"  # a crashed reader's
         lease.parent.mkdir(exist_ok=True)
         lease.write_text(json.dumps({"step": 1, "expires_at": time.time() - 1}))
         trainer.save(2, STATE)

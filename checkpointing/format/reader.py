@@ -15,6 +15,7 @@ import torch
 
 from checkpointing.errors import CorruptCheckpointError
 from checkpointing.format.record import Record
+from checkpointing.format.schema import numpy_dtype
 from checkpointing.format.tensors import (
     Entry,
     byte_view,
@@ -81,18 +82,43 @@ class StepReader:
     def read(self, tag: str, body: dict[str, Any], dest: torch.Tensor | None) -> Any:
         """The value of a "tensor" or "ndarray" tree node (see format.tree.unflatten)."""
         if tag == "ndarray":
-            dtype = np.dtype(body["dtype"])
+            dtype = numpy_dtype(body["dtype"])
             nbytes = math.prod(body["shape"]) * dtype.itemsize
             raw = self._tensor({**body, "dtype": "uint8", "shape": [nbytes]}, None)
             return raw.numpy().view(dtype).reshape(body["shape"])
         return self._tensor(body, dest)
 
+    def check(self, body: dict[str, Any], nbytes: int | None = None) -> None:
+        """Check, without reading its bytes, that an array node's bytes are where its
+        record says: its file's size and header, the entry, the entry's size (``nbytes``,
+        or that of the node's dtype and shape; for a view, that it fits its storage)."""
+        entry = self._entry(body)
+        size = entry.end - entry.start
+        if "stride" in body:
+            itemsize = parse_dtype(body["dtype"]).itemsize
+            extent = body["offset"] + sum(
+                (n - 1) * s for n, s in zip(body["shape"], body["stride"], strict=True)
+            )
+            if math.prod(body["shape"]) and (extent + 1) * itemsize > size:
+                raise CorruptCheckpointError(
+                    f"{self._path(body['file'])}: tensor view {body['key']!r} reaches past "
+                    f"the {size} bytes of its storage"
+                )
+            return
+        if nbytes is None:
+            nbytes = math.prod(body["shape"]) * parse_dtype(body["dtype"]).itemsize
+        if nbytes != size:
+            raise CorruptCheckpointError(
+                f"{self._path(body['file'])}: tensor {body['key']!r} holds {size} bytes, "
+                f"its record says {nbytes}"
+            )
+
     def _tensor(self, body: dict[str, Any], dest: torch.Tensor | None) -> torch.Tensor:
         dtype, shape = parse_dtype(body["dtype"]), tuple(body["shape"])
+        self.check(body)  # before anything is allocated for it
         if "stride" in body:  # a view into a shared storage blob
-            base = self._blob(
-                body, None, torch.uint8, (self._entry(body).end - self._entry(body).start,)
-            )
+            entry = self._entry(body)
+            base = self._blob(body, None, torch.uint8, (entry.end - entry.start,))
             view = torch.empty(0, dtype=dtype).set_(
                 base.untyped_storage(), body["offset"], shape, tuple(body["stride"])
             )
@@ -125,10 +151,6 @@ class StepReader:
         if fd is not None:
             target = torch.empty(shape, dtype=dtype) if dest is None else dest
             data = byte_view(target)
-            if len(data) != entry.end - entry.start:
-                raise CorruptCheckpointError(
-                    f"{path}: tensor holds {entry.end - entry.start} bytes, expected {len(data)}"
-                )
             self._reads.start(
                 fd, entry.start, data, target.data_ptr(), lambda: self._check(data, body), path
             )
@@ -232,7 +254,7 @@ class StepReader:
                         f"{self._path(filename)}: size {size} bytes, the commit record says "
                         f"{info.size}; the file is truncated or corrupt"
                     )
-                head, entries = read_header(f, self._path(filename))
+                head, entries = read_header(f, self._path(filename), size)
                 if self._verify and digest(head) != info.header_checksum:
                     raise CorruptCheckpointError(
                         f"{self._path(filename)}: header checksum mismatch"

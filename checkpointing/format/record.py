@@ -3,6 +3,12 @@
 It is written last. It lists the items (their trees, with every non-tensor value), every
 data file with its size and checksum, the metrics, user metadata and timestamps. A step
 directory without a complete, parseable record is not a checkpoint.
+
+The record checks itself: it is plain JSON whose first field is the xxh3-64 of the rest
+(``{"checksum":"<16 hex>",`` then the record without that field, from its ``{``), so
+a flipped bit anywhere in it is found before any of it is trusted; then its schema is
+checked in full (`format.schema`). Version 1 records, written before the checksum,
+are read without it.
 """
 
 from __future__ import annotations
@@ -10,17 +16,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
-from checkpointing.errors import CorruptCheckpointError, InvalidOptionError
+from checkpointing.errors import CorruptCheckpointError, InvalidOptionError, UnsupportedFormatError
+from checkpointing.format import schema
 
 RECORD_NAME = "checkpoint.json"
 FORMAT_NAME = "checkpointing"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAX_RECORD_BYTES = 512 << 20  # a record holds structure, not tensors
+_CHECKSUM = re.compile(rb'\{"checksum":"([0-9a-f]{16})",')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +53,8 @@ class Record:
     version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
+        """The record's bytes, checksum first; `InvalidOptionError` if they would be too
+        large to read back."""
         body = {
             "format": FORMAT_NAME,
             "version": self.version,
@@ -55,31 +68,60 @@ class Record:
             "files": {name: dataclasses.asdict(info) for name, info in self.files.items()},
             "items": self.items,
         }
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        rest = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        data = b'{"checksum":"%s",%s' % (xxhash.xxh3_64_hexdigest(rest).encode(), rest[1:])
+        if len(data) > MAX_RECORD_BYTES:
+            raise InvalidOptionError(
+                f"the commit record of step {self.step} would take {len(data)} bytes, more "
+                f"than the {MAX_RECORD_BYTES} a reader accepts: keep large values in tensors "
+                f"or numpy arrays, not in Python lists"
+            )
+        return data
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Record:
-        try:
-            body = json.loads(data)
-            if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
-                raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} commit record")
-            if body["version"] > FORMAT_VERSION:
-                raise CorruptCheckpointError(
-                    f"{where}: format version {body['version']} is newer than this library "
-                    f"reads ({FORMAT_VERSION}); upgrade checkpointing"
-                )
-            return cls(
-                step=int(body["step"]),
-                created_at=float(body["created_at"]),
-                committed_at=float(body["committed_at"]),
-                items=body["items"],
-                files={name: FileInfo(**info) for name, info in body["files"].items()},
-                metrics=body.get("metrics"),
-                metadata=body.get("metadata"),
-                version=int(body["version"]),
+        """Parse and check a record; `CorruptCheckpointError` naming ``where`` for any
+        damage, `UnsupportedFormatError` for a newer format."""
+        body = _parse(data, where)
+        version = body.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CorruptCheckpointError(f"{where}: commit record without a valid version")
+        if version > FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{where}: written in format version {version}, newer than this library "
+                f"reads ({FORMAT_VERSION}); upgrade checkpointing to restore it"
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptCheckpointError(f"{where}: unreadable commit record ({e})") from e
+        if version >= 2 and not _CHECKSUM.match(data):
+            raise CorruptCheckpointError(f"{where}: commit record without its checksum")
+        schema.check_body(body, where, version=version)
+        return cls(
+            step=body["step"],
+            created_at=float(body["created_at"]),
+            committed_at=float(body["committed_at"]),
+            items=body["items"],
+            files={name: FileInfo(**info) for name, info in body["files"].items()},
+            metrics=body.get("metrics"),
+            metadata=body.get("metadata"),
+            version=version,
+        )
+
+
+def _parse(data: bytes, where: str) -> dict[str, Any]:
+    """The record's JSON object, its checksum verified when it has one."""
+    if len(data) > MAX_RECORD_BYTES:
+        raise CorruptCheckpointError(f"{where}: {len(data)} bytes, too large for a record")
+    found = _CHECKSUM.match(data)
+    if found is not None:
+        data = b"{" + data[found.end() :]
+        if xxhash.xxh3_64_hexdigest(data) != found.group(1).decode():
+            raise CorruptCheckpointError(
+                f"{where}: the commit record fails its checksum; it is damaged. Restore "
+                f"another step (all_steps()) or a copy of this one"
+            )
+    body = schema.loads(data, where)
+    if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} commit record")
+    return body
 
 
 def to_json_value(value: Any, what: str) -> Any:

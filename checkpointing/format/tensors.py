@@ -315,32 +315,56 @@ class Entry:
     end: int
 
 
-def read_header(f: BinaryIO, filename: str) -> tuple[bytes, dict[str, Entry]]:
-    """The raw header bytes (for its checksum) and the tensor entries of a file."""
+MAX_HEADER = 100 << 20  # bytes; safetensors' own limit
+
+
+def read_header(f: BinaryIO, filename: str, size: int) -> tuple[bytes, dict[str, Entry]]:
+    """The raw header bytes (for its checksum) and the tensor entries of a file of
+    ``size`` bytes. The header's length and every entry's range are checked against the
+    file's size before anything is allocated or read from them."""
     f.seek(0)
     raw_len = f.read(8)
     if len(raw_len) != 8:
         raise CorruptCheckpointError(f"{filename}: truncated safetensors header")
     (length,) = struct.unpack("<Q", raw_len)
+    if length > min(size - 8, MAX_HEADER):
+        raise CorruptCheckpointError(
+            f"{filename}: its header claims {length} bytes, the file has {size}"
+        )
     body = f.read(length)
     if len(body) != length:
         raise CorruptCheckpointError(f"{filename}: truncated safetensors header")
+    return raw_len + body, parse_header(body, filename, size)
+
+
+def parse_header(body: bytes, filename: str, size: int) -> dict[str, Entry]:
+    """The tensor entries of a safetensors header, each inside a file of ``size`` bytes."""
+    base = 8 + len(body)
     try:
         parsed = json.loads(body)
-        base = 8 + length
-        entries = {
-            key: Entry(
-                v["dtype"],
-                tuple(v["shape"]),
-                base + v["data_offsets"][0],
-                base + v["data_offsets"][1],
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{filename}: unreadable safetensors header ({e})") from None
+    if not isinstance(parsed, dict):
+        raise CorruptCheckpointError(f"{filename}: unreadable safetensors header")
+    entries = {}
+    for key, value in parsed.items():
+        if key == "__metadata__":
+            continue
+        offsets = value.get("data_offsets") if isinstance(value, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= size - base
+            and isinstance(value.get("dtype"), str)
+            and isinstance(value.get("shape"), list)
+        ):
+            raise CorruptCheckpointError(
+                f"{filename}: entry {key!r} of its header is malformed or lies outside the file"
             )
-            for key, v in parsed.items()
-            if key != "__metadata__"
-        }
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise CorruptCheckpointError(f"{filename}: unreadable safetensors header ({e})") from e
-    return raw_len + body, entries
+        start, end = base + offsets[0], base + offsets[1]
+        entries[key] = Entry(value["dtype"], tuple(value["shape"]), start, end)
+    return entries
 
 
 def read_into(f: BinaryIO, entry: Entry, dest: memoryview, filename: str) -> None:
@@ -404,9 +428,9 @@ def _copy_checked(
     else:
         head = _Collect()
         copy(min(8, size), head)
-        if len(head.data) == 8:
-            copy(min(struct.unpack("<Q", head.data)[0], size - 8), head)
-        _, entries = read_header(io.BytesIO(bytes(head.data)), where)
+        if len(head.data) == 8:  # else read_header says it is truncated
+            copy(min(struct.unpack("<Q", head.data)[0], size - 8, MAX_HEADER), head)
+        _, entries = read_header(io.BytesIO(bytes(head.data)), where, size)
         segments = [head.hexdigest()]
         for entry in sorted(entries.values(), key=lambda e: e.start):
             copy(entry.start - done)  # nothing lies between tensors in our files
@@ -499,15 +523,23 @@ def stream_checksum(f: BinaryIO) -> tuple[int, str]:
 
 
 def file_checksums(f: BinaryIO, filename: str, *, opaque: bool = False) -> tuple[str, str]:
-    """(header checksum, file checksum) of a whole safetensors file, read once; of a
-    file that is not ours (``opaque``), ("", its `stream_checksum`)."""
+    """(header checksum, file checksum) of a whole safetensors file, read once in pieces
+    of `_CHUNK` bytes; of a file that is not ours (``opaque``), ("", its
+    `stream_checksum`)."""
+    size = f.seek(0, 2)
     if opaque:
         f.seek(0)
         return "", stream_checksum(f)[1]
-    head, entries = read_header(f, filename)
+    head, entries = read_header(f, filename, size)
     digests = [digest(head)]
+    buf = memoryview(bytearray(min(_CHUNK, size)))
     for entry in sorted(entries.values(), key=lambda e: e.start):
-        buf = bytearray(entry.end - entry.start)
-        read_into(f, entry, memoryview(buf), filename)
-        digests.append(digest(buf))
+        hasher = xxhash.xxh3_64()
+        f.seek(entry.start)
+        for start in range(entry.start, entry.end, _CHUNK):
+            piece = buf[: min(_CHUNK, entry.end - start)]
+            if f.readinto(piece) != len(piece):  # type: ignore[attr-defined]
+                raise CorruptCheckpointError(f"{filename}: file is truncated")
+            hasher.update(piece)
+        digests.append(hasher.hexdigest())
     return digests[0], combine(digests)

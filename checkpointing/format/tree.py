@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from checkpointing.errors import UnsupportedTypeError
+from checkpointing.format.schema import MAX_DEPTH
 
 Node = Any  # a JSON value
 SUPPORTED = (
@@ -101,6 +102,11 @@ class _Flattener:
         ] = {}
 
     def node(self, value: Any, item: str, path: tuple[Any, ...]) -> Node:
+        if len(path) > MAX_DEPTH + 1:  # readers refuse deeper trees (format.schema)
+            raise UnsupportedTypeError(
+                f"cannot save {_path(path[:3])}/...: the state is nested more than "
+                f"{MAX_DEPTH} levels deep"
+            )
         if isinstance(value, np.generic) and value.dtype.kind in "biufc":  # before float:
             # np.float64 is a float subclass, and must come back as np.float64
             return {"npscalar": [value.dtype.str, base64.b64encode(value.tobytes()).decode()]}
@@ -153,6 +159,8 @@ class _Flattener:
                 f"only dense tensors with data are supported"
             )
         tensor = tensor.detach()
+        if tensor.is_conj() or tensor.is_neg():  # lazy views: their bytes are not their value
+            tensor = tensor.resolve_conj().resolve_neg()
         node: dict[str, Any] = {
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "shape": list(tensor.shape),

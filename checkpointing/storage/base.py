@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from checkpointing.errors import CorruptCheckpointError
+
 T = TypeVar("T")
 
 
@@ -63,11 +65,14 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def read_bytes(self, path: str) -> bytes: ...
+    def read_bytes(self, path: str, limit: int) -> bytes:
+        """A small file's bytes; `CorruptCheckpointError` (see `too_large`) past
+        ``limit`` bytes, read no further: the file may be a crafted one of any size."""
 
     @abc.abstractmethod
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Replace a small file atomically (never seen half-written)."""
+    def write_bytes(self, path: str, data: bytes, *, parents: bool = False) -> None:
+        """Replace a small file atomically (never seen half-written). Its folder must
+        exist unless ``parents``."""
 
     @abc.abstractmethod
     def exists(self, path: str) -> bool: ...
@@ -100,3 +105,9 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def unlock(self) -> None: ...
+
+
+def too_large(where: str, limit: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where} is larger than the {limit} bytes such a file may have; refusing to read it"
+    )

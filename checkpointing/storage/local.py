@@ -11,9 +11,11 @@ that it finds their space free.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable
@@ -22,8 +24,8 @@ from typing import BinaryIO, TypeVar
 
 import filelock
 
-from checkpointing.errors import CheckpointError, DirectoryLockedError
-from checkpointing.storage.base import StepWriter, Storage
+from checkpointing.errors import CheckpointError, DirectoryLockedError, raise_if_disk_full
+from checkpointing.storage.base import StepWriter, Storage, too_large
 from checkpointing.storage.local_files import DropBehindFile, create_durable
 
 T = TypeVar("T")
@@ -81,6 +83,8 @@ class LocalStorage(Storage):
         self._removing: list[threading.Thread] = []  # removing deleted steps' files
 
     def committed(self, record_name: str) -> list[str]:
+        """Step folders holding a regular ``record_name``; symbolic links are not steps
+        (a link would lead restores and copies outside the directory)."""
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
@@ -89,8 +93,8 @@ class LocalStorage(Storage):
             e.name
             for e in entries
             if not e.name.startswith(".")
-            and e.is_dir()
-            and os.path.isfile(os.path.join(e.path, record_name))
+            and e.is_dir(follow_symlinks=False)
+            and _is_regular(os.path.join(e.path, record_name))
         ]
 
     def begin(self, name: str, token: str) -> StepWriter:
@@ -101,20 +105,43 @@ class LocalStorage(Storage):
         return self.root / path
 
     def open_read(self, path: str) -> BinaryIO:
-        return DropBehindFile(self._path(path))
+        return DropBehindFile(self._path(path), root=self.root)
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, limit: int) -> bytes:
         with self.open_read(path) as f:
-            return f.read()
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise too_large(f"{self.url}/{path}", limit)
+        return data
 
-    def write_bytes(self, path: str, data: bytes) -> None:
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}")
-        with create_durable(tmp) as f:
-            f.write(data)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+    def write_bytes(self, path: str, data: bytes, *, parents: bool = False) -> None:
+        """Atomically, in a folder reached without following symbolic links (a folder of
+        an untrusted checkpoint may be a link to anywhere); missing folders are created
+        only with ``parents``, so a write into a step deleted meanwhile fails instead of
+        bringing back its folder."""
+        folder, _, name = path.rpartition("/")
+        tmp = f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            at = _open_folder(self.root, folder, create=parents)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, dir_fd=at)
+                try:
+                    with os.fdopen(fd, "wb", closefd=False) as f:
+                        f.write(data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, name, src_dir_fd=at, dst_dir_fd=at)
+                os.fsync(at)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=at)
+                raise
+            finally:
+                os.close(at)
+        except OSError as e:
+            raise_if_disk_full(e, f"cannot write {self.url}/{path}")
+            raise
 
     def exists(self, path: str) -> bool:
         return self._path(path).exists()
@@ -174,6 +201,38 @@ class LocalStorage(Storage):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _open_folder(root: Path, relative: str, *, create: bool) -> int:
+    """A descriptor of the folder ``relative`` below ``root``, reached without following
+    symbolic links; missing folders are made when ``create``."""
+    at = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in filter(None, relative.split("/")):
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=at)
+            inner = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at
+            )
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CheckpointError(
+                    f"{root}/{relative} is a symbolic link or not a folder; refusing to "
+                    f"write through it"
+                ) from None
+            raise
+        finally:
+            os.close(at)
+        at = inner
+    return at
 
 
 def _remove_tree(path: Path) -> None:

@@ -22,12 +22,15 @@ import io
 import mmap
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from checkpointing.errors import CorruptCheckpointError
 
 # O_DIRECT wants the buffer address, the file offset and the length aligned to the
 # device's logical block size (512 B or 4 KiB); pages satisfy both.
@@ -291,6 +294,49 @@ class _WriteBehindFile:
         self.close()
 
 
+def open_below(root: Path, relative: str) -> int:
+    """A read descriptor of the regular file at ``relative`` (``/``-separated) below
+    ``root``, reached without following any symbolic link below ``root``.
+
+    Checkpoints are untrusted: a symlink inside a step would make a restore read (and a
+    copy publish) a file outside the directory, and opening a FIFO would block forever.
+    Each component is opened relative to its parent with O_NOFOLLOW, the file without
+    blocking, and it must be a regular file. A missing file raises `FileNotFoundError`;
+    anything else in the way raises `CorruptCheckpointError`.
+    """
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise _not_regular(root, relative, "is not a plain relative path")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    at = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=at)
+            os.close(at)
+            at = inner
+        fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=at)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):  # a link, or not a folder
+            raise _not_regular(root, relative, "passes through a symbolic link") from None
+        raise
+    finally:
+        os.close(at)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _not_regular(root, relative, "is not a regular file (a FIFO, device, folder)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _not_regular(root: Path, relative: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{root}/{relative} {what}; refusing to read it (checkpoint files are regular files)"
+    )
+
+
 class DropBehindFile(io.FileIO):
     """A file read sequentially in large disk requests, dropping what it has read; and
     the descriptor for direct reads of the same file (`direct`).
@@ -308,8 +354,13 @@ class DropBehindFile(io.FileIO):
     _AHEAD = 32 << 20
     _STEP = 8 << 20
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "rb")
+    def __init__(self, path: Path, root: Path | None = None) -> None:
+        """Open ``path``; when ``root`` is given, as `open_below` does from there."""
+        if root is None:
+            super().__init__(path, "rb")
+        else:
+            relative = path.relative_to(root).as_posix()
+            super().__init__(path, "rb", opener=lambda _, __: open_below(root, relative))
         os.posix_fadvise(self.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self._size = os.fstat(self.fileno()).st_size
         self._reader_at = 0
@@ -323,8 +374,10 @@ class DropBehindFile(io.FileIO):
         the filesystem has no direct I/O. Turns the read-ahead off."""
         if not self._direct_tried and _O_DIRECT is not None:
             self._direct_tried = True
-            with contextlib.suppress(OSError):
-                self._direct = os.open(self.name, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
+            with contextlib.suppress(OSError):  # the same file, not whatever has its name now
+                self._direct = os.open(
+                    f"/proc/self/fd/{self.fileno()}", os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT
+                )
         return self._direct
 
     def _prefetch(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 
-from checkpointing.storage.base import StepWriter, Storage
+from checkpointing.storage.base import StepWriter, Storage, too_large
 from checkpointing.storage.retry import retrying
 
 T = TypeVar("T")
@@ -76,10 +76,16 @@ class FsspecStorage(Storage):
     def open_read(self, path: str) -> BinaryIO:
         return self.retry(lambda: self.fs.open(self._path(path), "rb", block_size=BLOCK_SIZE))  # type: ignore[no-any-return]
 
-    def read_bytes(self, path: str) -> bytes:
-        return self.retry(lambda: self.fs.cat_file(self._path(path)))  # type: ignore[no-any-return]
+    def read_bytes(self, path: str, limit: int) -> bytes:
+        data: bytes = self.retry(
+            lambda: self.fs.cat_file(self._path(path), start=0, end=limit + 1)
+        )
+        if len(data) > limit:
+            raise too_large(f"{self.url}/{path}", limit)
+        return data
 
-    def write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes, *, parents: bool = False) -> None:
+        del parents  # object stores have no folders
         self.retry(lambda: self.fs.pipe_file(self._path(path), data))
 
     def exists(self, path: str) -> bool:

@@ -11,9 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions
-from checkpointing.errors import CorruptCheckpointError, InvalidOptionError
+from checkpointing.errors import (
+    CorruptCheckpointError,
+    InvalidOptionError,
+    UnsupportedFormatError,
+)
 from checkpointing.format.record import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -26,26 +31,38 @@ from checkpointing.format.record import (
 WHERE = "/ckpt/step_00000007/checkpoint.json"
 
 
+DIGEST = "0123456789abcdef"
+
+
 def sample_record(**overrides: Any) -> Record:
+    tensor = {"dtype": "float32", "shape": [2, 3], "file": "model.safetensors", "key": "w"}
     fields: dict[str, Any] = {
         "step": 7,
         "created_at": 1_700_000_000.25,
         "committed_at": 1_700_000_003.5,
         "items": {
-            "model": {"dict": [["w", {"tensor": {"dtype": "float32", "shape": [2, 3]}}]]},
+            "model": {"dict": [["w", {"tensor": {**tensor, "checksum": DIGEST}}]]},
             "extra": {"dict": [[1, {"tuple": [1, "a", None, {"float": "nan"}]}]]},
             "epoch": 3,
         },
-        "files": {"model.safetensors": FileInfo(size=128, header_checksum="ab", checksum="cd")},
+        "files": {"model.safetensors": FileInfo(128, header_checksum=DIGEST, checksum=DIGEST)},
         "metrics": {"loss": 0.5, "acc": "nan"},
         "metadata": {"run": "exp1", "tags": ["a", "b"]},
     }
     return Record(**{**fields, **overrides})
 
 
+def signed(body: dict[str, Any]) -> bytes:
+    """A record's bytes with a correct checksum, whatever its body holds."""
+    rest = json.dumps(body, separators=(",", ":")).encode()
+    return b'{"checksum":"%s",%s' % (xxhash.xxh3_64_hexdigest(rest).encode(), rest[1:])
+
+
 def record_body(**overrides: Any) -> bytes:
-    """A valid serialized record with top-level fields replaced."""
-    return json.dumps({**json.loads(sample_record().to_json()), **overrides}).encode()
+    """A valid serialized record with top-level fields replaced, checksum included."""
+    body = json.loads(sample_record().to_json())
+    del body["checksum"]
+    return signed({**body, **overrides})
 
 
 def strict_loads(data: bytes) -> Any:
@@ -76,8 +93,8 @@ def test_record_json_is_strict_and_self_describing() -> None:
     assert body["torch_version"] == torch.__version__
     assert body["files"]["model.safetensors"] == {
         "size": 128,
-        "header_checksum": "ab",
-        "checksum": "cd",
+        "header_checksum": DIGEST,
+        "checksum": DIGEST,
     }
 
 
@@ -92,12 +109,31 @@ def test_older_or_equal_version_is_read() -> None:
         assert Record.from_json(record_body(version=version), WHERE).version == version
 
 
+def test_version_1_records_are_read_without_a_checksum() -> None:
+    body = json.loads(record_body(version=1))
+    del body["checksum"]
+    assert Record.from_json(json.dumps(body).encode(), WHERE).step == 7
+
+
+def test_a_record_checks_itself() -> None:
+    data = sample_record().to_json()
+    assert data.startswith(b'{"checksum":"')
+    assert json.loads(data)["checksum"] == xxhash.xxh3_64_hexdigest(b"{" + data[31:])
+    damaged = data.replace(b'"epoch":3', b'"epoch":2')
+    with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
+        Record.from_json(damaged, WHERE)
+    unsigned = json.loads(data)
+    del unsigned["checksum"]
+    with pytest.raises(CorruptCheckpointError, match="without its checksum"):
+        Record.from_json(json.dumps(unsigned).encode(), WHERE)
+
+
 # -------------------------------------------------------------------- rejection
 
 
 def test_newer_version_is_rejected_with_upgrade_hint() -> None:
     newer = record_body(version=FORMAT_VERSION + 1)
-    with pytest.raises(CorruptCheckpointError, match="newer") as info:
+    with pytest.raises(UnsupportedFormatError, match="newer") as info:
         Record.from_json(newer, WHERE)
     assert WHERE in str(info.value), "the error names the record's location"
     assert "upgrade" in str(info.value)

@@ -725,7 +725,7 @@ def test_corruption_read_in_place_is_detected(tmp_path: Path) -> None:
         mgr.save(1, state)
     path = step_dir(tmp_path) / "m.safetensors"
     with open(path, "rb") as f:
-        _, entries = read_header(f, path.name)
+        _, entries = read_header(f, path.name, path.stat().st_size)
     offset = entries["b"].start + 12345
     with path.open("r+b") as f:
         f.seek(offset)
@@ -804,7 +804,7 @@ def test_large_files_align_their_tensors_with_padding_entries(tmp_path: Path) ->
         mgr.verify(1)
     path = tmp_path / "step_00000001" / "m.safetensors"
     with open(path, "rb") as f:
-        head, entries = read_header(f, path.name)
+        head, entries = read_header(f, path.name, path.stat().st_size)
     assert len(head) % 4096 == 0, "the data starts on a page"
     assert entries["big"].start % 4096 != 0, "off a page, as its memory is (64-byte aligned + 20)"
     pads = {k for k in entries if k not in state["m"]}
