@@ -45,6 +45,17 @@ class UnsupportedFormatError(CheckpointError):
     a newer one (upgrade), or a retired one (the message says how to convert it)."""
 
 
+class PartialRestoreError(CorruptCheckpointError):
+    """Corruption was found after part of the step was already read into the target: the
+    target holds a mix of old and restored values. Restore another step into it (or use
+    ``all_or_nothing=True``, which changes the target only once everything checked out)."""
+
+
+class TargetMismatchError(CheckpointError, ValueError):
+    """The restore target does not fit the checkpoint (other keys, shapes or parameter
+    groups); it was left unchanged."""
+
+
 class DirectoryLockedError(CheckpointError):
     """Another manager is writing to the same directory."""
 

@@ -16,7 +16,6 @@ import dataclasses
 import errno
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
-import torch
 
 from checkpointing import watch
 from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffers, parallel_map
@@ -71,6 +69,7 @@ from checkpointing.policies.retention import (
     retention_policy_from_options,
 )
 from checkpointing.policies.save import SaveContext, decide_save, save_policy_from_options
+from checkpointing.restoring import restore_items
 from checkpointing.storage import FsspecStorage, LocalStorage, Storage, open_storage
 from checkpointing.storage.base import StepWriter
 from checkpointing.storage.cache import fetch_step
@@ -103,6 +102,7 @@ class _SaveJob:
     started: float
     flat: tree.FlatState  # what this process writes (see `CheckpointManager._flatten`)
     per_rank: dict[str, tree.Node]  # the trees of this process's `PerRank` items
+    chunks: dict[str, list[dict[str, Any]]]  # nodes of the DTensor shards it writes, by key
     metrics: dict[str, Any] | None
     metadata: dict[str, Any] | None
 
@@ -446,19 +446,22 @@ class CheckpointManager:
             )
         if not force and not self.should_save(step):
             return False
-        if not isinstance(state, Mapping) or not all(isinstance(k, str) and k for k in state):
+        if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and k and "\0" not in k for k in state
+        ):
             raise InvalidOptionError(
-                "state must be a mapping of item names (non-empty str) to values, e.g. "
-                "{'model': model, 'optimizer': optimizer}"
+                "state must be a mapping of item names (non-empty str without NUL) to "
+                "values, e.g. {'model': model, 'optimizer': optimizer}"
             )
         started, t0 = self._clock(), time.perf_counter()
-        flat, per_rank = self._flatten(state)
+        flat, per_rank, chunks = self._flatten(state)
         job = _SaveJob(
             step=step,
             token=f"{self._run_id}-{self._saves}",
             started=started,
             flat=flat,
             per_rank=per_rank,
+            chunks=chunks,
             metrics=None if metrics is None else to_json_value(metrics, "metrics"),
             metadata=None if metadata is None else to_json_value(metadata, "metadata"),
         )
@@ -469,12 +472,6 @@ class CheckpointManager:
             self._persist(job, self._coordinator, t0)
             return True
         job.flat.blobs = self._buffers.snapshot(job.flat.blobs)
-        if job.flat.sharded:
-            from checkpointing.distributed import sharded
-
-            job.flat.sharded = sharded.snapshot(
-                job.flat.sharded, lambda key, like: self._buffers.buffer(("\0sharded", key), like)
-            )
         blocking = time.perf_counter() - t0
         self._pending_began = started
         self._writer.start(
@@ -514,20 +511,23 @@ class CheckpointManager:
         """Timings of the newest committed save of this manager."""
         return self._last_stats
 
-    def _flatten(self, state: Mapping[str, Any]) -> tuple[tree.FlatState, dict[str, Any]]:
+    def _flatten(
+        self, state: Mapping[str, Any]
+    ) -> tuple[tree.FlatState, dict[str, Any], dict[str, list[dict[str, Any]]]]:
         """What this process writes: everything on the primary, but only its `PerRank`
-        items and its shards elsewhere (replicated state is written once); and the
-        trees of its `PerRank` items."""
+        items and its shards elsewhere (replicated state is written once); the trees of
+        its `PerRank` items; the chunk nodes of its shards, by DTensor key."""
         own = {name: v.value for name, v in state.items() if isinstance(v, PerRank)}
         flat = tree.flatten({name: v for name, v in state.items() if name not in own})
-        if flat.sharded and not isinstance(self._storage, LocalStorage):
-            raise InvalidOptionError(
-                f"sharded tensors (DTensor) are saved through torch.distributed.checkpoint "
-                f"and need a directory on a (shared) file system, not {self.directory}; to "
-                f"keep them in an object store, mirror it: remote='{self.directory}'"
-            )
+        shards: dict[str, list[tree.Blob]] = {}
+        if flat.sharded:
+            from checkpointing.distributed import sharded
+
+            shards = sharded.shard_blobs(flat.sharded, self._coordinator.rank)
         if not self._coordinator.is_primary:
             flat.blobs = []
+        for blobs in shards.values():
+            flat.blobs += blobs
         per_rank = {}
         for name, value in own.items():
             mine = tree.flatten({name: value})
@@ -540,7 +540,8 @@ class CheckpointManager:
                 blob.group = f"{name}.rank{self._coordinator.rank}"
             flat.blobs += mine.blobs
             per_rank[name] = mine.items[name]
-        return flat, per_rank
+        chunks = {key: [n for blob in blobs for n in blob.nodes] for key, blobs in shards.items()}
+        return flat, per_rank, chunks
 
     def _persist(
         self,
@@ -610,18 +611,29 @@ class CheckpointManager:
                 if coordinator.world_size == 1:
                     raise
                 error = e  # the others must hear of it, or they would wait for us
-            per_rank = [job.per_rank]
+            mine = (_describe(error), files, job.per_rank, job.chunks)
+            reports = [mine]
             if coordinator.world_size > 1:
                 coordinator.barrier(f"step {job.step} written")  # names missing ranks
-                reports = coordinator.all_gather((_describe(error), files, job.per_rank))
-                failed = [f"rank {r}: {err}" for r, (err, _, _) in enumerate(reports) if err]
+                reports = coordinator.all_gather(mine)
+                failed = [f"rank {r}: {report[0]}" for r, report in enumerate(reports) if report[0]]
                 if error is not None:
                     raise error
                 if failed:
                     raise CheckpointError(f"step {job.step} was not saved: {'; '.join(failed)}")
-                files = {k: v for _, written, _ in reports for k, v in written.items()}
-                per_rank = [nodes for _, _, nodes in reports]
+                files = {k: v for _, written, _, _ in reports for k, v in written.items()}
+            per_rank = [nodes for _, _, nodes, _ in reports]
             items = {n: {"per_rank": [nodes[n] for nodes in per_rank]} for n in job.per_rank}
+            if job.flat.sharded and coordinator.is_primary:
+                from checkpointing.distributed import sharded
+
+                dtensors = {
+                    body["key"]: body
+                    for node in job.flat.items.values()
+                    for tag, body, _ in tree.walk(node)
+                    if tag == "dtensor"
+                }
+                sharded.merge(dtensors, [chunks for _, _, _, chunks in reports])
             record = Record(
                 step=job.step,
                 created_at=job.started,
@@ -673,18 +685,10 @@ class CheckpointManager:
             list(groups),
             self._storage.parallelism,
         )
-        files = {
+        return {
             name: FileInfo(w.size, w.header_checksum, w.checksum)
             for name, w in zip(groups, written, strict=True)
         }
-        if job.flat.sharded:
-            from checkpointing.distributed import sharded
-
-            assert writer.local_dir is not None  # checked by _flatten
-            files.update(
-                sharded.save(job.flat.sharded, writer.local_dir / sharded.DIRECTORY, coordinator)
-            )
-        return files
 
     # --------------------------------------------------------------- restoring
 
@@ -695,6 +699,7 @@ class CheckpointManager:
         step: int | None = None,
         items: Iterable[str] | None = None,
         missing_ok: bool = False,
+        all_or_nothing: bool = False,
     ) -> dict[str, Any] | None:
         """Restore a step (the latest by default).
 
@@ -705,6 +710,13 @@ class CheckpointManager:
         restricts the restore to those items and reads only their bytes. With no
         checkpoint: `CheckpointNotFoundError`, or None if ``missing_ok``. A save of
         this manager still in flight is waited for when it is the step asked for.
+
+        Files, headers and the target's fit (a module's keys and shapes) are checked
+        before anything is read into the target (`TargetMismatchError`, nothing
+        changed). Damage found while reading raises `PartialRestoreError` if the target
+        was already partly overwritten; with ``all_or_nothing`` the step is read into
+        new memory first (as much again as the items restored) and the target changes
+        only once all of it checked out.
         """
         if target is not None and not isinstance(target, Mapping):
             raise InvalidOptionError(
@@ -724,7 +736,7 @@ class CheckpointManager:
             record = self._record(step)
             self._reading[step] = self._reading.get(step, 0) + 1
         try:
-            return self._restore(record, target, items)
+            return self._restore(record, target, items, all_or_nothing)
         finally:
             with self._lock:
                 self._reading[step] -= 1
@@ -739,16 +751,24 @@ class CheckpointManager:
             raise type(error)(str(error))
         newer = [s for s in self._unreadable if latest and (step is None or s > step)]
         if newer:
-            error = self._unreadable[max(newer)]
-            older = "no step is readable" if step is None else f"restore(step={step}) reads"
+            newest = max(newer)
+            error = self._unreadable[newest]
+            fix = (
+                f"To resume from the newest readable step, restore(step={step}); or delete"
+                if step is not None
+                else "No older step is readable; delete"
+            )
             raise type(error)(
-                f"the newest step, {max(newer)}, cannot be read: {error}. Of the older ones, "
-                f"{older}; delete({max(newer)}) or move its folder away to resume from "
-                f"there by default"
+                f"the newest step, {newest}, cannot be read: {error}. {fix}({newest}) (or "
+                f"move its folder away) so that it no longer comes first"
             )
 
     def _restore(
-        self, record: Record, target: Mapping[str, Any] | None, items: Iterable[str] | None
+        self,
+        record: Record,
+        target: Mapping[str, Any] | None,
+        items: Iterable[str] | None,
+        all_or_nothing: bool,
     ) -> dict[str, Any]:
         step = record.step
         names = list(items) if items is not None else list(target or record.items)
@@ -773,26 +793,16 @@ class CheckpointManager:
         name = local.name
         files = LocalStorage(local.parent, create=False)
         verify = self.options.verify_checksums and not downloaded
-        shards = self._load_sharded(record, nodes, targets, local, verify=verify)
+        where = f"{self.directory}/{name}"
         with StepReader(
             record,
             lambda filename: files.open_read(f"{name}/{filename}"),
             verify=verify,
-            where=f"{self.directory}/{name}",
+            where=where,
         ) as reader:
-
-            def read(tag: str, body: dict[str, Any], dest: torch.Tensor | None) -> Any:
-                if tag != "dtensor":
-                    return reader.read(tag, body, dest)
-                loaded = shards[body["key"]]
-                if dest is not None and dest is not loaded and dest.shape == loaded.shape:
-                    with torch.no_grad():
-                        dest.copy_(loaded)
-                    return dest
-                return loaded
-
-            restored = {n: tree.unflatten(nodes[n], read, targets[n], reader.settle) for n in names}
-            reader.settle()
+            restored = restore_items(
+                nodes, targets, reader, all_or_nothing=all_or_nothing, where=where
+            )
         return restored if target is None else {**target, **restored}
 
     def _item_node(self, record: Record, name: str) -> tree.Node:
@@ -808,47 +818,6 @@ class CheckpointManager:
                 f"other items (items=[...]) and start this one afresh."
             )
         return node["per_rank"][self._coordinator.rank]
-
-    def _load_sharded(
-        self,
-        record: Record,
-        nodes: Mapping[str, tree.Node],
-        targets: Mapping[str, Any],
-        local: Path,
-        *,
-        verify: bool,
-    ) -> dict[str, torch.Tensor]:
-        """Load the DTensors of the items restored, all at once through DCP (collective),
-        into the target's tensors where it has them: DCP reshards to their layout."""
-        wanted: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
-        for n, node in nodes.items():
-            wanted.update(tree.sharded_destinations(node, targets[n]))
-        if not wanted:
-            return {}
-        from checkpointing.distributed import sharded
-
-        if verify:  # each process checks a share
-            own = sorted(f for f in record.files if f.startswith(f"{sharded.DIRECTORY}/"))
-            own = own[self._coordinator.rank :: self._coordinator.world_size]
-            error = None
-            try:
-                for filename in own:  # through the page cache (no drop-behind): DCP reads next
-                    path = local / filename
-                    opener = functools.partial(io.FileIO, path, "rb")
-                    _check_file(opener, record.files[filename], str(path))
-            except CorruptCheckpointError as e:
-                error = str(e)
-            errors = [e for e in self._coordinator.all_gather(error) if e]
-            if errors:
-                raise CorruptCheckpointError("; ".join(errors))
-        dests = {
-            key: dest
-            if dest is not None and list(dest.shape) == body["shape"]
-            else torch.empty(body["shape"], dtype=tensors.parse_dtype(body["dtype"]))
-            for key, (body, dest) in wanted.items()
-        }
-        sharded.load(dests, local / sharded.DIRECTORY, self._coordinator)
-        return dests
 
     def _fetch_from_mirror(self, step: int, record: Record) -> tuple[Path, bool]:
         """Download a remote-only step: into the local directory (it becomes a local
@@ -1216,6 +1185,9 @@ def _group_by_file(flat: tree.FlatState) -> dict[str, list[tree.Blob]]:
     used: set[str] = set()
     file_of: dict[str, str] = {}
     for group in dict.fromkeys(blob.group for blob in flat.blobs):
+        if group.startswith(tree.NAMED):
+            file_of[group] = f"{group.removeprefix(tree.NAMED)}.safetensors"
+            continue
         base = re.sub(r"[^A-Za-z0-9_.-]", "_", group).strip(".") or "item"
         name, n = f"{base if group != tree.LEAVES else 'tensors'}.safetensors", 1
         while name.lower() in used:  # also on case-insensitive file systems

@@ -35,6 +35,7 @@ from checkpointing import (
     CorruptCheckpointError,
     DirectoryLockedError,
     ReadOnlyError,
+    StepAlreadyExistsError,
 )
 
 CRASH_OPTIONS = CheckpointManagerOptions(enable_async_checkpointing=False, max_to_keep=3)
@@ -521,11 +522,11 @@ def test_deleted_data_file_is_detected(saved_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("read_only", [False, True], ids=["writer", "reader"])
-def test_unparseable_commit_record_skips_the_step_with_a_warning(
+def test_unparseable_commit_record_is_listed_as_unreadable(
     saved_dir: Path, read_only: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The library's choice: the step is not a checkpoint (logged, naming the record), so
-    a run resumes from the step before. Opening the directory does not fail."""
+    """The directory opens (logged, naming the record); the damaged step is listed as
+    unreadable; restoring the latest refuses to fall back to an older step silently."""
     record = saved_dir / "step_00000002" / RECORD
     record.write_bytes(b'{"format": "checkpointing", "vers')
     options = CheckpointManagerOptions(enable_async_checkpointing=False, read_only=read_only)
@@ -534,8 +535,17 @@ def test_unparseable_commit_record_skips_the_step_with_a_warning(
     try:
         assert str(record) in caplog.text, f"no warning names the record: {caplog.text!r}"
         assert mgr.all_steps() == [1]
-        assert_same(mgr.restore(), small_state(1))
+        assert list(mgr.unreadable_steps()) == [2]
+        with pytest.raises(CorruptCheckpointError, match=r"restore\(step=1\)") as info:
+            mgr.restore(missing_ok=True)
+        assert str(record) in str(info.value)
+        assert_same(mgr.restore(step=1), small_state(1))
         if not read_only:
+            with pytest.raises(StepAlreadyExistsError):
+                mgr.save(2, small_state(2))  # its folder is taken
+            mgr.delete(2)
+            assert not (saved_dir / "step_00000002").exists()
+            assert_same(mgr.restore(), small_state(1))
             mgr.save(3, small_state(3))
             assert mgr.all_steps() == [1, 3]
     finally:

@@ -1,195 +1,174 @@
-"""Sharded tensors (DTensor: FSDP2, tensor parallel) through torch.distributed.checkpoint.
+"""Sharded tensors (DTensor: FSDP2, tensor parallel), written and read like any other.
 
-Each rank holds only its shards, so they cannot go into our per-item safetensors files
-(those are written once, by the primary). DCP already plans who writes which shard and
-reshards on load (saved on N ranks, restored on M), so the DTensors of a step go into
-one DCP checkpoint in the step's ``sharded/`` directory. Around it everything else
-stays ours: each rank checksums the files it wrote, the primary lists them in the
-commit record, and the step appears only when that record is written.
+Each process writes the shards it holds into a safetensors file of its own,
+``sharded/rank<r>.safetensors``, through the same writer as every other file (direct
+I/O, checksummed as written). A replica is written once, by the process at coordinate 0
+of every mesh dimension that replicates it. The commit record describes the global
+layout: each DTensor's ``dtensor`` node holds its shape, dtype and ``chunks``, the box
+each stored shard covers in the global tensor (``offsets``, ``sizes``) and the file and
+key that hold it. The chunks of a tensor tile it exactly (`tiles`, checked when the
+record is read).
 
-DCP's ``.metadata`` file is a pickle; it is read with an unpickler that builds only
-DCP's own metadata classes, so loading a checkpoint still never runs foreign code.
+Restoring is plain reads, in any number of processes and on any mesh: each process
+reads, for the shard it holds now (or for the whole tensor, without a target), the
+chunks that overlap it; a chunk that fits its place is read straight into it, others
+into new memory first (verified) and then copied. No collective, no pickle: this
+replaces torch.distributed.checkpoint, whose metadata is a pickle and whose shards are
+read with ``torch.load``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import pickle
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import xxhash
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-from torch.distributed.tensor import DTensor
 
-from checkpointing.coordination import Coordinator
-from checkpointing.errors import CorruptCheckpointError
-from checkpointing.format import tensors
-from checkpointing.format.record import FileInfo
+from checkpointing.errors import CheckpointError, UnsupportedFormatError, UnsupportedTypeError
+from checkpointing.format.schema import tiles
+from checkpointing.format.tensors import parse_dtype
+from checkpointing.format.tree import NAMED, Blob, is_dtensor
 
 DIRECTORY = "sharded"
 
+# (node of a stored chunk, destination or None) -> its tensor; the bytes may still be
+# arriving when it returns (see `format.reader.StepReader`)
+ReadChunk = Callable[[dict[str, Any], torch.Tensor | None], torch.Tensor]
 
-def snapshot(
-    sharded: dict[str, torch.Tensor], buffer: Callable[[str, torch.Tensor], torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Copies of the local shards (``buffer(key, like)`` gives a reusable host tensor),
-    wrapped as DTensors of the same mesh and placements."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in sharded.items():
-        assert isinstance(t, DTensor)
-        local = t.to_local()
-        buf = buffer(key, local)
-        buf.copy_(local)
-        out[key] = DTensor.from_local(
-            buf, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
-        )
+
+def group(rank: int) -> str:
+    """The blob group (see `format.tree.Blob`) of a process's shards, naming their file:
+    in a folder of its own, so no item's file can have that name."""
+    return f"{NAMED}{DIRECTORY}/rank{rank}"
+
+
+def shard_blobs(sharded: dict[str, torch.Tensor], rank: int) -> dict[str, list[Blob]]:
+    """Blobs of the shards this process writes, by DTensor key; the writer fills their
+    chunk nodes (``offsets``, ``sizes``, then ``file``, ``key``, ``checksum``)."""
+    out: dict[str, list[Blob]] = {}
+    for key, tensor in sharded.items():
+        box = _local_box(tensor, key)
+        if box is None or not math.prod(box[1]) or not _writes(tensor):
+            continue
+        node: dict[str, Any] = {"offsets": box[0], "sizes": box[1]}
+        local = tensor.to_local().detach()  # type: ignore[attr-defined]
+        out[key] = [Blob(group(rank), key, local, [node])]
     return out
 
 
-def save(
-    sharded: dict[str, torch.Tensor], directory: Path, coordinator: Coordinator
-) -> dict[str, FileInfo]:
-    """Write ``sharded`` with DCP (a collective call); return the files this rank wrote,
-    by their path in the step directory."""
-    writer = FileSystemWriter(directory, sync_files=True, thread_count=1)
-    writer.fs = fs = _HashingFileSystem()
-    dcp_save(
-        sharded,
-        storage_writer=writer,
-        process_group=getattr(coordinator, "group", None),
-        no_dist=not dist.is_initialized(),
-    )
-    mine = [
-        name
-        for name in os.listdir(directory)
-        if name.startswith(f"__{coordinator.rank}_")
-        or (name == ".metadata" and coordinator.rank == 0)  # DCP's coordinator is rank 0
-    ]
-    return {f"{DIRECTORY}/{name}": fs.info(directory / name) for name in sorted(mine)}
+def _local_box(tensor: torch.Tensor, key: str) -> tuple[list[int], list[int]] | None:
+    """(offsets, sizes) of this process's shard in the global tensor; None off its mesh."""
+    if tensor.device_mesh.get_coordinate() is None:  # type: ignore[attr-defined]
+        return None
+    try:
+        (chunk,) = tensor.__create_chunk_list__()  # type: ignore[attr-defined]
+    except (RuntimeError, ValueError) as e:  # Partial placements: not a value yet
+        raise UnsupportedTypeError(
+            f"cannot save the DTensor at {key}: {e}. Reduce it (redistribute to Shard or "
+            f"Replicate placements) first"
+        ) from e
+    return list(chunk.offsets), list(chunk.sizes)
 
 
-def load(dests: dict[str, torch.Tensor], directory: Path, coordinator: Coordinator) -> None:
-    """Fill ``dests`` (DTensors of any mesh, or plain full tensors) in place (collective)."""
-    dcp_load(
-        dests,
-        storage_reader=_SafeReader(directory),
-        process_group=getattr(coordinator, "group", None),
-        no_dist=not dist.is_initialized(),  # one process reading a job's checkpoint
-    )
+def _writes(tensor: torch.Tensor) -> bool:
+    """Whether this process writes its shard: it holds a replica of it only on mesh
+    dimensions where its coordinate is 0."""
+    coordinate = tensor.device_mesh.get_coordinate()  # type: ignore[attr-defined]
+    placements = tensor.placements  # type: ignore[attr-defined]
+    return all(c == 0 for c, p in zip(coordinate, placements, strict=True) if p.is_replicate())
 
 
-class _HashingFileSystem(FileSystem):
-    """DCP's local file system, checksumming files as DCP writes them: reading them back
-    for their checksums cost about half a DCP save (benchmarks/distributed.py)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._written: dict[str, _HashingStream] = {}
-
-    @contextlib.contextmanager
-    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            hashing = _HashingStream(stream)
-            yield hashing
-        self._written[Path(path).name] = hashing
-
-    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
-        super().rename(path, new_path)
-        if Path(path).name in self._written:
-            self._written[Path(new_path).name] = self._written.pop(Path(path).name)
-
-    def info(self, path: Path) -> FileInfo:
-        """Size and whole-file checksum of a file (no safetensors header:
-        ``header_checksum`` stays empty), read back only if DCP did not write it in order."""
-        hashing = self._written.get(path.name)
-        if hashing is not None and hashing.in_order:
-            return FileInfo(hashing.size, "", hashing.hasher.hexdigest())
-        with open(path, "rb", buffering=0) as f:
-            size, checksum = tensors.stream_checksum(f)
-        return FileInfo(size, "", checksum)
+def merge(nodes: dict[str, dict[str, Any]], reports: Sequence[dict[str, list[Any]]]) -> None:
+    """Put every process's chunk nodes (``reports``, by rank) into the ``dtensor``
+    nodes of the record (by key), in a fixed order; they must tile each tensor."""
+    for key, node in nodes.items():
+        chunks = [c for report in reports for c in report.get(key, [])]
+        node["chunks"] = sorted(chunks, key=lambda c: c["offsets"])
+        if not tiles(node["shape"], node["chunks"]):
+            raise CheckpointError(
+                f"the shards of the DTensor at {key} do not cover it exactly once; its "
+                f"placements are not supported"
+            )
 
 
-class _HashingStream:
-    """A write stream that hashes what goes through it, while writes are sequential."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-        self.hasher = xxhash.xxh3_64()
-        self.size = 0
-        self.in_order = True
-
-    def write(self, data: Any) -> int:
-        n: int = self._raw.write(data)
-        self.hasher.update(memoryview(data).cast("B")[:n])
-        self.size += n
-        return n
-
-    def seek(self, *args: Any) -> int:
-        self.in_order = False
-        return self._raw.seek(*args)  # type: ignore[no-any-return]
-
-    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, ...
-        return getattr(self._raw, name)
-
-
-class _SafeReader(FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        name = ".metadata" if rank is None else f"__{rank}.metadata"
-        path = Path(self.path) / name
-        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes()), str(path)).load()
-        if not isinstance(metadata, Metadata):
-            raise CorruptCheckpointError(f"{path}: not a DCP metadata file")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        assert metadata.storage_meta is not None
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+def read(
+    body: dict[str, Any],
+    dest: torch.Tensor | None,
+    read_chunk: ReadChunk,
+    settle: Callable[[], None],
+    *,
+    fresh: bool = False,
+) -> torch.Tensor:
+    """The value of a ``dtensor`` node, read into ``dest`` (a DTensor on any mesh, or a
+    tensor of the full shape) when it has the node's shape; else a new full tensor.
+    With ``fresh``, what would go into ``dest`` goes into new memory instead and is
+    returned: the whole tensor, or the shard ``dest`` holds if it is a DTensor."""
+    if is_legacy(body):
+        raise legacy_error()
+    shape, dtype = list(body["shape"]), parse_dtype(body["dtype"])
+    fits = dest is not None and list(dest.shape) == shape
+    if fits and dest is not None and is_dtensor(dest):
+        box = _local_box(dest, body["key"])
+        local = dest.to_local()  # type: ignore[attr-defined]
+        into = torch.empty_like(local) if fresh else local
+        if box is not None:
+            fill(body, into, box, read_chunk, settle)
+        return into if fresh else dest
+    into = dest if fits and dest is not None and not fresh else torch.empty(shape, dtype=dtype)
+    fill(body, into, ([0] * len(shape), shape), read_chunk, settle)
+    return into
 
 
-_DCP_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-)
-_ALLOWED = {  # what else DCP's metadata pickles refer to; all build plain values
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # torch.strided etc., looked up by name
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata classes, torch dtypes, layouts and sizes, and nothing else."""
-
-    def __init__(self, f: io.BytesIO, where: str) -> None:
-        super().__init__(f)
-        self._where = where
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module in _DCP_MODULES:
-            found = super().find_class(module, name)
-            if isinstance(found, type):  # their dataclasses and enums; no functions
-                return found
-        found = getattr(torch, name, None) if module == "torch" else None
-        if isinstance(found, torch.dtype | torch.memory_format | torch.layout):
-            return found
-        raise CorruptCheckpointError(
-            f"{self._where}: refers to {module}.{name}, which DCP metadata never holds; "
-            f"refusing to load it (it could run code)"
+def fill(
+    body: dict[str, Any],
+    into: torch.Tensor,
+    box: tuple[list[int], list[int]],
+    read_chunk: ReadChunk,
+    settle: Callable[[], None],
+) -> None:
+    """Fill ``into``, the part ``box`` (offsets, sizes) of a ``dtensor`` node's tensor,
+    from the chunks that overlap it. A chunk that lies whole in ``into`` where that is
+    contiguous memory of its dtype is read straight there; others are read whole (to
+    verify them) into new memory and the overlap copied."""
+    offsets, sizes = box
+    dtype = parse_dtype(body["dtype"])
+    for chunk in body["chunks"]:
+        overlap = [
+            (max(o, c), min(o + s, c + n))
+            for o, s, c, n in zip(offsets, sizes, chunk["offsets"], chunk["sizes"], strict=True)
+        ]
+        if any(start >= end for start, end in overlap):
+            continue
+        node = {**chunk, "dtype": body["dtype"], "shape": chunk["sizes"]}
+        place = into[_slices(overlap, offsets)]
+        whole = all(
+            (a, b - a) == (c, n)
+            for (a, b), c, n in zip(overlap, chunk["offsets"], chunk["sizes"], strict=True)
         )
+        if whole and place.is_contiguous() and place.dtype == dtype and place.is_cpu:
+            read_chunk(node, place)
+            continue
+        data = read_chunk(node, None)
+        settle()  # its bytes must be in, and verified
+        part = data[_slices(overlap, chunk["offsets"])]
+        with torch.no_grad():
+            place.copy_(part)
+
+
+def _slices(box: list[tuple[int, int]], origin: Sequence[int]) -> tuple[slice, ...]:
+    """``box`` (start, end per dimension) as slices of a tensor that starts at ``origin``."""
+    return tuple(slice(a - o, b - o) for (a, b), o in zip(box, origin, strict=True))
+
+
+def is_legacy(body: dict[str, Any]) -> bool:
+    """A ``dtensor`` node saved through torch.distributed.checkpoint (format version 1)."""
+    return "chunks" not in body
+
+
+def legacy_error() -> UnsupportedFormatError:
+    return UnsupportedFormatError(
+        "this step's sharded tensors were saved through torch.distributed.checkpoint by an "
+        "earlier version of checkpointing, whose metadata is a pickle; this version loads "
+        "no pickles. Restore the step with that version and save it again"
+    )

@@ -60,6 +60,7 @@ class StepReader:
         self._maps: dict[str, mmap.mmap | None] = {}
         self._memo: dict[tuple[str, str], torch.Tensor] = {}
         self._reads = _ParallelReads()
+        self.touched = False  # whether bytes were read into a caller's tensor (``dest``)
 
     def settle(self) -> None:
         """Wait for the reads still in flight; raise the first of their errors."""
@@ -144,6 +145,7 @@ class StepReader:
         memo_key = (body["file"], body["key"])
         if dest is None and memo_key in self._memo:
             return self._memo[memo_key]
+        self.touched |= dest is not None
         f, _ = self._open(body["file"])
         entry = self._entry(body)
         path = self._path(body["file"])
@@ -173,6 +175,7 @@ class StepReader:
         """Copy into ``dest`` when it can take ``value`` as is (e.g. on another device)."""
         if dest is not None and dest.shape == value.shape and dest.dtype == value.dtype:
             self.settle()  # value's bytes must be in
+            self.touched = True
             with torch.no_grad():
                 dest.copy_(value)
             return dest

@@ -18,7 +18,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -187,6 +187,7 @@ class _TreeChecker:
                 f"{where}/offsets",
                 "the chunk is not inside the tensor",
             )
+        _require(tiles(shape, chunks), f"{path}/chunks", "the chunks do not tile the tensor")
 
     def _array(self, body: Any, path: str) -> None:
         self._stored(body, path)
@@ -203,6 +204,28 @@ class _TreeChecker:
         )
         _require(isinstance(body.get("key"), str), f"{path}/key", "not a str")
         _require(_is_digest(body.get("checksum")), f"{path}/checksum", "not an xxh3-64 digest")
+
+
+def tiles(shape: Sequence[int], chunks: Sequence[dict[str, Any]]) -> bool:
+    """Whether ``chunks`` (with ``offsets`` and ``sizes``) cover a tensor of ``shape``
+    exactly once. DTensor shards form a grid: along each dimension their intervals
+    partition it, and every combination of intervals is one chunk."""
+    if not math.prod(shape):
+        return not chunks
+    if any(not math.prod(c["sizes"]) for c in chunks):
+        return False
+    cells = 1
+    for dim, length in enumerate(shape):
+        spans = sorted({(c["offsets"][dim], c["sizes"][dim]) for c in chunks})
+        at = 0
+        for start, size in spans:
+            if start != at:
+                return False
+            at += size
+        if at != length:
+            return False
+        cells *= len(spans)
+    return len({tuple(c["offsets"]) for c in chunks}) == len(chunks) == cells
 
 
 _TAGS = frozenset({"dict", "tuple", "float", "bytes", "npscalar", "ndarray", "tensor", "dtensor"})

@@ -37,6 +37,7 @@ SUPPORTED = (
 
 
 LEAVES = ""  # the group of the arrays that are items themselves; they share one file
+NAMED = "\0"  # starts the group of blobs whose file is named by the rest (a process's shards)
 
 
 @dataclasses.dataclass
@@ -237,84 +238,66 @@ def _path(path: tuple[Any, ...]) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
-def iter_tensor_nodes(node: Node) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ("tensor" | "ndarray", node) for every array leaf of a tree."""
+ARRAY_TAGS = ("tensor", "ndarray", "dtensor")
+
+
+def walk(node: Node, target: Any = None) -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """Every array node of a tree as (tag, body, the part of ``target`` in its place),
+    matched as `unflatten` matches them; also ``("stateful", node, obj)`` before the
+    nodes of each object restored with ``load_state_dict``."""
+    if is_stateful(target):
+        yield "stateful", node, target
+        target = target.state_dict()
     if isinstance(node, list):
-        for child in node:
-            yield from iter_tensor_nodes(child)
-    elif isinstance(node, dict):
-        ((tag, body),) = node.items()
-        if tag in ("tensor", "ndarray"):
-            yield tag, body
-        elif tag == "dict":
-            for _, child in body:
-                yield from iter_tensor_nodes(child)
-        elif tag == "tuple":
-            for child in body:
-                yield from iter_tensor_nodes(child)
+        for i, child in enumerate(node):
+            yield from walk(child, _nth(target, i, len(node)))
+        return
+    if not isinstance(node, dict):
+        return
+    ((tag, body),) = node.items()
+    if tag in ARRAY_TAGS:
+        yield tag, body, target
+    elif tag == "dict":
+        sub = target if isinstance(target, Mapping) else {}
+        for key, child in body:
+            yield from walk(child, sub.get(key))
+    elif tag == "tuple":
+        for i, child in enumerate(body):
+            yield from walk(child, _nth(target, i, len(body)))
 
 
 ReadArray = Callable[[str, dict[str, Any], "torch.Tensor | None"], Any]
 
 
-def sharded_destinations(
-    node: Node, target: Any = None
-) -> dict[str, tuple[dict[str, Any], torch.Tensor | None]]:
-    """The "dtensor" nodes of a tree by key, each with the tensor of ``target`` that
-    `unflatten` would fill (None where the target has none): DCP loads them all at once,
-    before `unflatten` runs."""
-    found: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
-
-    def walk(node: Node, target: Any) -> None:
-        if is_stateful(target):
-            target = target.state_dict()
-        if isinstance(node, list):
-            for i, child in enumerate(node):
-                walk(child, _nth(target, i, len(node)))
-            return
-        if not isinstance(node, dict):
-            return
-        ((tag, body),) = node.items()
-        if tag == "dict":
-            sub = target if isinstance(target, Mapping) else {}
-            for key, child in body:
-                walk(child, sub.get(key))
-        elif tag == "tuple":
-            for i, child in enumerate(body):
-                walk(child, _nth(target, i, len(body)))
-        elif tag == "dtensor":
-            found[body["key"]] = (body, target if isinstance(target, torch.Tensor) else None)
-
-    walk(node, target)
-    return found
+def _load_now(obj: Any, state: Any) -> None:
+    obj.load_state_dict(state)
 
 
 def unflatten(
-    node: Node, read: ReadArray, target: Any = None, settle: Callable[[], None] = lambda: None
+    node: Node, read: ReadArray, target: Any = None, load: Callable[[Any, Any], None] = _load_now
 ) -> Any:
     """Rebuild a value from its tree.
 
-    ``read(tag, body, dest)`` returns the value of a "tensor"/"ndarray" node, filled
-    into ``dest`` when ``dest`` is a matching tensor of the target, possibly before its
-    bytes are in: ``settle()`` waits for them. Stateful targets get their state loaded in
-    place (``load_state_dict``, after ``settle``) and are returned themselves.
+    ``read(tag, body, dest)`` returns the value of an array node, filled into ``dest``
+    when ``dest`` is a matching tensor of the target (possibly before its bytes are in).
+    Stateful targets are returned themselves; their rebuilt state goes to
+    ``load(obj, state)``, which loads it (``load_state_dict``) at once by default: a
+    caller may load later, once every byte read is in and verified.
     """
     if is_stateful(target):
-        state = unflatten(node, read, target.state_dict(), settle)
-        settle()
-        target.load_state_dict(state)
+        load(target, unflatten(node, read, target.state_dict(), load))
         return target
     if node is None or isinstance(node, bool | int | str | float):
         return node
     if isinstance(node, list):
-        return [unflatten(n, read, _nth(target, i, len(node)), settle) for i, n in enumerate(node)]
+        return [unflatten(n, read, _nth(target, i, len(node)), load) for i, n in enumerate(node)]
     ((tag, body),) = node.items()
     if tag == "dict":
         sub = target if isinstance(target, Mapping) else {}
-        return {k: unflatten(v, read, sub.get(k), settle) for k, v in body}
+        return {k: unflatten(v, read, sub.get(k), load) for k, v in body}
     if tag == "tuple":
         return tuple(
-            unflatten(n, read, _nth(target, i, len(body)), settle) for i, n in enumerate(body)
+            unflatten(n, read, _nth(target, i, len(body)), load) for i, n in enumerate(body)
         )
     if tag == "float":
         return float(body)
@@ -323,7 +306,7 @@ def unflatten(
     if tag == "npscalar":
         dtype, data = body
         return np.frombuffer(base64.b64decode(data), dtype=np.dtype(dtype))[0]
-    if tag in ("tensor", "ndarray", "dtensor"):
+    if tag in ARRAY_TAGS:
         return read(tag, body, target if isinstance(target, torch.Tensor) else None)
     raise ValueError(f"unknown tree node {tag!r}")
 

@@ -210,7 +210,8 @@ nested = st.recursive(
     ),
     max_leaves=12,
 )
-states = st.dictionaries(st.text(min_size=1, max_size=8), nested, min_size=1, max_size=4)
+item_names = st.text(min_size=1, max_size=8).filter(lambda name: "\0" not in name)
+states = st.dictionaries(item_names, nested, min_size=1, max_size=4)
 
 
 @st.composite

@@ -1,0 +1,198 @@
+"""Reading a step's items into a target without leaving it half-restored.
+
+A restore reads straight into the target's tensors (no second copy of the state in
+memory), so a failure after the first byte landed would leave the target part old, part
+new. Everything that can be known before reading is therefore checked first
+(`check_before_reading`): every file the restore needs (its size, its header and the
+header's checksum), every array's entry and byte count, and whether the target fits:
+an ``nn.Module``'s keys and shapes, an optimizer's parameter groups. Objects get
+``load_state_dict`` only once every byte read is in and verified. What can only be found
+while reading, a tensor failing its checksum, raises `PartialRestoreError` when target
+tensors were already written; ``all_or_nothing`` reads everything into new memory first
+and changes the target only once all of it checked out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from checkpointing.distributed import sharded
+from checkpointing.errors import CorruptCheckpointError, PartialRestoreError, TargetMismatchError
+from checkpointing.format import tree
+from checkpointing.format.reader import StepReader
+from checkpointing.format.schema import numpy_dtype
+
+
+def restore_items(
+    nodes: Mapping[str, tree.Node],
+    targets: Mapping[str, Any],
+    reader: StepReader,
+    *,
+    all_or_nothing: bool,
+    where: str,
+) -> dict[str, Any]:
+    """Rebuild each item of ``nodes`` into its target (or anew where it is None)."""
+    check_before_reading(nodes, targets, reader, where)
+    staged: dict[int, Any] = {}
+    if all_or_nothing:
+        for name, node in nodes.items():
+            for tag, body, dest in tree.walk(node, targets[name]):
+                if tag != "stateful" and id(body) not in staged:
+                    staged[id(body)] = _read(reader, tag, body, dest, fresh=True)
+        reader.settle()
+
+    def read(tag: str, body: dict[str, Any], dest: torch.Tensor | None) -> Any:
+        if all_or_nothing:
+            return _place(tag, body, staged[id(body)], dest)
+        return _read(reader, tag, body, dest, fresh=False)
+
+    loads: list[tuple[Any, Any]] = []  # load_state_dict once all is read and verified
+    try:
+        restored = {
+            name: tree.unflatten(node, read, targets[name], lambda *load: loads.append(load))
+            for name, node in nodes.items()
+        }
+        reader.settle()
+    except CorruptCheckpointError as e:
+        if not reader.touched:
+            raise
+        raise PartialRestoreError(
+            f"{e}. The target was partly overwritten with this step's values before the "
+            f"damage was found: restore another step into it, or pass all_or_nothing=True "
+            f"to change it only once everything checked out"
+        ) from e
+    for obj, state in loads:
+        obj.load_state_dict(state)
+    return restored
+
+
+def _read(
+    reader: StepReader, tag: str, body: dict[str, Any], dest: torch.Tensor | None, *, fresh: bool
+) -> Any:
+    """An array node's value, read into ``dest`` where it fits, unless ``fresh``."""
+    if tag == "dtensor":
+
+        def read_chunk(chunk: dict[str, Any], into: torch.Tensor | None) -> torch.Tensor:
+            return reader.read("tensor", chunk, into)  # type: ignore[no-any-return]
+
+        return sharded.read(body, dest, read_chunk, reader.settle, fresh=fresh)
+    return reader.read(tag, body, None if fresh else dest)
+
+
+def _place(tag: str, body: dict[str, Any], value: Any, dest: torch.Tensor | None) -> Any:
+    """A staged value, copied into ``dest`` where a direct read would have filled it."""
+    if dest is None or not isinstance(value, torch.Tensor):
+        return value
+    if tag == "dtensor" and list(dest.shape) == body["shape"]:
+        with torch.no_grad():  # a DTensor's shard, or the whole tensor
+            (dest.to_local() if tree.is_dtensor(dest) else dest).copy_(value)  # type: ignore[attr-defined]
+        return dest
+    if dest.shape == value.shape and dest.dtype == value.dtype:
+        with torch.no_grad():
+            dest.copy_(value)
+        return dest
+    return value
+
+
+def check_before_reading(
+    nodes: Mapping[str, tree.Node], targets: Mapping[str, Any], reader: StepReader, where: str
+) -> None:
+    """Raise what a restore of ``nodes`` into ``targets`` would raise for damaged files
+    or a target that does not fit, before anything is read into the target."""
+    for name, node in nodes.items():
+        for tag, body, dest in tree.walk(node, targets[name]):
+            if tag == "stateful":
+                _check_fits(body, dest, f"{where}: item {name!r}")
+            elif tag == "dtensor":
+                if sharded.is_legacy(body):
+                    raise sharded.legacy_error()
+                for chunk in body["chunks"]:
+                    reader.check({**chunk, "dtype": body["dtype"], "shape": chunk["sizes"]})
+            elif tag == "ndarray":
+                itemsize = numpy_dtype(body["dtype"]).itemsize
+                reader.check(body, math.prod(body["shape"]) * itemsize)
+            else:
+                reader.check(body)
+
+
+def _check_fits(node: tree.Node, obj: Any, where: str) -> None:
+    """Raise `TargetMismatchError` where ``obj.load_state_dict`` would refuse the saved
+    state: for modules and optimizers whose loading is torch's own."""
+    if isinstance(obj, torch.nn.Module) and _plain_module_loading(obj):
+        _check_module(node, obj, where)
+    elif (
+        isinstance(obj, torch.optim.Optimizer)
+        and type(obj).load_state_dict is torch.optim.Optimizer.load_state_dict
+    ):
+        _check_optimizer(node, obj, where)
+
+
+def _plain_module_loading(module: torch.nn.Module) -> bool:
+    """Whether loading compares keys and shapes as torch does, with no hooks or
+    overrides that could rename keys."""
+    return type(module).load_state_dict is torch.nn.Module.load_state_dict and not any(
+        m._load_state_dict_pre_hooks for m in module.modules()
+    )
+
+
+def _check_module(node: tree.Node, module: torch.nn.Module, where: str) -> None:
+    pairs = _pairs(node)
+    if pairs is None:
+        raise TargetMismatchError(f"{where}: the checkpoint holds no module state here")
+    saved = dict(pairs)
+    current = module.state_dict()
+    problems = []
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing:
+        problems.append(f"missing from the checkpoint: {_few(missing)}")
+    if unexpected:
+        problems.append(f"not in the module: {_few(unexpected)}")
+    for key, value in current.items():
+        shape = _saved_shape(saved.get(key))
+        if (
+            shape is not None
+            and isinstance(value, torch.Tensor)
+            and not torch.nn.parameter.is_lazy(value)
+            and list(value.shape) != shape
+        ):
+            problems.append(f"{key}: {shape} in the checkpoint, {list(value.shape)} here")
+    if problems:
+        raise TargetMismatchError(
+            f"{where} does not fit the {type(module).__name__} it is restored into: "
+            f"{'; '.join(problems[:5])}. Nothing was changed"
+        )
+
+
+def _check_optimizer(node: tree.Node, optimizer: torch.optim.Optimizer, where: str) -> None:
+    groups = dict(_pairs(node) or []).get("param_groups")
+    saved = [len(dict(_pairs(g) or []).get("params") or []) for g in groups or []]
+    here = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != here:
+        raise TargetMismatchError(
+            f"{where}: the checkpoint's optimizer has parameter groups of {saved} "
+            f"parameters, this one of {here}. Nothing was changed"
+        )
+
+
+def _pairs(node: tree.Node) -> list[tuple[Any, tree.Node]] | None:
+    """The (key, node) pairs of a dict node, or None for other nodes."""
+    if isinstance(node, dict) and "dict" in node:
+        return [(key, child) for key, child in node["dict"]]
+    return None
+
+
+def _saved_shape(node: tree.Node) -> list[int] | None:
+    if isinstance(node, dict) and len(node) == 1:
+        ((tag, body),) = node.items()
+        if tag in ("tensor", "dtensor"):
+            return list(body["shape"])
+    return None
+
+
+def _few(keys: list[Any]) -> str:
+    return ", ".join(map(repr, keys[:5])) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
