@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
@@ -36,6 +35,7 @@ from checkpointing.background import BackgroundWriter, SaveStats, SnapshotBuffer
 from checkpointing.coordination import Coordinator, PerRank
 from checkpointing.distributed.coordinator import default_coordinator
 from checkpointing.errors import (
+    DISK_FULL_ERRNOS,
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -664,12 +664,12 @@ class CheckpointManager:
         except BaseException as e:
             if coordinator.is_primary:
                 writer.abort()
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
                 raise DiskFullError(
-                    errno.ENOSPC,
-                    f"no space left to save step {job.step} in {self.directory}; the save "
-                    f"was rolled back and earlier checkpoints are intact. Free space, or "
-                    f"keep fewer checkpoints (max_to_keep).",
+                    e.errno,
+                    f"no space left to save step {job.step} in {self.directory} "
+                    f"({e.strerror}); the save was rolled back and earlier checkpoints are "
+                    f"intact. Free space, or keep fewer checkpoints (max_to_keep).",
                 ) from e
             if hasattr(e, "add_note"):
                 e.add_note(f"(while saving step {job.step} to {self.directory})")
@@ -875,6 +875,8 @@ class CheckpointManager:
         """Store metrics for ``step`` beside it (not in its commit record), e.g. from a
         separate evaluation job; best-N retention uses them after the writer's next
         `reload` or save. Allowed on read-only managers."""
+        if step == self._writer.pending_step:
+            self._join()  # this manager is still saving it
         self._record(step)
         name = self._name(step)
         merged = {**self._recorded.get(step, {}), **to_json_value(metrics, "metrics")}
@@ -1086,6 +1088,7 @@ class CheckpointManager:
         except KeyError:
             if self._mirror is not None and step in self._mirror.records:
                 return self._mirror.records[step]
+            self._refuse_unreadable(step, latest=False)
             raise CheckpointNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; committed steps: "
                 f"{self.all_steps() or 'none'} (call reload() to see other processes' saves)"

@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from checkpointing.background import BackgroundWriter
+from checkpointing.errors import CheckpointError
 from checkpointing.format.record import MAX_RECORD_BYTES, RECORD_NAME, Record
 from checkpointing.policies.retention import CheckpointInfo, RetentionPolicy, decide_retention
-from checkpointing.storage.base import Storage
-from checkpointing.storage.remote import FsspecStorage
+from checkpointing.storage import Storage, open_storage
 from checkpointing.storage.transfer import copy_step
 
 logger = logging.getLogger("checkpointing")
@@ -32,7 +32,7 @@ class Mirror:
         name_of: Callable[[int], str],
         step_of: Callable[[str], int | None],
     ) -> None:
-        self.storage = FsspecStorage(url, storage_options=storage_options)
+        self.storage = open_storage(url, create=True, storage_options=storage_options)
         self.records: dict[int, Record] = {}
         self._retention = retention
         self._name_of = name_of
@@ -40,14 +40,26 @@ class Mirror:
         self._uploader = BackgroundWriter()
 
     def reload(self) -> None:
+        """List the remote steps; those whose record cannot be used are skipped (logged)."""
         found = {}
         for name in self.storage.committed(RECORD_NAME):
             step = self._step_of(name)
-            if step is not None:
-                found[step] = self.records.get(step) or Record.from_json(
-                    self.storage.read_bytes(f"{name}/{RECORD_NAME}", MAX_RECORD_BYTES),
-                    f"{self.storage.url}/{name}",
+            if step is None:
+                continue
+            where = f"{self.storage.url}/{name}/{RECORD_NAME}"
+            try:
+                record = self.records.get(step) or Record.from_json(
+                    self.storage.read_bytes(f"{name}/{RECORD_NAME}", MAX_RECORD_BYTES), where
                 )
+            except FileNotFoundError:  # deleted since the listing
+                continue
+            except CheckpointError as e:
+                logger.warning("remote step %d cannot be read: %s", step, e)
+                continue
+            if record.step != step:
+                logger.warning("remote step %d: %s is of step %d", step, where, record.step)
+                continue
+            found[step] = record
         self.records = dict(sorted(found.items()))
 
     def upload(self, local: Storage, local_records: Mapping[int, Record], now: float) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import threading
 import time
@@ -24,13 +25,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from checkpointing.errors import CorruptCheckpointError
+from checkpointing.errors import CheckpointError, CorruptCheckpointError
 from checkpointing.format import schema
 from checkpointing.storage import Storage
 
 if TYPE_CHECKING:
     from checkpointing.manager import CheckpointManager
 
+logger = logging.getLogger("checkpointing")
 LEASE_DIR = ".leases"
 LEASE_TTL_SECS = 120.0
 
@@ -78,7 +80,8 @@ def leased_steps(storage: Storage, now: float) -> set[int]:
         path = f"{LEASE_DIR}/{name}"
         expires_at = _expiry(storage, path, int(found.group(1)))
         if expires_at is None or expires_at <= now:
-            storage.remove(path)
+            with contextlib.suppress(OSError):  # a folder, a read-only mount: leave it
+                storage.remove(path)
         elif not found.group(2):
             steps.add(int(found.group(1)))
     return steps
@@ -107,11 +110,17 @@ def deleting(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterat
     """Mark ``step`` as being deleted during the block; yields whether it may go (False
     when a reader leased it meanwhile). A crashed deleter's mark expires after ``ttl``."""
     path = f"{LEASE_DIR}/{step}.deleting.json"
-    storage.write_bytes(path, _body(step, time.time() + ttl), parents=True)
+    try:
+        storage.write_bytes(path, _body(step, time.time() + ttl), parents=True)
+    except (OSError, CheckpointError) as e:  # e.g. a folder of that name: keep the step
+        logger.warning("step %d kept: cannot mark it as being deleted (%s)", step, e)
+        yield False
+        return
     try:
         yield step not in leased_steps(storage, time.time())
     finally:
-        storage.remove(path)
+        with contextlib.suppress(OSError):
+            storage.remove(path)
 
 
 def being_deleted(storage: Storage, step: int, now: float) -> bool:

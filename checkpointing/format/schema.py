@@ -151,7 +151,7 @@ class _TreeChecker:
 
     def _tensor(self, body: Any, path: str, depth: int) -> None:
         self._array(body, path)
-        _require(body.get("dtype") in TORCH_DTYPES, f"{path}/dtype", "not a torch dtype")
+        _require(_is_torch_dtype(body.get("dtype")), f"{path}/dtype", "not a torch dtype")
         if "stride" in body or "offset" in body:  # a view into a shared storage
             offset, stride = body.get("offset"), body.get("stride")
             _require(_is_int(offset) and offset >= 0, f"{path}/offset", "not an int >= 0")
@@ -166,7 +166,7 @@ class _TreeChecker:
     def _dtensor(self, body: Any, path: str, depth: int) -> None:
         _require(isinstance(body, dict), path, "not an object")
         _require(isinstance(body.get("key"), str), f"{path}/key", "not a str")
-        _require(body.get("dtype") in TORCH_DTYPES, f"{path}/dtype", "not a torch dtype")
+        _require(_is_torch_dtype(body.get("dtype")), f"{path}/dtype", "not a torch dtype")
         shape = _shape(body.get("shape"), f"{path}/shape")
         if self._version == 1 and "chunks" not in body:
             return  # stored by torch.distributed.checkpoint; refused when restored
@@ -319,6 +319,10 @@ def _b64(text: str, path: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise _Invalid(path, "not base64") from None
+
+
+def _is_torch_dtype(value: Any) -> bool:
+    return isinstance(value, str) and value in TORCH_DTYPES
 
 
 def _is_int(value: Any) -> bool:

@@ -15,13 +15,13 @@ from pathlib import Path
 import filelock
 
 from checkpointing.format.record import RECORD_NAME, Record
+from checkpointing.storage.base import Storage
 from checkpointing.storage.local import LocalStorage
-from checkpointing.storage.remote import FsspecStorage
 from checkpointing.storage.transfer import copy_step
 
 
 def fetch_step(
-    remote: FsspecStorage, name: str, record: Record, local_root: Path
+    remote: Storage, name: str, record: Record, local_root: Path
 ) -> tuple[Path, bool]:
     """The local directory of step ``name``, downloaded from ``remote`` if needed, and
     whether this call downloaded (and so just verified) it."""

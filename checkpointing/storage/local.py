@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ T = TypeVar("T")
 logger = logging.getLogger("checkpointing")
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
+_STALE_SECS = 3600.0
 
 
 def fsync_dir(path: Path) -> None:
@@ -175,7 +177,12 @@ class LocalStorage(Storage):
             self._removing.pop().join()
 
     def cleanup(self, is_step: Callable[[str], bool], record_name: str) -> list[str]:
+        """Remove the temporary files and folders of interrupted saves and deletes, and
+        the stale temporary files of small writes (`write_bytes`) interrupted in step
+        folders and bookkeeping folders (``.leases``), which readers write too: those
+        are removed once an hour old, when no write can still be under way."""
         removed = []
+        stale = time.time() - _STALE_SECS
         for entry in os.scandir(self.root):
             if entry.name.startswith(TMP_PREFIX):
                 if entry.is_dir(follow_symlinks=False):
@@ -183,6 +190,18 @@ class LocalStorage(Storage):
                 else:
                     os.unlink(entry.path)
                 removed.append(entry.name)
+            elif (entry.name.startswith(".") or is_step(entry.name)) and entry.is_dir(
+                follow_symlinks=False
+            ):
+                for inner in os.scandir(entry.path):
+                    if (
+                        inner.name.startswith(TMP_PREFIX)
+                        and inner.is_file(follow_symlinks=False)
+                        and inner.stat(follow_symlinks=False).st_mtime < stale
+                    ):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(inner.path)
+                        removed.append(f"{entry.name}/{inner.name}")
         return removed
 
     def lock(self) -> None:

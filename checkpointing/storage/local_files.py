@@ -359,8 +359,8 @@ class DropBehindFile(io.FileIO):
         if root is None:
             super().__init__(path, "rb")
         else:
-            relative = path.relative_to(root).as_posix()
-            super().__init__(path, "rb", opener=lambda _, __: open_below(root, relative))
+            super().__init__(open_below(root, path.relative_to(root).as_posix()), "rb")
+            self.name = str(path)
         os.posix_fadvise(self.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self._size = os.fstat(self.fileno()).st_size
         self._reader_at = 0

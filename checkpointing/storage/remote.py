@@ -54,10 +54,7 @@ class FsspecStorage(Storage):
         self, url: str, *, storage_options: dict[str, Any] | None = None, retry_secs: float = 120
     ) -> None:
         self.url = url.rstrip("/")
-        options = dict(storage_options or {})
-        if self.url.startswith("file://"):  # a mirror on a mounted file system
-            options.setdefault("auto_mkdir", True)  # else writes need their folders made
-        self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = root.rstrip("/")
         self.retry = retrying(retry_secs)
 
@@ -108,9 +105,6 @@ class FsspecStorage(Storage):
 
     def size(self, path: str) -> int:
         return int(self.retry(lambda: self.fs.size(self._path(path))))
-
-    def download(self, path: str, local_path: str) -> None:
-        self.retry(lambda: self.fs.get_file(self._path(path), local_path))
 
     def delete(self, name: str, record_name: str) -> None:
         self.retry(lambda: self.fs.rm_file(self._path(f"{name}/{record_name}")))
