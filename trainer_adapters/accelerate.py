@@ -37,6 +37,7 @@ import torch
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions, PerRank
 from checkpointing.errors import ItemNotFoundError
+from checkpointing.format.paths import check_name
 from checkpointing.storage import open_storage
 from checkpointing.storage.remote import FsspecStorage
 from trainer_adapters.loop import ResumableLoop, TrainingUnit
@@ -273,6 +274,7 @@ def _fetch_plain_directory(storage: FsspecStorage, name: str, local_root: Path) 
         tmp.mkdir()
         try:
             for filename in storage.listdir(name):
+                check_name(filename, f"{storage.url}/{name}")  # a listing is untrusted too
                 remote_path = f"{name}/{filename}"
                 storage.download(remote_path, str(tmp / filename))
                 if (tmp / filename).stat().st_size != storage.size(remote_path):

@@ -106,6 +106,9 @@ class FsspecStorage(Storage):
     def size(self, path: str) -> int:
         return int(self.retry(lambda: self.fs.size(self._path(path))))
 
+    def download(self, path: str, local_path: str) -> None:
+        self.retry(lambda: self.fs.get_file(self._path(path), local_path))
+
     def delete(self, name: str, record_name: str) -> None:
         self.retry(lambda: self.fs.rm_file(self._path(f"{name}/{record_name}")))
         self.remove_tree(self._path(name))
