@@ -41,8 +41,11 @@ def _ls(args: argparse.Namespace) -> int:
     with _open(args.directory, **_retention_options(args)) as mgr:
         rows = mgr.retention_report()
         leased = mgr.leased_steps()
+        unreadable = mgr.unreadable_steps()
     if args.json:
-        print(json.dumps([{**dataclasses.asdict(r), "leased": r.step in leased} for r in rows]))
+        listed = [{**dataclasses.asdict(r), "leased": r.step in leased} for r in rows]
+        broken = [{"step": s, "unreadable": why} for s, why in unreadable.items()]
+        print(json.dumps(sorted(listed + broken, key=lambda row: row["step"])))
         return 0
     print(f"{'step':>10}  {'committed (UTC)':<19}  {'size':>10}  {'kept by':<28}  metrics")
     for r in rows:
@@ -53,6 +56,8 @@ def _ls(args: argparse.Namespace) -> int:
         print(
             f"{r.step:>10}  {when:%Y-%m-%d %H:%M:%S}  {_size(r.nbytes):>10}  {kept:<28}  {metrics}"
         )
+    for step, why in unreadable.items():
+        print(f"{step:>10}  unreadable: {why}")
     return 0
 
 
@@ -75,12 +80,20 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     with _open(args.directory) as mgr:
-        steps = mgr.all_steps() if args.all else [args.step]
+        every = sorted({*mgr.all_steps(), *mgr.unreadable_steps()})
+        if args.all:
+            steps = every
+        elif args.step is not None:
+            steps = [args.step]
+        else:  # the newest, readable or not
+            steps = every[-1:]
+            if not steps:
+                raise CheckpointError(f"no checkpoint in {args.directory}")
         bad = 0
         for step in steps:
             try:
                 mgr.verify(step)
-                print(f"step {mgr.latest_step() if step is None else step}: ok")
+                print(f"step {step}: ok")
             except CheckpointError as e:
                 print(f"step {step}: {e}")
                 bad += 1

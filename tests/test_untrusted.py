@@ -517,3 +517,21 @@ def test_crafted_checkpoints_stay_within_memory(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["limit"] == 1 << 30
+
+
+def test_the_command_line_reports_unreadable_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from checkpointing import cli
+
+    directory, _ = attacked(tmp_path, crafted.newer_format)
+    assert cli.main(["verify", str(directory), "--all"]) == 1
+    out = capsys.readouterr().out
+    assert "step 1: ok" in out and "step 2: " in out and "newer" in out
+    assert cli.main(["verify", str(directory)]) == 1, "the newest step is step 2"
+    capsys.readouterr()
+    assert cli.main(["ls", str(directory)]) == 0
+    assert "unreadable: " in capsys.readouterr().out
+    assert cli.main(["ls", str(directory), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["step"] for row in rows] == [1, 2] and "unreadable" in rows[1]
