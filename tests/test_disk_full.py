@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -20,7 +21,7 @@ MIB = 1 << 20
 PAGE = 4096
 
 
-def mount_small(tmp_path: Path, fs: str) -> Iterator[Path]:
+def mount_small(tmp_path: Path, fs: str, tmpfs_options: str = "size=8m") -> Iterator[Path]:
     """An 8 MiB filesystem, unmounted afterwards: a tmpfs (no direct I/O: writes go
     through the page cache) or an ext4 image on a loop device (writes use O_DIRECT)."""
     if os.geteuid() != 0:
@@ -28,7 +29,7 @@ def mount_small(tmp_path: Path, fs: str) -> Iterator[Path]:
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     if fs == "tmpfs":
-        command = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)]
+        command = ["mount", "-t", "tmpfs", "-o", tmpfs_options, "tmpfs", str(mount_point)]
     else:
         image = tmp_path / "ext4.img"
         image.write_bytes(b"")
@@ -166,3 +167,43 @@ def test_commit_record_partly_written_is_not_committed(small_disk: Path) -> None
             mgr.save(2, many_tensors(2))
         assert_enospc(info.value)
         assert mgr.all_steps() == [1]
+
+
+def test_bookkeeping_on_a_full_disk_is_disk_full(small_disk: Path) -> None:
+    """protect() and record_metrics() write small files; out of space they raise
+    DiskFullError, and the step they concern is untouched."""
+    directory = small_disk / "ckpt"
+    with CheckpointManager(directory, SYNC) as mgr:
+        mgr.save(1, state(1, 1))
+        filler = fill_until(directory, 0)
+        with pytest.raises(DiskFullError, match="protected.json") as info:
+            mgr.protect(1)
+        assert_enospc(info.value)
+        with pytest.raises(DiskFullError, match="recorded_metrics.json"):
+            mgr.record_metrics(1, {"loss": 0.5})
+        assert_intact(directory, {1: 1})
+        filler.unlink()
+        mgr.protect(1)
+        mgr.record_metrics(1, {"loss": 0.5})
+        assert mgr.metrics(1) == {"loss": 0.5}
+
+
+def test_out_of_inodes_is_disk_full(tmp_path: Path) -> None:
+    """A file system with room but no inodes left: the save is rolled back."""
+    for mount_point in mount_small(tmp_path, "tmpfs", "size=64m,nr_inodes=24"):
+        directory = mount_point / "ckpt"
+        with CheckpointManager(directory, SYNC) as mgr:
+            saved = []
+            with pytest.raises(DiskFullError, match="no space left"):
+                for step in range(1, 24):
+                    mgr.save(step, {"a": torch.ones(2), "b": {"x": torch.ones(2)}})
+                    saved.append(step)
+            assert saved and mgr.all_steps() == saved
+            with contextlib.suppress(OSError):  # the last inodes, taken by other files
+                for i in range(100):
+                    (mount_point / f"other{i}").touch()
+            with pytest.raises(DiskFullError, match="protected.json"):
+                mgr.protect(saved[0])
+        with CheckpointManager(directory, READ_ONLY) as reader:
+            for step in saved:
+                assert reader.restore(step=step)["a"].tolist() == [1.0, 1.0]
