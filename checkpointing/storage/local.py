@@ -110,8 +110,8 @@ class LocalStorage(Storage):
         return DropBehindFile(self._path(path), root=self.root)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
-        with self.open_read(path) as f:
-            data = f.read(limit + 1)
+        with self.open_read(path) as f:  # sized by the file, not the limit
+            data = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
         if len(data) > limit:
             raise too_large(f"{self.url}/{path}", limit)
         return data
