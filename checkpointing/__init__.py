@@ -9,7 +9,6 @@ Three lines::
         mgr.save(step, state, metrics={"loss": loss})
 """
 
-from checkpointing.background import SaveStats
 from checkpointing.coordination import Coordinator, PerRank, SingleProcess
 from checkpointing.distributed import TorchDistributed
 from checkpointing.errors import (
@@ -35,7 +34,7 @@ from checkpointing.format.naming import (
     StepNaming,
     checkpoint_n_naming,
 )
-from checkpointing.manager import CheckpointManager, StepReport, TensorMetadata
+from checkpointing.manager import CheckpointManager, TensorMetadata, checkpoints_iterator
 from checkpointing.options import CheckpointManagerOptions
 from checkpointing.policies import (
     AnyOf,
@@ -55,7 +54,8 @@ from checkpointing.policies import (
     SaveContext,
     SavePolicy,
 )
-from checkpointing.watch import checkpoints_iterator
+from checkpointing.pruning import StepReport
+from checkpointing.saving import SaveStats
 
 __version__ = "0.1.0"
 

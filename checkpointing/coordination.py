@@ -82,3 +82,8 @@ class PerRank(Generic[T]):
     """
 
     value: T
+
+
+def describe(error: BaseException | None) -> str | None:
+    """An error as text that crosses processes (to tell the others why one failed)."""
+    return None if error is None else f"{type(error).__name__}: {error}"

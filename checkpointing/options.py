@@ -9,17 +9,30 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
-import signal
 from collections.abc import Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from checkpointing._checks import check_int, check_positive_number, check_steps
 from checkpointing.errors import InvalidOptionError
-
-if TYPE_CHECKING:
-    from checkpointing.format.naming import StepNaming
-    from checkpointing.policies.retention import RetentionPolicy
-    from checkpointing.policies.save import SavePolicy
+from checkpointing.format.naming import StepNaming
+from checkpointing.policies.retention import (
+    KeepAnyOf,
+    KeepBest,
+    KeepEveryNSeconds,
+    KeepEveryNSteps,
+    KeepLatest,
+    RetentionPolicy,
+)
+from checkpointing.policies.save import (
+    AnyOf,
+    AtSteps,
+    EveryNSeconds,
+    EveryNSteps,
+    InitialSave,
+    OnPreemption,
+    SavePolicy,
+)
+from checkpointing.preemption import DEFAULT_SIGNALS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +81,7 @@ class CheckpointManagerOptions:
     save_interval_secs: float | None = None
     save_on_initial: bool = False
     save_on_preemption: bool = False
-    preemption_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
+    preemption_signals: tuple[int, ...] = DEFAULT_SIGNALS
     save_policy: SavePolicy | None = None
 
     max_to_keep: int | None = None
@@ -93,25 +106,19 @@ class CheckpointManagerOptions:
     coordination_timeout_secs: float = 600.0
 
     def __post_init__(self) -> None:
-        _check_positive_int("save_interval_steps", self.save_interval_steps)
-        _check_positive_int("max_to_keep", self.max_to_keep, allow_zero=True)
-        _check_positive_int("keep_period", self.keep_period)
-        _check_positive_int("step_format_fixed_length", self.step_format_fixed_length)
-        _check_positive_number("save_interval_secs", self.save_interval_secs)
-        _check_positive_number("async_timeout_secs", self.async_timeout_secs)
-        _check_positive_number("coordination_timeout_secs", self.coordination_timeout_secs)
+        check_int("save_interval_steps", self.save_interval_steps, low=1, optional=True)
+        check_int("max_to_keep", self.max_to_keep, low=0, optional=True)
+        check_int("keep_period", self.keep_period, low=1, optional=True)
+        check_int("step_format_fixed_length", self.step_format_fixed_length, low=1, optional=True)
+        check_positive_number("save_interval_secs", self.save_interval_secs, optional=True)
+        check_positive_number("async_timeout_secs", self.async_timeout_secs, optional=True)
+        check_positive_number("coordination_timeout_secs", self.coordination_timeout_secs)
         if isinstance(self.keep_time_interval, datetime.timedelta):  # accepted, like Orbax
             object.__setattr__(self, "keep_time_interval", self.keep_time_interval.total_seconds())
-        _check_positive_number("keep_time_interval", self.keep_time_interval)
+        check_positive_number("keep_time_interval", self.keep_time_interval, optional=True)
         if self.save_on_steps is not None:
-            if isinstance(self.save_on_steps, str | bytes) or not all(
-                _is_int(s) and s >= 0 for s in self.save_on_steps
-            ):
-                raise InvalidOptionError(
-                    f"save_on_steps must be a collection of non-negative ints, "
-                    f"got {self.save_on_steps!r}"
-                )
-            object.__setattr__(self, "save_on_steps", frozenset(self.save_on_steps))
+            steps = check_steps("save_on_steps", self.save_on_steps)
+            object.__setattr__(self, "save_on_steps", steps)
         if self.best_mode not in ("min", "max"):
             raise InvalidOptionError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if self.best_fn is not None and self.best_metric is not None:
@@ -134,34 +141,78 @@ class CheckpointManagerOptions:
                 f"step_prefix must be a non-empty name without '/' or a leading '.', "
                 f"got {self.step_prefix!r}"
             )
-        for name in ("preemption_signals",):
-            if not all(isinstance(s, int) for s in self.preemption_signals):
-                raise InvalidOptionError(f"{name} must be signal numbers")
+        if not all(isinstance(s, int) for s in self.preemption_signals):
+            raise InvalidOptionError("preemption_signals must be signal numbers")
 
     @property
     def has_best_rule(self) -> bool:
         return self.best_fn is not None or self.best_metric is not None
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def configured_save_rules(options: CheckpointManagerOptions) -> list[SavePolicy]:
+    """The rules the step, time and initial-save fields set, or ``[save_policy]``, which
+    replaces them; without the every-step default and the preemption rule (adapters
+    that add their own rules start from these)."""
+    if options.save_policy is not None:
+        return [options.save_policy]
+    rules: list[SavePolicy] = []
+    if options.save_interval_steps is not None:
+        rules.append(EveryNSteps(options.save_interval_steps))
+    if options.save_on_steps is not None:
+        rules.append(AtSteps(options.save_on_steps))
+    if options.save_interval_secs is not None:
+        rules.append(EveryNSeconds(options.save_interval_secs))
+    if options.save_on_initial:
+        rules.append(InitialSave())
+    return rules
 
 
-def _check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    low = 0 if allow_zero else 1
-    if not _is_int(value) or value < low:  # type: ignore[operator]
-        raise InvalidOptionError(f"{name} must be an int >= {low} or None, got {value!r}")
+def save_policy_from_options(options: CheckpointManagerOptions) -> SavePolicy:
+    """Build the save policy the option fields describe.
+
+    ``save_policy`` replaces the step, time and initial-save fields. ``save_on_preemption``
+    is OR'ed in either way, because it also installs the signal handler. With none of
+    ``save_interval_steps``, ``save_on_steps`` or ``save_interval_secs`` set, every step
+    is due; an explicitly empty ``save_on_steps`` counts as set (save only on preemption
+    or initially, say).
+    """
+    rules = configured_save_rules(options)
+    if all(isinstance(rule, InitialSave) for rule in rules):
+        rules.insert(0, EveryNSteps(1))
+    if options.save_on_preemption:
+        rules.append(OnPreemption())
+    return rules[0] if len(rules) == 1 else AnyOf(*rules)
 
 
-def _check_positive_number(name: str, value: object) -> None:
-    if value is None:
-        return
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InvalidOptionError(f"{name} must be a positive number or None, got {value!r}")
+def retention_policy_from_options(options: CheckpointManagerOptions) -> RetentionPolicy | None:
+    """Build the retention policy the option fields describe, with Orbax's semantics.
+
+    Nothing is deleted unless ``max_to_keep`` is set (None is returned: keep all). It then
+    counts the newest checkpoints, or with ``best_fn``/``best_metric`` the best ones;
+    ``keep_period`` and ``keep_time_interval`` keep more on top. ``retention_policy``
+    replaces all of these fields.
+    """
+    if options.retention_policy is not None:
+        return options.retention_policy
+    n = options.max_to_keep
+    if n is None:
+        return None
+    metric = options.best_fn if options.best_fn is not None else options.best_metric
+    rules: list[RetentionPolicy] = [
+        KeepLatest(n)
+        if metric is None
+        else KeepBest(
+            n,
+            metric,
+            mode=options.best_mode,
+            keep_without_metrics=options.keep_checkpoints_without_metrics,
+        )
+    ]
+    if options.keep_period is not None:
+        rules.append(KeepEveryNSteps(options.keep_period))
+    interval = options.keep_time_interval
+    if isinstance(interval, datetime.timedelta):  # not after __post_init__, but typed so
+        interval = interval.total_seconds()
+    if interval is not None:
+        rules.append(KeepEveryNSeconds(interval))
+    return rules[0] if len(rules) == 1 else KeepAnyOf(*rules)

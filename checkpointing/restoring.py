@@ -1,4 +1,9 @@
-"""Reading a step's items into a target without leaving it half-restored.
+"""The restore path: find a step's files (local, or downloaded once per node), check what
+can be checked, read into the target, verify.
+
+`Restorer` locates the step: a local step is read in place; a step of a remote
+directory, or of the remote tier only, is downloaded first (`storage.cache`,
+`remote_tier`), its files checked as they are copied.
 
 A restore reads straight into the target's tensors (no second copy of the state in
 memory), so a failure after the first byte landed would leave the target part old, part
@@ -14,17 +19,150 @@ and changes the target only once all of it checked out.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
+from checkpointing.catalog import StepCatalog
+from checkpointing.coordination import Coordinator, PerRank
 from checkpointing.distributed import sharded
-from checkpointing.errors import CorruptCheckpointError, PartialRestoreError, TargetMismatchError
-from checkpointing.format import tree
+from checkpointing.errors import (
+    CorruptCheckpointError,
+    ItemNotFoundError,
+    PartialRestoreError,
+    TargetMismatchError,
+)
+from checkpointing.format import tensors, tree
 from checkpointing.format.reader import StepReader
+from checkpointing.format.record import FileInfo, Record
 from checkpointing.format.schema import numpy_dtype
+from checkpointing.remote_tier import NoRemote
+from checkpointing.storage import FsspecStorage, LocalStorage, Storage
+from checkpointing.storage.cache import fetch_step
+
+
+class Restorer:
+    """Restores and verifies the steps of one manager's directory."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        catalog: StepCatalog,
+        remote: NoRemote,
+        coordinator: Coordinator,
+        *,
+        cache_dir: Path,
+        verify_checksums: bool,
+        read_only: bool,
+    ) -> None:
+        self._storage = storage
+        self._catalog = catalog
+        self._remote = remote
+        self._coordinator = coordinator
+        self._cache_dir = cache_dir
+        self._verify = verify_checksums
+        self._read_only = read_only
+
+    def restore(
+        self,
+        record: Record,
+        target: Mapping[str, Any] | None,
+        items: Iterable[str] | None,
+        *,
+        all_or_nothing: bool,
+    ) -> dict[str, Any]:
+        step = record.step
+        names = list(items) if items is not None else list(target or record.items)
+        missing = [n for n in names if n not in record.items]
+        if missing:
+            raise ItemNotFoundError(
+                f"step {step} has no item {', '.join(map(repr, missing))}; it has "
+                f"{', '.join(map(repr, record.items))}"
+            )
+        nodes = {n: self._item_node(record, n) for n in names}
+        targets = {n: _unwrap(None if target is None else target.get(n)) for n in names}
+        local, downloaded = self._locate(record)  # a download checked every file it copied
+        files = LocalStorage(local.parent, create=False)
+        where = f"{self._storage.url}/{self._catalog.folder(step)}"
+        with StepReader(
+            record,
+            lambda filename: files.open_read(f"{local.name}/{filename}"),
+            verify=self._verify and not downloaded,
+            where=where,
+        ) as reader:
+            restored = restore_items(
+                nodes, targets, reader, all_or_nothing=all_or_nothing, where=where
+            )
+        return restored if target is None else {**target, **restored}
+
+    def _locate(self, record: Record) -> tuple[Path, bool]:
+        """The local folder of a step, and whether this call downloaded it: a remote-only
+        step of a mirrored manager goes into its local directory (it becomes a local
+        step) or, read-only, into the cache; a remote directory's step into the cache."""
+        step = record.step
+        if self._catalog.record(step) is None:  # only in the remote tier
+            if self._read_only or not isinstance(self._storage, LocalStorage):
+                return self._remote.fetch(step, record, self._cache_dir)
+            fetched = self._remote.fetch(step, record, self._storage.root)
+            self._catalog.add(step, record)
+            return fetched
+        folder = self._catalog.folder(step)
+        if isinstance(self._storage, FsspecStorage):
+            return fetch_step(self._storage, folder, record, self._cache_dir)
+        assert isinstance(self._storage, LocalStorage)
+        return self._storage.root / folder, False
+
+    def _item_node(self, record: Record, name: str) -> tree.Node:
+        """An item's tree; of a `PerRank` item, this process's own."""
+        node = record.items[name]
+        if not (isinstance(node, dict) and "per_rank" in node):
+            return node
+        saved_by, world = len(node["per_rank"]), self._coordinator.world_size
+        if saved_by != world:
+            raise ItemNotFoundError(
+                f"item {name!r} of step {record.step} holds the own state of each of the "
+                f"{saved_by} processes that saved it; this job has {world}. Restore the "
+                f"other items (items=[...]) and start this one afresh."
+            )
+        return node["per_rank"][self._coordinator.rank]
+
+    def verify(self, record: Record) -> None:
+        """Check every file of a step against its record; `CorruptCheckpointError`
+        naming the first bad file."""
+        step = record.step
+        if self._catalog.record(step) is None:
+            storage, folder = self._remote.location(step)
+        else:
+            storage, folder = self._storage, self._catalog.folder(step)
+        for filename, info in record.files.items():
+            path = f"{folder}/{filename}"
+            check_file(functools.partial(storage.open_read, path), info, f"{storage.url}/{path}")
+
+
+def check_file(open_file: Callable[[], BinaryIO], info: FileInfo, where: str) -> None:
+    """Raise `CorruptCheckpointError` unless the file has the size and checksums of its
+    record."""
+    try:
+        f = open_file()
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where} is missing") from None
+    with f:
+        size = f.seek(0, 2)
+        if size != info.size:
+            raise CorruptCheckpointError(
+                f"{where}: size {size} bytes, the commit record says {info.size}"
+            )
+        checksums = tensors.file_checksums(f, where, opaque=not info.header_checksum)
+    if checksums != (info.header_checksum, info.checksum):
+        raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, PerRank) else value
 
 
 def restore_items(

@@ -20,9 +20,10 @@ from checkpointing import (
     CheckpointManagerOptions,
     DiskFullError,
 )
-from checkpointing.background import BackgroundWriter, SnapshotBuffers
+from checkpointing.fastio.threads import JobRunner
 from checkpointing.format import tensors
 from checkpointing.format.tree import Blob
+from checkpointing.snapshot import SnapshotBuffers
 
 
 def _opts(**kw: Any) -> CheckpointManagerOptions:
@@ -169,7 +170,7 @@ def test_saving_every_step_does_not_grow_memory(tmp_path: Path) -> None:
 def test_pending_step_does_not_depend_on_the_job_timing() -> None:
     """Set from start until waited for, finished or not: a distributed manager decides
     on it, and its processes' background threads finish at different times."""
-    writer = BackgroundWriter()
+    writer = JobRunner("save")
     writer.start(7, lambda abandoned: None, None)
     writer.join()
     assert not writer.busy and writer.pending_step == 7

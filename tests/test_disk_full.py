@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions, DiskFullError
-from checkpointing.storage import local_files
+from checkpointing.fastio import files as local_files
 
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
 READ_ONLY = CheckpointManagerOptions(enable_async_checkpointing=False, read_only=True)
@@ -176,10 +176,10 @@ def test_bookkeeping_on_a_full_disk_is_disk_full(small_disk: Path) -> None:
     with CheckpointManager(directory, SYNC) as mgr:
         mgr.save(1, state(1, 1))
         filler = fill_until(directory, 0)
-        with pytest.raises(DiskFullError, match="protected.json") as info:
+        with pytest.raises(DiskFullError, match=r"protected\.json") as info:
             mgr.protect(1)
         assert_enospc(info.value)
-        with pytest.raises(DiskFullError, match="recorded_metrics.json"):
+        with pytest.raises(DiskFullError, match=r"recorded_metrics\.json"):
             mgr.record_metrics(1, {"loss": 0.5})
         assert_intact(directory, {1: 1})
         filler.unlink()
@@ -202,7 +202,7 @@ def test_out_of_inodes_is_disk_full(tmp_path: Path) -> None:
             with contextlib.suppress(OSError):  # the last inodes, taken by other files
                 for i in range(100):
                     (mount_point / f"other{i}").touch()
-            with pytest.raises(DiskFullError, match="protected.json"):
+            with pytest.raises(DiskFullError, match=r"protected\.json"):
                 mgr.protect(saved[0])
         with CheckpointManager(directory, READ_ONLY) as reader:
             for step in saved:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpointing import CheckpointManager, CheckpointManagerOptions, UnsupportedTypeError
+from checkpointing import CheckpointManager, CheckpointManagerOptions, UnsupportedTypeError, saving
 
 
 class FakeClock:
@@ -109,7 +109,9 @@ def test_time_based_saves_use_the_injected_clock(tmp_path: Path) -> None:
         assert not mgr.should_save(4)
 
 
-def test_a_save_in_flight_counts_for_the_time_rule(tmp_path: Path) -> None:
+def test_a_save_in_flight_counts_for_the_time_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An async save still being written is the newest save, from when it began: the
     time rule must not make the next steps due while it is written, nor later count
     from its commit."""
@@ -117,8 +119,8 @@ def test_a_save_in_flight_counts_for_the_time_rule(tmp_path: Path) -> None:
     opts = CheckpointManagerOptions(save_interval_secs=60, save_on_initial=True)
     with CheckpointManager(tmp_path, opts, clock=clock) as mgr:
         gate = threading.Event()
-        persist = mgr._persist
-        mgr._persist = lambda *a, **k: (gate.wait(10), persist(*a, **k))[1]  # type: ignore[method-assign]
+        write_step = saving.write_step
+        monkeypatch.setattr(saving, "write_step", lambda *a: (gate.wait(10), write_step(*a))[1])
         assert mgr.save(1, STATE), "nothing saved yet: due"
         clock.now += 30  # the save of step 1 commits at 1030, 30 s after it began
         assert not mgr.should_save(2), "step 1 is being saved: neither initial nor due"

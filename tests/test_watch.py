@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from checkpointing import CheckpointManager, CheckpointManagerOptions, checkpoints_iterator, watch
+from checkpointing import CheckpointManager, CheckpointManagerOptions, checkpoints_iterator, leases
+from checkpointing.storage import LocalStorage
 
 STATE = {"x": torch.ones(3)}
 
@@ -75,7 +76,7 @@ def test_lease_defers_deletion_until_released(tmp_path: Path) -> None:
 def test_expired_lease_is_ignored(tmp_path: Path) -> None:
     with _writer(tmp_path, max_to_keep=1) as trainer:
         trainer.save(1, STATE)
-        lease = tmp_path / watch.LEASE_DIR / f"1.{'c' * 32}.json"  # a crashed reader's
+        lease = tmp_path / leases.LEASE_DIR / f"1.{'c' * 32}.json"  # a crashed reader's
         lease.parent.mkdir(exist_ok=True)
         lease.write_text(json.dumps({"step": 1, "expires_at": time.time() - 1}))
         trainer.save(2, STATE)
@@ -87,15 +88,15 @@ def test_lease_and_deletion_race_has_one_winner(tmp_path: Path) -> None:
     two looks second sees the other's file."""
     with _writer(tmp_path) as trainer:
         trainer.save(1, STATE)
-        storage = trainer._storage
+        storage = LocalStorage(tmp_path, create=False)
         reader = CheckpointManager(tmp_path, CheckpointManagerOptions(read_only=True))
-        with watch.deleting(storage, 1) as free:
+        with leases.deleting(storage, 1) as free:
             assert free
             with reader.reading(1) as present:
                 assert not present, "the reader looked second: it skips the step"
-        with reader.reading(1) as present, watch.deleting(storage, 1) as free:
+        with reader.reading(1) as present, leases.deleting(storage, 1) as free:
             assert present and not free, "the trainer looked second: it keeps the step"
-        assert not list((tmp_path / watch.LEASE_DIR).iterdir()), "marks and leases are gone"
+        assert not list((tmp_path / leases.LEASE_DIR).iterdir()), "marks and leases are gone"
         reader.close()
 
 

@@ -62,7 +62,7 @@ from checkpointing import (
     EpochIterNaming,
     SaveContext,
 )
-from checkpointing.policies import configured_save_rules
+from checkpointing.options import configured_save_rules
 from trainer_adapters.loop import Progress, ResumableLoop, TrainingUnit
 
 __all__ = ["CheckpointedTrainer", "EpochIterSteps", "HeliosFrequency"]

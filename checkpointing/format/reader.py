@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from checkpointing.errors import CorruptCheckpointError
+from checkpointing.fastio.files import ALIGN, BOUNCE, read_bounced, read_direct
 from checkpointing.format.record import Record
 from checkpointing.format.schema import numpy_dtype
 from checkpointing.format.tensors import (
@@ -24,7 +25,6 @@ from checkpointing.format.tensors import (
     read_header,
     read_into,
 )
-from checkpointing.storage.local_files import ALIGN, BOUNCE, read_bounced, read_direct
 
 _PIECE = BOUNCE  # bytes per request of theirs, at most
 _SMALL = 64 << 10  # bytes of whole pages below which a destination goes through a bounce

@@ -30,6 +30,7 @@ import torch
 import xxhash
 
 from checkpointing.errors import CorruptCheckpointError
+from checkpointing.format.record import FileInfo
 from checkpointing.format.tree import Blob
 
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -98,13 +99,6 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-@dataclasses.dataclass(frozen=True)
-class FileWritten:
-    size: int
-    header_checksum: str
-    checksum: str
-
-
 def data_offsets(blobs: Sequence[Blob]) -> list[int]:
     """Where each blob's bytes start, counted from the start of a file's data.
 
@@ -113,7 +107,7 @@ def data_offsets(blobs: Sequence[Blob]) -> list[int]:
 
     - a contiguous CPU tensor of 1 MiB or more starts where the file's page offset
       equals its address's page offset, so direct I/O writes it from the tensor itself,
-      without a copy into a bounce buffer (`storage.local_files`): a durable 1 GB save
+      without a copy into a bounce buffer (`fastio.files`): a durable 1 GB save
       took 0.465 s against 0.548 s copied, the raw disk 0.505 s (A/B, 7 rounds);
     - other tensors of 64 bytes or more start on a 64-byte boundary. An async save's
       snapshot is laid out like the file, so that it is written with direct I/O as is;
@@ -137,7 +131,7 @@ def _in_memory(tensor: torch.Tensor) -> bool:
     return tensor.is_cpu and tensor.is_contiguous()
 
 
-def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten:
+def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileInfo:
     """Stream ``blobs`` into ``f`` as one safetensors file.
 
     Sets ``file``, ``key`` and ``checksum`` on every tree node of every blob. Memory
@@ -179,7 +173,7 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileWritten
         if run is not None:
             for node in run.nodes:
                 node.update(file=filename, key=run.key, checksum=checksum)
-    return FileWritten(len(head) + end, digests[0], combine(digests))
+    return FileInfo(len(head) + end, digests[0], combine(digests))
 
 
 def _write_runs(f: BinaryIO, runs: _Runs, hasher: _Hasher) -> None:
@@ -238,7 +232,7 @@ def _coalesced(pieces: Iterable[memoryview]) -> Iterator[memoryview]:
 def _image(runs: _Runs, size: int) -> memoryview | None:
     """The file's data as one run of memory, when its tensors already lie there at their
     file offsets with zeros between them: an async save's snapshot arena
-    (`checkpointing.background`). Written as one run, the file needs a few large writes
+    (`checkpointing.snapshot`). Written as one run, the file needs a few large writes
     instead of a small one wherever a tensor ends mid-page (364 of 571 writes at 1 GB)."""
     if size < _ALIGN_DATA_FROM:
         return None  # small files gain nothing

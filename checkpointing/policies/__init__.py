@@ -1,6 +1,5 @@
-"""Pure save, retention and preemption policies: plain data in, decisions out."""
+"""Pure save and retention policies: plain data in, decisions out."""
 
-from checkpointing.policies.preemption import PreemptionWatcher
 from checkpointing.policies.retention import (
     CheckpointInfo,
     KeepAnyOf,
@@ -12,7 +11,6 @@ from checkpointing.policies.retention import (
     RetentionDecision,
     RetentionPolicy,
     decide_retention,
-    retention_policy_from_options,
 )
 from checkpointing.policies.save import (
     AnyOf,
@@ -23,9 +21,7 @@ from checkpointing.policies.save import (
     OnPreemption,
     SaveContext,
     SavePolicy,
-    configured_save_rules,
     decide_save,
-    save_policy_from_options,
 )
 
 __all__ = [
@@ -42,14 +38,10 @@ __all__ = [
     "KeepLatest",
     "KeepSteps",
     "OnPreemption",
-    "PreemptionWatcher",
     "RetentionDecision",
     "RetentionPolicy",
     "SaveContext",
     "SavePolicy",
-    "configured_save_rules",
     "decide_retention",
     "decide_save",
-    "retention_policy_from_options",
-    "save_policy_from_options",
 ]

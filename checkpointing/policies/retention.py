@@ -8,19 +8,15 @@ answer and deleting again removes nothing more.
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import math
 import numbers
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
+from checkpointing._checks import check_int, check_policies, check_positive_number, check_steps
 from checkpointing.errors import InvalidOptionError
-from checkpointing.policies.save import _is_int, _is_positive_number
-
-if TYPE_CHECKING:
-    from checkpointing.options import CheckpointManagerOptions
 
 Reasons = Mapping[int, tuple[str, ...]]
 
@@ -61,7 +57,7 @@ class KeepLatest:
     n: int
 
     def __post_init__(self) -> None:
-        _check_count("KeepLatest", self.n)
+        check_int("KeepLatest n", self.n, low=0)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
         kept = checkpoints[max(0, len(checkpoints) - self.n) :]
@@ -75,8 +71,7 @@ class KeepEveryNSteps:
     n: int
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise InvalidOptionError(f"KeepEveryNSteps needs an int n >= 1, got {self.n!r}")
+        check_int("KeepEveryNSteps n", self.n, low=1)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
         reason = (f"every {self.n} steps",)
@@ -95,10 +90,7 @@ class KeepEveryNSeconds:
     secs: float
 
     def __post_init__(self) -> None:
-        if not _is_positive_number(self.secs):
-            raise InvalidOptionError(
-                f"KeepEveryNSeconds needs a positive number of seconds, got {self.secs!r}"
-            )
+        check_positive_number("KeepEveryNSeconds secs", self.secs)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
         reason = (f"one per {self.secs:g}s",)
@@ -129,7 +121,7 @@ class KeepBest:
     keep_without_metrics: bool = True
 
     def __post_init__(self) -> None:
-        _check_count("KeepBest", self.n)
+        check_int("KeepBest n", self.n, low=0)
         if self.mode not in ("min", "max"):
             raise InvalidOptionError(f"KeepBest mode must be 'min' or 'max', got {self.mode!r}")
         if isinstance(self.metric, str):
@@ -199,13 +191,7 @@ class KeepSteps:
     steps: Collection[int]
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, str | bytes) or not all(
-            _is_int(s) and s >= 0 for s in self.steps
-        ):
-            raise InvalidOptionError(
-                f"KeepSteps needs a collection of non-negative ints, got {self.steps!r}"
-            )
-        object.__setattr__(self, "steps", frozenset(self.steps))
+        object.__setattr__(self, "steps", check_steps("KeepSteps steps", self.steps))
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
         return {c.step: ("listed steps",) for c in checkpoints if c.step in self.steps}
@@ -218,13 +204,7 @@ class KeepAnyOf:
     policies: tuple[RetentionPolicy, ...]
 
     def __init__(self, *policies: RetentionPolicy) -> None:
-        if not policies:
-            raise InvalidOptionError("KeepAnyOf needs at least one retention policy")
-        for policy in policies:
-            if not isinstance(policy, RetentionPolicy):
-                raise InvalidOptionError(
-                    f"KeepAnyOf takes retention policies (with keep), got {policy!r}"
-                )
+        check_policies("KeepAnyOf", policies, RetentionPolicy, "retention policies (with keep)")
         object.__setattr__(self, "policies", policies)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
@@ -291,47 +271,6 @@ def decide_retention(
         keep={step: kept[step] for step in steps if kept.get(step)},
         delete=tuple(step for step in steps if not kept.get(step)),
     )
-
-
-def retention_policy_from_options(
-    options: CheckpointManagerOptions,
-) -> RetentionPolicy | None:
-    """Build the retention policy the option fields describe, with Orbax's semantics.
-
-    Nothing is deleted unless ``max_to_keep`` is set (None is returned: keep all). It then
-    counts the newest checkpoints, or with ``best_fn``/``best_metric`` the best ones;
-    ``keep_period`` and ``keep_time_interval`` keep more on top. ``retention_policy``
-    replaces all of these fields.
-    """
-    if options.retention_policy is not None:
-        return options.retention_policy
-    n = options.max_to_keep
-    if n is None:
-        return None
-    metric = options.best_fn if options.best_fn is not None else options.best_metric
-    rules: list[RetentionPolicy] = [
-        KeepLatest(n)
-        if metric is None
-        else KeepBest(
-            n,
-            metric,
-            mode=options.best_mode,
-            keep_without_metrics=options.keep_checkpoints_without_metrics,
-        )
-    ]
-    if options.keep_period is not None:
-        rules.append(KeepEveryNSteps(options.keep_period))
-    interval = options.keep_time_interval
-    if isinstance(interval, datetime.timedelta):
-        interval = interval.total_seconds()
-    if interval is not None:
-        rules.append(KeepEveryNSeconds(interval))
-    return rules[0] if len(rules) == 1 else KeepAnyOf(*rules)
-
-
-def _check_count(name: str, n: object) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise InvalidOptionError(f"{name} needs an int n >= 0, got {n!r}")
 
 
 def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:

@@ -8,15 +8,11 @@ saved.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from checkpointing.errors import InvalidOptionError
-
-if TYPE_CHECKING:
-    from checkpointing.options import CheckpointManagerOptions
+from checkpointing._checks import check_int, check_policies, check_positive_number, check_steps
 
 
 @dataclass(frozen=True)
@@ -44,8 +40,7 @@ class EveryNSteps:
     n: int
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise InvalidOptionError(f"EveryNSteps needs an int n >= 1, got {self.n!r}")
+        check_int("EveryNSteps n", self.n, low=1)
 
     def should_save(self, ctx: SaveContext) -> bool:
         return ctx.step % self.n == 0
@@ -58,13 +53,7 @@ class AtSteps:
     steps: Collection[int]
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, str | bytes) or not all(
-            _is_int(s) and s >= 0 for s in self.steps
-        ):
-            raise InvalidOptionError(
-                f"AtSteps needs a collection of non-negative ints, got {self.steps!r}"
-            )
-        object.__setattr__(self, "steps", frozenset(self.steps))
+        object.__setattr__(self, "steps", check_steps("AtSteps steps", self.steps))
 
     def should_save(self, ctx: SaveContext) -> bool:
         return ctx.step in self.steps
@@ -82,10 +71,7 @@ class EveryNSeconds:
     secs: float
 
     def __post_init__(self) -> None:
-        if not _is_positive_number(self.secs):
-            raise InvalidOptionError(
-                f"EveryNSeconds needs a positive number of seconds, got {self.secs!r}"
-            )
+        check_positive_number("EveryNSeconds secs", self.secs)
 
     def should_save(self, ctx: SaveContext) -> bool:
         return ctx.last_save_time is None or ctx.now - ctx.last_save_time >= self.secs
@@ -114,13 +100,7 @@ class AnyOf:
     policies: tuple[SavePolicy, ...]
 
     def __init__(self, *policies: SavePolicy) -> None:
-        if not policies:
-            raise InvalidOptionError("AnyOf needs at least one save policy")
-        for policy in policies:
-            if not isinstance(policy, SavePolicy):
-                raise InvalidOptionError(
-                    f"AnyOf takes save policies (with should_save), got {policy!r}"
-                )
+        check_policies("AnyOf", policies, SavePolicy, "save policies (with should_save)")
         object.__setattr__(self, "policies", policies)
 
     def should_save(self, ctx: SaveContext) -> bool:
@@ -137,51 +117,3 @@ def decide_save(policy: SavePolicy, ctx: SaveContext) -> bool:
     if ctx.latest_step is not None and ctx.step <= ctx.latest_step:
         return False
     return policy.should_save(ctx)
-
-
-def configured_save_rules(options: CheckpointManagerOptions) -> list[SavePolicy]:
-    """The rules the step, time and initial-save fields set, or ``[save_policy]``, which
-    replaces them; without the every-step default and the preemption rule (adapters
-    that add their own rules start from these)."""
-    if options.save_policy is not None:
-        return [options.save_policy]
-    rules: list[SavePolicy] = []
-    if options.save_interval_steps is not None:
-        rules.append(EveryNSteps(options.save_interval_steps))
-    if options.save_on_steps is not None:
-        rules.append(AtSteps(options.save_on_steps))
-    if options.save_interval_secs is not None:
-        rules.append(EveryNSeconds(options.save_interval_secs))
-    if options.save_on_initial:
-        rules.append(InitialSave())
-    return rules
-
-
-def save_policy_from_options(options: CheckpointManagerOptions) -> SavePolicy:
-    """Build the save policy the option fields describe.
-
-    ``save_policy`` replaces the step, time and initial-save fields. ``save_on_preemption``
-    is OR'ed in either way, because it also installs the signal handler. With none of
-    ``save_interval_steps``, ``save_on_steps`` or ``save_interval_secs`` set, every step
-    is due; an explicitly empty ``save_on_steps`` counts as set (save only on preemption
-    or initially, say).
-    """
-    rules = configured_save_rules(options)
-    if all(isinstance(rule, InitialSave) for rule in rules):
-        rules.insert(0, EveryNSteps(1))
-    if options.save_on_preemption:
-        rules.append(OnPreemption())
-    return rules[0] if len(rules) == 1 else AnyOf(*rules)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_positive_number(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )

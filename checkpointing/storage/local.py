@@ -26,8 +26,8 @@ from typing import BinaryIO, TypeVar
 import filelock
 
 from checkpointing.errors import CheckpointError, DirectoryLockedError, raise_if_disk_full
+from checkpointing.fastio.files import DropBehindFile, create_durable
 from checkpointing.storage.base import StepWriter, Storage, too_large
-from checkpointing.storage.local_files import DropBehindFile, create_durable
 
 T = TypeVar("T")
 logger = logging.getLogger("checkpointing")

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import BinaryIO
 
-from checkpointing.background import parallel_map
+from checkpointing.fastio.threads import parallel_map
 from checkpointing.format import tensors
 from checkpointing.format.record import RECORD_NAME, Record
 from checkpointing.storage.base import Storage

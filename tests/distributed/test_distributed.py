@@ -17,7 +17,7 @@ from checkpointing import CheckpointManager, CheckpointManagerOptions
 from checkpointing.errors import CorruptCheckpointError, ItemNotFoundError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from worker import full_weights
+from worker import commit_record, full_weights
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -108,7 +108,8 @@ def test_sharded_state_reshards(tmp_path: Path) -> None:
         into = {name: torch.zeros_like(value) for name, value in full_weights().items()}
         mgr.restore({"model": into})
         assert all(torch.equal(into[n], v) for n, v in full_weights().items())
-        (w,) = [node for key, node in mgr._records[1].items["model"]["dict"] if key == "w"]
+        model = commit_record(ckpt, 1)["items"]["model"]["dict"]
+        (w,) = [node for key, node in model if key == "w"]
         boxes = [(c["offsets"], c["sizes"]) for c in w["dtensor"]["chunks"]]
         assert boxes == [([3 * r, 0], [3, 6]) for r in range(4)]
 

@@ -826,7 +826,7 @@ def test_mapped_restore_moves_the_read_ahead_through_the_file(
     """Where files have no direct I/O (tmpfs), a restore without a target reads through
     mappings, which the file's read-ahead cannot see: the reader tells it where it is,
     tensor by tensor, in file order."""
-    from checkpointing.storage.local_files import DropBehindFile
+    from checkpointing.fastio.files import DropBehindFile
 
     monkeypatch.setattr(DropBehindFile, "direct", lambda self: None)
     at: list[int] = []

@@ -13,10 +13,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from checkpointing.background import SnapshotBuffers
 from checkpointing.errors import CorruptCheckpointError
+from checkpointing.fastio import files as local_files
 from checkpointing.format import tensors, tree
-from checkpointing.storage import local_files
+from checkpointing.snapshot import SnapshotBuffers
 
 
 def data_file(*sizes: int) -> tuple[bytes, tuple[int, str, str]]:

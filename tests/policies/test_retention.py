@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from checkpointing.errors import InvalidOptionError
-from checkpointing.options import CheckpointManagerOptions
+from checkpointing.options import CheckpointManagerOptions, retention_policy_from_options
 from checkpointing.policies import (
     CheckpointInfo,
     KeepAnyOf,
@@ -26,7 +26,6 @@ from checkpointing.policies import (
     RetentionDecision,
     RetentionPolicy,
     decide_retention,
-    retention_policy_from_options,
 )
 
 Metrics = Mapping[str, Any] | None
@@ -194,7 +193,7 @@ class TestKeepBest:
     @pytest.mark.parametrize(
         ("args", "match"),
         [
-            ((-1, "acc"), "KeepBest needs"),
+            ((-1, "acc"), "KeepBest n must be"),
             ((1, ""), "key path"),
             ((1, "//"), "key path"),
             ((1, 3), "key path or a function"),

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from checkpointing.errors import InvalidOptionError
-from checkpointing.options import CheckpointManagerOptions
+from checkpointing.options import CheckpointManagerOptions, save_policy_from_options
 from checkpointing.policies import (
     AnyOf,
     AtSteps,
@@ -20,7 +20,6 @@ from checkpointing.policies import (
     SaveContext,
     SavePolicy,
     decide_save,
-    save_policy_from_options,
 )
 
 

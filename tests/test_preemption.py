@@ -12,7 +12,7 @@ from types import FrameType
 import pytest
 
 from checkpointing.errors import InvalidOptionError
-from checkpointing.policies import PreemptionWatcher
+from checkpointing.preemption import PreemptionWatcher
 
 
 def send(signum: int, watcher: PreemptionWatcher) -> None:

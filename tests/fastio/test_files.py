@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkpointing.storage import local_files
-from checkpointing.storage.local_files import DropBehindFile, create_durable
+from checkpointing.fastio import files as local_files
+from checkpointing.fastio.files import DropBehindFile, create_durable
 
 BUFFER = local_files._DirectFile._BUFFER
 SIZES = [0, 1, 4095, 4096, 4097, BUFFER - 1, BUFFER, 3 * BUFFER + 17]

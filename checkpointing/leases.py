@@ -1,4 +1,4 @@
-"""Evaluation jobs: follow a directory's new steps, read them under leases, report back.
+"""Reader leases: evaluation jobs keep the training job's retention away from a step.
 
 A reader lease is a small file ``.leases/<step>.<id>.json`` holding its expiry time. While
 it lives, the training job's retention leaves that step alone and deletes it at a later
@@ -22,15 +22,11 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
 
 from checkpointing.errors import CheckpointError, CorruptCheckpointError
 from checkpointing.format import schema
 from checkpointing.storage import Storage
-
-if TYPE_CHECKING:
-    from checkpointing.manager import CheckpointManager
 
 logger = logging.getLogger("checkpointing")
 LEASE_DIR = ".leases"
@@ -127,70 +123,3 @@ def being_deleted(storage: Storage, step: int, now: float) -> bool:
     """Whether a trainer is deleting ``step`` (call it with a lease held)."""
     expires_at = _expiry(storage, f"{LEASE_DIR}/{step}.deleting.json", step)
     return expires_at is not None and expires_at > now
-
-
-def iter_new_checkpoints(
-    manager: CheckpointManager,
-    *,
-    min_interval_secs: float = 0,
-    timeout: float | None = None,
-    timeout_fn: Callable[[], bool] | None = None,
-    poll_interval_secs: float = 1.0,
-    every_step: bool = False,
-    sleep: Callable[[float], None] = time.sleep,
-    monotonic: Callable[[], float] = time.monotonic,
-) -> Iterator[int]:
-    """Yield committed steps as they appear, each under a reader lease for the loop body.
-
-    By default only the newest new step is yielded (Orbax's semantics); with
-    ``every_step`` every new step, in order. After ``timeout`` seconds without a new step
-    the iterator ends, unless ``timeout_fn`` is given and returns False (keep waiting).
-    Steps deleted before their turn are skipped.
-    """
-    last: int | None = None
-    last_yield = -float("inf")
-    while True:
-        sleep(max(0.0, last_yield + min_interval_secs - monotonic()))
-        deadline = None if timeout is None else monotonic() + timeout
-        while True:
-            manager.reload()
-            new = [s for s in manager.all_steps() if last is None or s > last]
-            if new:
-                break
-            if deadline is not None and monotonic() >= deadline:
-                if timeout_fn is None or timeout_fn():
-                    return
-                deadline = monotonic() + (timeout or 0)
-            sleep(poll_interval_secs)
-        for step in new if every_step else new[-1:]:
-            last = step
-            with manager.reading(step) as present:
-                if present:
-                    last_yield = monotonic()
-                    yield step
-
-
-def checkpoints_iterator(
-    directory: str,
-    *,
-    min_interval_secs: float = 0,
-    timeout: float | None = None,
-    timeout_fn: Callable[[], bool] | None = None,
-    poll_interval_secs: float = 1.0,
-    every_step: bool = False,
-    storage_options: dict[str, Any] | None = None,
-) -> Iterator[int]:
-    """Follow ``directory`` (local or remote) read-only; see `iter_new_checkpoints`."""
-    from checkpointing.manager import CheckpointManager
-    from checkpointing.options import CheckpointManagerOptions
-
-    options = CheckpointManagerOptions(read_only=True)
-    with CheckpointManager(directory, options, storage_options=storage_options) as manager:
-        yield from iter_new_checkpoints(
-            manager,
-            min_interval_secs=min_interval_secs,
-            timeout=timeout,
-            timeout_fn=timeout_fn,
-            poll_interval_secs=poll_interval_secs,
-            every_step=every_step,
-        )

@@ -1,0 +1,123 @@
+"""Retention as mechanism: decide over the catalog (`policies.retention`), then delete.
+
+The primary decides and deletes; in a distributed job the others follow its decision.
+Steps pinned with ``protect()``, read by a restore of this manager, or leased by an
+evaluation job are never deleted; a step leased while being deleted is kept too (the
+deletion mark protocol of `leases`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from checkpointing import leases
+from checkpointing.catalog import StepCatalog
+from checkpointing.coordination import Coordinator, describe
+from checkpointing.errors import CheckpointError
+from checkpointing.format.record import RECORD_NAME
+from checkpointing.policies.retention import (
+    CheckpointInfo,
+    RetentionDecision,
+    RetentionPolicy,
+    decide_retention,
+)
+from checkpointing.storage import Storage
+
+logger = logging.getLogger("checkpointing")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """One line of `CheckpointManager.retention_report`."""
+
+    step: int
+    kept: bool
+    reasons: tuple[str, ...]
+    committed_at: float
+    nbytes: int
+    metrics: dict[str, Any] | None
+
+
+class Pruner:
+    def __init__(
+        self,
+        storage: Storage,
+        catalog: StepCatalog,
+        policy: RetentionPolicy | None,
+        *,
+        always_keep_latest: bool,
+        clock: Callable[[], float],
+    ) -> None:
+        self._storage = storage
+        self._catalog = catalog
+        self._policy = policy
+        self._always_keep_latest = always_keep_latest
+        self._clock = clock
+
+    def decide(self, leased: Iterable[int] = ()) -> RetentionDecision:
+        catalog = self._catalog
+        infos = [
+            CheckpointInfo(step, r.committed_at, catalog.metrics(step, r.metrics))
+            for step, r in catalog.records.items()
+        ]
+        return decide_retention(
+            infos,
+            self._policy,
+            now=self._clock(),
+            protected=catalog.protected,
+            in_progress={*catalog.being_read, *leased},
+            always_keep_latest=self._always_keep_latest,
+        )
+
+    def report(self) -> list[StepReport]:
+        """For every listed step: kept or not, and by which rule(s)."""
+        decision = self.decide()
+        return [
+            StepReport(
+                step=step,
+                kept=step in decision.keep,
+                reasons=decision.keep.get(step, ()),
+                committed_at=record.committed_at,
+                nbytes=sum(f.size for f in record.files.values()),
+                metrics=record.metrics,
+            )
+            for step, record in self._catalog.listed().items()
+        ]
+
+    def apply(self, coordinator: Coordinator, *, held: bool = False) -> list[int]:
+        """Delete what no rule keeps; return the steps deleted. ``held``: by an async
+        save of a distributed job, whose deletes stay listed until its join."""
+        if self._policy is None:
+            return []
+        catalog = self._catalog
+        deleted: list[int] = []
+        error: Exception | None = None
+        if coordinator.is_primary:
+            try:
+                catalog.refresh_evaluator_metrics()
+                leased = leases.leased_steps(self._storage, time.time())  # leases: wall time
+                with catalog.lock:
+                    for step in self.decide(leased).delete:
+                        with leases.deleting(self._storage, step) as free:
+                            if not free:
+                                logger.info("step %d kept: an evaluation job leased it", step)
+                                continue
+                            logger.info("retention deletes step %d", step)
+                            self._storage.delete(catalog.folder(step), RECORD_NAME)
+                            catalog.forget([step], held=held)
+                            deleted.append(step)
+            except Exception as e:
+                error = e
+        if coordinator.world_size > 1:
+            deleted, failure = coordinator.broadcast((deleted, describe(error)))
+            with catalog.lock:
+                catalog.forget(deleted, held=held)
+            if failure is not None and error is None:
+                raise CheckpointError(f"retention failed on the primary: {failure}")
+        if error is not None:
+            raise error
+        return deleted
