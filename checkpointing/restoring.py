@@ -36,10 +36,11 @@ from checkpointing.errors import (
     PartialRestoreError,
     TargetMismatchError,
 )
-from checkpointing.format import tensors, tree
+from checkpointing.format import tree
 from checkpointing.format.reader import StepReader
 from checkpointing.format.record import FileInfo, Record
 from checkpointing.format.schema import numpy_dtype
+from checkpointing.format.verify import file_checksums
 from checkpointing.remote_tier import NoRemote
 from checkpointing.storage import FsspecStorage, LocalStorage, Storage
 from checkpointing.storage.cache import fetch_step
@@ -156,7 +157,7 @@ def check_file(open_file: Callable[[], BinaryIO], info: FileInfo, where: str) ->
             raise CorruptCheckpointError(
                 f"{where}: size {size} bytes, the commit record says {info.size}"
             )
-        checksums = tensors.file_checksums(f, where, opaque=not info.header_checksum)
+        checksums = file_checksums(f, where, opaque=not info.header_checksum)
     if checksums != (info.header_checksum, info.checksum):
         raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
 

@@ -24,7 +24,7 @@ class SnapshotBuffers:
     file lays out its data (which starts on a page boundary), so a local save writes
     them with direct I/O straight from there, in a few large writes and without a
     bounce copy that would compete with the training thread's copy for memory bandwidth
-    (`format.tensors.write_file`, `fastio.files`).
+    (`format.tensors.write_file`, `fastio.writes`).
     """
 
     def __init__(self) -> None:

@@ -25,7 +25,7 @@ import torch
 import xxhash
 
 from checkpointing import CheckpointError, CheckpointManager, CheckpointManagerOptions
-from checkpointing.format import tensors
+from checkpointing.format import verify
 
 RECORD = "checkpoint.json"
 READ_ONLY = CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
@@ -88,7 +88,7 @@ def rewrite_record(folder: Path, change: Callable[[dict[str, Any]], object]) -> 
 def file_info(path: Path, *, opaque: bool = False) -> dict[str, Any]:
     """What a record would say of ``path`` for its checksums to match."""
     with open(path, "rb") as f:
-        header, checksum = tensors.file_checksums(f, str(path), opaque=opaque)
+        header, checksum = verify.file_checksums(f, str(path), opaque=opaque)
     return {"size": path.stat().st_size, "header_checksum": header, "checksum": checksum}
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions, DiskFullError
-from checkpointing.fastio import files as local_files
+from checkpointing.fastio import direct
 
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
 READ_ONLY = CheckpointManagerOptions(enable_async_checkpointing=False, read_only=True)
@@ -63,7 +63,7 @@ def small_disk_any(
     """Each way of writing files: O_DIRECT (tmpfs has it since Linux 6.6, ext4), and
     buffered with write-behind where a filesystem refuses direct I/O."""
     if request.param == "page cache":
-        monkeypatch.setattr(local_files, "_O_DIRECT", None)
+        monkeypatch.setattr(direct, "O_DIRECT", None)
     yield from mount_small(tmp_path, "ext4" if request.param == "ext4" else "tmpfs")
 
 

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import mmap
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 from checkpointing.errors import CorruptCheckpointError
-from checkpointing.fastio.files import ALIGN, BOUNCE, read_bounced, read_direct
+from checkpointing.fastio.reads import ParallelReads
 from checkpointing.format.record import Record
 from checkpointing.format.schema import numpy_dtype
-from checkpointing.format.tensors import (
-    Entry,
-    byte_view,
-    digest,
-    parse_dtype,
-    read_header,
-    read_into,
-)
-
-_PIECE = BOUNCE  # bytes per request of theirs, at most
-_SMALL = 64 << 10  # bytes of whole pages below which a destination goes through a bounce
-_READERS = 4  # requests in flight
+from checkpointing.format.tensors import byte_view, digest, parse_dtype
+from checkpointing.format.verify import Entry, read_header, read_into
 
 
 class StepReader:
@@ -39,14 +25,11 @@ class StepReader:
     saved share it again.
 
     Tensors of local files with direct I/O are read into their destination, or into a
-    new tensor, and verified on helper threads (`_ParallelReads`): they are returned
-    before their bytes are in, and `settle` waits for them. New tensors are plain
-    ``torch.empty`` ones (their pages fault in as the helpers copy into them),
-    mostly out of step with the file, so mostly read through bounce buffers, which
-    beat reading into fresh memory directly and mapping the file:
-    3 GB without a target took 2.12 s, against 2.67 s mapped and 3.00 s for
-    ``safetensors.load_file`` (medians of 4 rounds; at 50 MB, 0.069 s against 0.057 s
-    mapped and 0.060 s ``load_file``).
+    new tensor, and verified on helper threads (`fastio.reads.ParallelReads`): they are
+    returned before their bytes are in, and `settle` waits for them. New tensors are
+    plain ``torch.empty`` ones (their pages fault in as the helpers copy into them),
+    mostly out of step with the file, so mostly read through bounce buffers, which beat
+    reading into fresh memory directly and mapping the file (docs/decisions.md).
     """
 
     def __init__(
@@ -59,7 +42,7 @@ class StepReader:
         self._files: dict[str, tuple[BinaryIO, dict[str, Entry]]] = {}
         self._maps: dict[str, mmap.mmap | None] = {}
         self._memo: dict[tuple[str, str], torch.Tensor] = {}
-        self._reads = _ParallelReads()
+        self._reads = ParallelReads()
         self.touched = False  # whether bytes were read into a caller's tensor (``dest``)
 
     def settle(self) -> None:
@@ -270,140 +253,3 @@ class StepReader:
 
     def _path(self, filename: str) -> str:
         return f"{self._where}/{filename}"
-
-
-class _ParallelReads:
-    """Reads into memory on helper threads, with direct I/O, several requests in flight.
-
-    Reading into the destination skips the page cache and the copy out of it, and
-    several requests keep the disk busier than one at a time: a cold in-place restore
-    of 1 GB took 0.50 s, against 0.61 s through the page cache with read-ahead
-    (`DropBehindFile`) and 0.77 s for the disk read in 64 MiB requests one at a time
-    (A/B, 5 rounds). The whole pages of a destination that is page-aligned where the
-    file is are read into as they are, in requests of up to `_PIECE` bytes; the rest
-    (small tensors, the ends of large ones, memory out of step with the file) is read
-    through a bounce buffer, one request for up to `_PIECE` bytes that follow each other
-    in the file: 50 MB in 780 tensors took 0.071 s, against 0.107 s with a request for
-    each tensor and 0.067 s through the page cache.
-    """
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._in_flight: list[Future[None]] = []
-        # bytes to read through the bounce buffer, not started yet: (file offset,
-        # destination, its tensor), in file order, all of one file
-        self._bounced: list[tuple[int, memoryview, _Countdown]] = []
-        self._bounced_file: tuple[int, str] = (-1, "")  # (descriptor, path)
-
-    def start(
-        self,
-        fd: int,
-        offset: int,
-        dest: memoryview,
-        address: int,
-        then: Callable[[], None],
-        path: str,
-    ) -> None:
-        """Start filling ``dest`` (at ``address``) with the bytes at ``offset`` of ``fd``
-        (opened with O_DIRECT); ``then`` runs once they are all in, on a helper thread."""
-        end = offset + len(dest)
-        first = offset + (-offset % ALIGN)  # the first and last page boundaries in the range
-        last = end - end % ALIGN
-        if (address + first - offset) % ALIGN or last - first < _SMALL:  # out of step
-            spans = [(a, b, False) for a, b in _pieces(offset, end)]
-        else:
-            spans = [(offset, first, False), *((a, b, True) for a, b in _pieces(first, last))]
-            spans.append((last, end, False))
-        spans = [span for span in spans if span[0] < span[1]]
-        if not spans:
-            then()
-            return
-        tensor = _Countdown(len(spans), then)
-        for a, b, direct in spans:
-            view = dest[a - offset : b - offset]
-            if direct:
-                self._start_bounced()  # first, in file order
-                self._submit(path, _read_into, fd, a, view, tensor)
-            else:
-                self._bounce(fd, path, a, view, tensor)
-
-    def _bounce(
-        self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Countdown
-    ) -> None:
-        if self._bounced and (
-            (fd, path) != self._bounced_file
-            or offset < self._bounced[-1][0] + len(self._bounced[-1][1])
-            or offset + len(dest) - self._bounced[0][0] > _PIECE
-        ):
-            self._start_bounced()
-        self._bounced.append((offset, dest, tensor))
-        self._bounced_file = (fd, path)
-
-    def _start_bounced(self) -> None:
-        if self._bounced:
-            fd, path = self._bounced_file
-            self._submit(path, _read_through, fd, self._bounced)
-            self._bounced = []
-
-    def _submit(self, path: str, read: Callable[..., None], *args: Any) -> None:
-        def run() -> None:
-            try:
-                read(*args)
-            except EOFError:
-                raise CorruptCheckpointError(f"{path}: file is truncated") from None
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(_READERS, thread_name_prefix="checkpointing-read")
-        self._in_flight.append(self._pool.submit(run))
-
-    def settle(self) -> None:
-        self._start_bounced()
-        in_flight, self._in_flight = self._in_flight, []
-        errors = [e for e in (f.exception() for f in in_flight) if e is not None]
-        if errors:
-            raise errors[0]
-
-    def close(self) -> None:
-        """Wait for the reads in flight (their errors go nowhere), stop the helpers."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        self._in_flight.clear()
-        self._bounced.clear()
-
-
-def _pieces(start: int, end: int) -> list[tuple[int, int]]:
-    """``start`` to ``end``, cut at the multiples of `_PIECE`."""
-    cuts = [start, *range(start - start % _PIECE + _PIECE, end, _PIECE), end]
-    return list(itertools.pairwise(cuts))
-
-
-class _Countdown:
-    """Runs ``then`` when the last of ``parts`` parts is done, on the thread doing it."""
-
-    def __init__(self, parts: int, then: Callable[[], None]) -> None:
-        self._left = parts
-        self._then = then
-        self._lock = threading.Lock()
-
-    def done(self) -> None:
-        with self._lock:
-            self._left -= 1
-            last = not self._left
-        if last:
-            self._then()
-
-
-def _read_into(fd: int, offset: int, dest: memoryview, tensor: _Countdown) -> None:
-    read_direct(fd, offset, dest)
-    tensor.done()
-
-
-def _read_through(fd: int, parts: list[tuple[int, memoryview, _Countdown]]) -> None:
-    start = parts[0][0]
-    data = read_bounced(fd, start, parts[-1][0] + len(parts[-1][1]) - start)
-    source = np.frombuffer(data, dtype=np.uint8)
-    for offset, dest, tensor in parts:
-        at = offset - start
-        np.copyto(np.frombuffer(dest, dtype=np.uint8), source[at : at + len(dest)])
-        tensor.done()

@@ -26,7 +26,8 @@ from typing import BinaryIO, TypeVar
 import filelock
 
 from checkpointing.errors import CheckpointError, DirectoryLockedError, raise_if_disk_full
-from checkpointing.fastio.files import DropBehindFile, create_durable
+from checkpointing.fastio.reads import DropBehindFile
+from checkpointing.fastio.writes import create_durable
 from checkpointing.storage.base import StepWriter, Storage, too_large
 
 T = TypeVar("T")

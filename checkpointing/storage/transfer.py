@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from checkpointing.fastio.threads import parallel_map
-from checkpointing.format import tensors
+from checkpointing.format import verify
 from checkpointing.format.record import RECORD_NAME, Record
 from checkpointing.storage.base import Storage
 
@@ -36,7 +36,7 @@ def copy_step(
         def produce(out: BinaryIO) -> None:
             with src.open_read(f"{names[0]}/{filename}") as f:
                 expected = (info.size, info.header_checksum, info.checksum)
-                tensors.copy_checked(f, out, expected, where, progress)
+                verify.copy_checked(f, out, expected, where, progress)
 
         writer.write(filename, produce)
 

@@ -12,17 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkpointing.fastio import files as local_files
-from checkpointing.fastio.files import DropBehindFile, create_durable
+from checkpointing.fastio import direct, reads, writes
+from checkpointing.fastio.reads import DropBehindFile
+from checkpointing.fastio.writes import create_durable
 
-BUFFER = local_files._DirectFile._BUFFER
+BUFFER = writes.DirectFile.BUFFER
 SIZES = [0, 1, 4095, 4096, 4097, BUFFER - 1, BUFFER, 3 * BUFFER + 17]
 
 
 @pytest.fixture(params=["direct", "page cache"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "page cache":
-        monkeypatch.setattr(local_files, "_O_DIRECT", None)
+        monkeypatch.setattr(direct, "O_DIRECT", None)
     return str(request.param)
 
 
@@ -33,7 +34,7 @@ def test_bytes_round_trip(tmp_path: Path, mode: str, size: int, piece: int) -> N
     path = tmp_path / "f.bin"
     with create_durable(path) as f:
         if mode == "direct":
-            assert isinstance(f, local_files._DirectFile), "this filesystem has O_DIRECT"
+            assert isinstance(f, writes.DirectFile), "this filesystem has O_DIRECT"
         for start in range(0, size, piece):
             assert f.write(memoryview(data)[start : start + piece]) == min(piece, size - start)
     assert path.read_bytes() == data, "the page padding of direct I/O is cut off"
@@ -46,8 +47,8 @@ def test_bounce_buffers_are_reused_by_the_next_file_and_its_stale_bytes_never_wr
 ) -> None:
     with create_durable(tmp_path / "a.bin") as f:
         f.write(b"\xab" * (3 * BUFFER))  # fills, and leaves behind, every bounce buffer
-    spare = list(local_files._spare)
-    assert 0 < len(spare) <= local_files._DirectFile._BUFFERS, "one file's worth is kept"
+    spare = list(writes._spare)
+    assert 0 < len(spare) <= writes.DirectFile.BUFFERS, "one file's worth is kept"
     with create_durable(tmp_path / "b.bin") as f:
         f.write(b"\x01" * 5000)  # ends mid-page: the rest of that page is padding
         reused = f._current  # type: ignore[attr-defined]
@@ -65,7 +66,7 @@ def test_existing_file_is_never_overwritten(tmp_path: Path, mode: str) -> None:
 def test_direct_io_refused_mid_file_goes_on_buffered(tmp_path: Path) -> None:
     """The kernel's EINVAL for an unaligned direct write switches the file to buffered."""
     f = create_durable(tmp_path / "f.bin")
-    assert isinstance(f, local_files._DirectFile)
+    assert isinstance(f, writes.DirectFile)
     data = bytearray(os.urandom(3 * 4096 + 1))
     f._write_all([memoryview(data)[1:]])  # an unaligned address and length
     f._size = len(data) - 1  # what write() would have counted
@@ -75,7 +76,7 @@ def test_direct_io_refused_mid_file_goes_on_buffered(tmp_path: Path) -> None:
 
 def test_write_error_reaches_the_caller(tmp_path: Path) -> None:
     f = create_durable(tmp_path / "f.bin")
-    assert isinstance(f, local_files._DirectFile)
+    assert isinstance(f, writes.DirectFile)
     os.close(f._fd)  # the helper thread's next write fails with EBADF
     f._fd = os.open(os.devnull, os.O_RDONLY)
     f.write(bytes(BUFFER))
@@ -94,13 +95,13 @@ def test_bytes_bounced_between_runs_of_own_memory_share_a_buffer(
     memory = mmap.mmap(-1, 3 * 4096)
     memory.write(os.urandom(3 * 4096))
     tensor = memoryview(memory)[100 : 100 + 2 * 4096]  # in step after 100 bytes of file
-    pieces = [os.urandom(100)] + [tensor] * (2 * local_files._DirectFile._BUFFERS + 1)
+    pieces = [os.urandom(100)] + [tensor] * (2 * writes.DirectFile.BUFFERS + 1)
 
     blocked = tmp_path / "blocked.bin"
     with monkeypatch.context() as m:
-        m.setattr(local_files._DirectFile, "_drain", lambda self: None)  # nothing written
+        m.setattr(writes.DirectFile, "_drain", lambda self: None)  # nothing written
         f = create_durable(blocked)
-        assert isinstance(f, local_files._DirectFile)
+        assert isinstance(f, writes.DirectFile)
         writer = threading.Thread(target=lambda: [f.write(p) for p in pieces], daemon=True)
         writer.start()
         writer.join(timeout=10)
@@ -205,14 +206,14 @@ def test_read_direct_fills_page_aligned_memory(tmp_path: Path) -> None:
     with DropBehindFile(path) as f:
         fd = f.direct()
         assert fd is not None, "this filesystem has O_DIRECT"
-        local_files.read_direct(fd, 4096, memoryview(memory))
+        reads.read_direct(fd, 4096, memoryview(memory))
         assert memory[:] == data[4096 : 4096 + 2 * BUFFER]
         with pytest.raises(EOFError):
-            local_files.read_direct(fd, 2 * BUFFER, memoryview(memory))
+            reads.read_direct(fd, 2 * BUFFER, memoryview(memory))
 
 
 @pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 70_000])
-@pytest.mark.parametrize("length", [0, 1, 4096, local_files.BOUNCE])
+@pytest.mark.parametrize("length", [0, 1, 4096, reads.BOUNCE])
 def test_read_bounced_reads_any_range(tmp_path: Path, offset: int, length: int) -> None:
     """Any offset and length up to BOUNCE, in one request; past the end: EOFError."""
     data = os.urandom(offset + length + 10)
@@ -221,9 +222,9 @@ def test_read_bounced_reads_any_range(tmp_path: Path, offset: int, length: int) 
     with DropBehindFile(path) as f:
         fd = f.direct()
         assert fd is not None, "this filesystem has O_DIRECT"
-        assert local_files.read_bounced(fd, offset, length) == data[offset : offset + length]
+        assert reads.read_bounced(fd, offset, length) == data[offset : offset + length]
         with pytest.raises(EOFError):
-            local_files.read_bounced(fd, offset + 11, length or 1)
+            reads.read_bounced(fd, offset + 11, length or 1)
 
 
 def test_direct_reads_refused_go_on_through_the_page_cache(tmp_path: Path) -> None:
@@ -236,19 +237,19 @@ def test_direct_reads_refused_go_on_through_the_page_cache(tmp_path: Path) -> No
     with DropBehindFile(path) as f:
         fd = f.direct()
         assert fd is not None, "this filesystem has O_DIRECT"
-        local_files.read_direct(fd, 4096, memoryview(memory)[1:4097])
+        reads.read_direct(fd, 4096, memoryview(memory)[1:4097])
         assert memory[1:4097] == data[4096:8192]
         assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
-        assert local_files.read_bounced(fd, 5, 100) == data[5:105]
+        assert reads.read_bounced(fd, 5, 100) == data[5:105]
 
 
 def test_the_writer_takes_what_is_queued_in_one_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Up to 64 jobs or _GATHER bytes per call, and it knows when no more will come."""
-    monkeypatch.setattr(local_files._DirectFile, "_drain", lambda self: None)
+    monkeypatch.setattr(writes.DirectFile, "_drain", lambda self: None)
     f = create_durable(tmp_path / "f.bin")
-    assert isinstance(f, local_files._DirectFile)
+    assert isinstance(f, writes.DirectFile)
     page = np.zeros(4096, dtype=np.uint8)
     for _ in range(70):
         f._full.put((page, None))
@@ -257,7 +258,7 @@ def test_the_writer_takes_what_is_queued_in_one_call(
         (64, True),
         (6, False),
     ]
-    big = np.zeros(local_files._DirectFile._GATHER, dtype=np.uint8)
+    big = np.zeros(writes.DirectFile._GATHER, dtype=np.uint8)
     f._full.put((page, None))
     f._full.put((big, None))
     f._full.put((page, None))

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions, TensorMetadata
 from checkpointing.errors import CorruptCheckpointError, UnsupportedTypeError
-from checkpointing.format.tensors import read_header
+from checkpointing.format.verify import read_header
 from checkpointing.storage.local import LocalStorage
 
 pytestmark = [
@@ -658,10 +658,10 @@ class Watcher:
 
 def helper_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The sizes of the reads the restore's helper threads make, direct or bounced."""
-    from checkpointing.format import reader
+    from checkpointing.fastio import reads
 
     read: list[int] = []
-    real_direct, real_bounced = reader.read_direct, reader.read_bounced
+    real_direct, real_bounced = reads.read_direct, reads.read_bounced
 
     def direct(fd: int, offset: int, dest: memoryview) -> None:
         read.append(len(dest))
@@ -671,8 +671,8 @@ def helper_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         read.append(length)
         return real_bounced(fd, offset, length)
 
-    monkeypatch.setattr(reader, "read_direct", direct)
-    monkeypatch.setattr(reader, "read_bounced", bounced)
+    monkeypatch.setattr(reads, "read_direct", direct)
+    monkeypatch.setattr(reads, "read_bounced", bounced)
     return read
 
 
@@ -826,7 +826,7 @@ def test_mapped_restore_moves_the_read_ahead_through_the_file(
     """Where files have no direct I/O (tmpfs), a restore without a target reads through
     mappings, which the file's read-ahead cannot see: the reader tells it where it is,
     tensor by tensor, in file order."""
-    from checkpointing.fastio.files import DropBehindFile
+    from checkpointing.fastio.reads import DropBehindFile
 
     monkeypatch.setattr(DropBehindFile, "direct", lambda self: None)
     at: list[int] = []

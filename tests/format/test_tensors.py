@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from checkpointing.errors import CorruptCheckpointError
-from checkpointing.fastio import files as local_files
-from checkpointing.format import tensors, tree
+from checkpointing.fastio import writes
+from checkpointing.format import tensors, tree, verify
 from checkpointing.snapshot import SnapshotBuffers
 
 
@@ -31,7 +31,7 @@ def data_file(*sizes: int) -> tuple[bytes, tuple[int, str, str]]:
 def copy(data: bytes, expected: tuple[int, str, str]) -> bytes:
     out = io.BytesIO()
     seen: list[int] = []
-    tensors.copy_checked(io.BytesIO(data), out, expected, "f", seen.append)
+    verify.copy_checked(io.BytesIO(data), out, expected, "f", seen.append)
     assert sum(seen) == len(data)
     return out.getvalue()
 
@@ -39,13 +39,13 @@ def copy(data: bytes, expected: tuple[int, str, str]) -> bytes:
 @given(st.lists(st.integers(0, 3000), max_size=5))
 def test_copy_of_a_data_file_is_exact_and_checked(sizes: list[int]) -> None:
     data, expected = data_file(*sizes)
-    assert tensors.file_checksums(io.BytesIO(data), "f") == expected[1:]
+    assert verify.file_checksums(io.BytesIO(data), "f") == expected[1:]
     assert copy(data, expected) == data
 
 
 def test_copy_of_a_foreign_file_checks_the_whole() -> None:
     data = bytes(range(256)) * 1000
-    size, checksum = tensors.stream_checksum(io.BytesIO(data))
+    size, checksum = verify.stream_checksum(io.BytesIO(data))
     assert copy(data, (size, "", checksum)) == data
     with pytest.raises(CorruptCheckpointError, match="checksum"):
         copy(data[:-1] + b"x", (size, "", checksum))
@@ -121,16 +121,16 @@ def test_large_tensors_go_to_disk_from_their_own_memory(
         "b": torch.randn(1 << 20, dtype=torch.float64)[1:],
     }
     sent: list[tuple[int, int]] = []  # (address, bytes) of each write
-    real = local_files._DirectFile._write_all
+    real = writes.DirectFile._write_all
 
-    def spy(self: local_files._DirectFile, views: list[memoryview]) -> None:
+    def spy(self: writes.DirectFile, views: list[memoryview]) -> None:
         sent.extend((np.frombuffer(v, dtype=np.uint8).ctypes.data, len(v)) for v in views)
         real(self, views)
 
-    monkeypatch.setattr(local_files._DirectFile, "_write_all", spy)
+    monkeypatch.setattr(writes.DirectFile, "_write_all", spy)
     path = tmp_path / "x.safetensors"
-    with local_files.create_durable(path) as f:
-        assert isinstance(f, local_files._DirectFile), "this filesystem has O_DIRECT"
+    with writes.create_durable(path) as f:
+        assert isinstance(f, writes.DirectFile), "this filesystem has O_DIRECT"
         tensors.write_file(f, tree.flatten({"x": state}).blobs, "x.safetensors")
     for key in ("a", "b"):
         start, stop = state[key].data_ptr(), state[key].data_ptr() + state[key].nbytes
@@ -155,7 +155,7 @@ def test_small_tensors_are_hashed_and_written_in_batches(monkeypatch: pytest.Mon
     assert batched == one_by_one and checksum == checksum_one_by_one
     assert nodes == [dict(node) for blob in blobs for node in blob.nodes], "same digests"
     assert writes_one_by_one > 300 and writes <= 5, "header, small ones, big, small ones"
-    assert tensors.file_checksums(io.BytesIO(batched), "f")[1] == checksum
+    assert verify.file_checksums(io.BytesIO(batched), "f")[1] == checksum
 
 
 @given(st.lists(st.integers(0, 200_000), max_size=40))

@@ -1,0 +1,342 @@
+"""Local files read at the disk's speed, and opened safely.
+
+Reads go around the page cache (O_DIRECT): `read_direct` into page-aligned memory as
+it is, `read_bounced` through a page-aligned buffer for memory out of step with the
+file, and `ParallelReads` keeps several such requests in flight on helper threads (a
+restore's tensors). Where O_DIRECT is refused, `DropBehindFile` reads through the page
+cache with read-ahead. `open_below` opens a checkpoint's files without following links
+(checkpoints are untrusted). docs/decisions.md has the measurements behind each choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import itertools
+import mmap
+import os
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from checkpointing.errors import CorruptCheckpointError
+from checkpointing.fastio import direct
+from checkpointing.fastio.direct import ALIGN
+
+
+def open_below(root: Path, relative: str) -> int:
+    """A read descriptor of the regular file at ``relative`` (``/``-separated) below
+    ``root``, reached without following any symbolic link below ``root``.
+
+    Checkpoints are untrusted: a symlink inside a step would make a restore read (and a
+    copy publish) a file outside the directory, and opening a FIFO would block forever.
+    Each component is opened relative to its parent with O_NOFOLLOW, the file without
+    blocking, and it must be a regular file. A missing file raises `FileNotFoundError`;
+    anything else in the way raises `CorruptCheckpointError`.
+    """
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise _not_regular(root, relative, "is not a plain relative path")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    at = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=at)
+            os.close(at)
+            at = inner
+        fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=at)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):  # a link, or not a folder
+            raise _not_regular(root, relative, "passes through a symbolic link") from None
+        raise
+    finally:
+        os.close(at)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _not_regular(root, relative, "is not a regular file (a FIFO, device, folder)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _not_regular(root: Path, relative: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{root}/{relative} {what}; refusing to read it (checkpoint files are regular files)"
+    )
+
+
+class DropBehindFile(io.FileIO):
+    """A file read sequentially in large disk requests, dropping what it has read; and
+    the descriptor for direct reads of the same file (`direct`).
+
+    Restores read tensor by tensor, often a few MB at a time; on their own those reads
+    become small disk requests that wait on latency. A helper thread asks for the next
+    32 MiB ahead of the reader (WILLNEED, whose submission cost then overlaps the reads)
+    and the reader drops the pages it consumed (DONTNEED), sparing the kernel the
+    page-cache upkeep. Other readers of the same files read them from disk again. The
+    read-ahead starts with the first read of data, and never once `direct` was asked for
+    (it would read the same bytes twice).
+    """
+
+    _AHEAD = 32 << 20
+    _STEP = 8 << 20
+
+    def __init__(self, path: Path, root: Path | None = None) -> None:
+        """Open ``path``; when ``root`` is given, as `open_below` does from there."""
+        if root is None:
+            super().__init__(path, "rb")
+        else:
+            super().__init__(open_below(root, path.relative_to(root).as_posix()), "rb")
+            self.name = str(path)
+        os.posix_fadvise(self.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self._size = os.fstat(self.fileno()).st_size
+        self._reader_at = 0
+        self._moved = threading.Condition()
+        self._prefetching = False
+        self._direct: int | None = None  # an O_DIRECT descriptor of the file, once opened
+        self._direct_tried = False
+
+    def direct(self) -> int | None:
+        """A descriptor of this file opened with O_DIRECT, for `read_direct`; None where
+        the filesystem has no direct I/O. Turns the read-ahead off."""
+        if not self._direct_tried and direct.O_DIRECT is not None:
+            self._direct_tried = True
+            with contextlib.suppress(OSError):  # the same file, not whatever has its name now
+                self._direct = os.open(
+                    f"/proc/self/fd/{self.fileno()}",
+                    os.O_RDONLY | os.O_CLOEXEC | direct.O_DIRECT,
+                )
+        return self._direct
+
+    def _prefetch(self) -> None:
+        ahead = 0
+        while ahead < self._size:
+            with self._moved:
+                while not self.closed and ahead >= self._reader_at + self._AHEAD:
+                    self._moved.wait()
+                if self.closed:
+                    return
+                fd = self.fileno()
+            with contextlib.suppress(OSError):  # closed meanwhile
+                os.posix_fadvise(fd, ahead, self._STEP, os.POSIX_FADV_WILLNEED)
+            ahead += self._STEP
+
+    def readinto(self, buffer: Any) -> int | None:
+        start = self.tell()
+        n = super().readinto(buffer)
+        if n:
+            os.posix_fadvise(self.fileno(), start, n, os.POSIX_FADV_DONTNEED)
+        self.reading_at(start + (n or 0))
+        return n
+
+    def reading_at(self, offset: int) -> None:
+        """Move the read-ahead window to ``offset``: for readers of a mapping of this
+        file, which bypass `readinto` (their pages are kept: they hold the tensors)."""
+        with self._moved:
+            self._reader_at = offset
+            if not self._prefetching and self._direct is None:
+                self._prefetching = True
+                threading.Thread(target=self._prefetch, daemon=True).start()
+            self._moved.notify()
+
+    def close(self) -> None:
+        with self._moved:
+            super().close()
+            if self._direct is not None:
+                os.close(self._direct)
+                self._direct = None
+            self._moved.notify()
+
+
+_bounce = threading.local()  # each reading thread's page-aligned buffer for `read_bounced`
+BOUNCE = 4 << 20  # the most bytes `read_bounced` reads at once
+
+
+def read_direct(fd: int, offset: int, dest: memoryview) -> None:
+    """Fill ``dest`` with the bytes at ``offset`` of ``fd``, a descriptor opened with
+    O_DIRECT: no page cache, no copy. ``dest``'s address, ``offset`` and ``len(dest)``
+    must be multiples of the page size. Raises EOFError when the file ends first."""
+    _read_at_least(fd, dest, offset, len(dest))
+
+
+def read_bounced(fd: int, offset: int, length: int) -> memoryview:
+    """The ``length`` (at most `BOUNCE`) bytes at ``offset`` of ``fd`` (opened with
+    O_DIRECT), read in one request into a buffer of the calling thread: valid until
+    its next call. For memory that is not page-aligned where the file is. Raises
+    EOFError when the file ends first."""
+    buffer = getattr(_bounce, "buffer", None)
+    if buffer is None:
+        buffer = _bounce.buffer = memoryview(mmap.mmap(-1, BOUNCE + 2 * ALIGN))
+    lead = offset % ALIGN
+    pages = -(-(lead + length) // ALIGN) * ALIGN
+    _read_at_least(fd, buffer[:pages], offset - lead, lead + length)
+    return buffer[lead : lead + length]
+
+
+def _read_at_least(fd: int, into: memoryview, offset: int, need: int) -> None:
+    """Read into ``into`` from ``offset`` until its first ``need`` bytes are in."""
+    done = 0
+    while done < need:
+        n = _pread(fd, into[done:], offset + done)
+        if not n:
+            raise EOFError(f"the file ends at {offset + done}, before {offset + need}")
+        done += n
+
+
+def _pread(fd: int, into: memoryview, offset: int) -> int:
+    try:
+        return os.preadv(fd, [into], offset)
+    except OSError as e:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if e.errno != errno.EINVAL or not flags & (direct.O_DIRECT or 0):
+            raise
+    # Direct I/O refused (a device with larger blocks, some FUSE filesystems): go on
+    # through the page cache, for every reader of this descriptor.
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~(direct.O_DIRECT or 0))
+    return os.preadv(fd, [into], offset)
+
+_PIECE = BOUNCE  # bytes per request of `ParallelReads`, at most
+_SMALL = 64 << 10  # bytes of whole pages below which a destination goes through a bounce
+_READERS = 4  # requests in flight
+
+
+class ParallelReads:
+    """Reads into memory on helper threads, with direct I/O, several requests in flight.
+
+    Reading into the destination skips the page cache and the copy out of it, and
+    several requests keep the disk busier than one at a time. The whole pages of a
+    destination that is page-aligned where the file is are read into as they are, in
+    requests of up to `_PIECE` bytes; the rest (small tensors, the ends of large ones,
+    memory out of step with the file) is read through a bounce buffer, one request for
+    up to `_PIECE` bytes that follow each other in the file.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: list[Future[None]] = []
+        # bytes to read through the bounce buffer, not started yet: (file offset,
+        # destination, its tensor), in file order, all of one file
+        self._bounced: list[tuple[int, memoryview, _Countdown]] = []
+        self._bounced_file: tuple[int, str] = (-1, "")  # (descriptor, path)
+
+    def start(
+        self,
+        fd: int,
+        offset: int,
+        dest: memoryview,
+        address: int,
+        then: Callable[[], None],
+        path: str,
+    ) -> None:
+        """Start filling ``dest`` (at ``address``) with the bytes at ``offset`` of ``fd``
+        (opened with O_DIRECT); ``then`` runs once they are all in, on a helper thread."""
+        end = offset + len(dest)
+        first = offset + (-offset % ALIGN)  # the first and last page boundaries in the range
+        last = end - end % ALIGN
+        if (address + first - offset) % ALIGN or last - first < _SMALL:  # out of step
+            spans = [(a, b, False) for a, b in _pieces(offset, end)]
+        else:
+            spans = [(offset, first, False), *((a, b, True) for a, b in _pieces(first, last))]
+            spans.append((last, end, False))
+        spans = [span for span in spans if span[0] < span[1]]
+        if not spans:
+            then()
+            return
+        tensor = _Countdown(len(spans), then)
+        for a, b, as_is in spans:
+            view = dest[a - offset : b - offset]
+            if as_is:
+                self._start_bounced()  # first, in file order
+                self._submit(path, _read_into, fd, a, view, tensor)
+            else:
+                self._bounce(fd, path, a, view, tensor)
+
+    def _bounce(
+        self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Countdown
+    ) -> None:
+        if self._bounced and (
+            (fd, path) != self._bounced_file
+            or offset < self._bounced[-1][0] + len(self._bounced[-1][1])
+            or offset + len(dest) - self._bounced[0][0] > _PIECE
+        ):
+            self._start_bounced()
+        self._bounced.append((offset, dest, tensor))
+        self._bounced_file = (fd, path)
+
+    def _start_bounced(self) -> None:
+        if self._bounced:
+            fd, path = self._bounced_file
+            self._submit(path, _read_through, fd, self._bounced)
+            self._bounced = []
+
+    def _submit(self, path: str, read: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                read(*args)
+            except EOFError:
+                raise CorruptCheckpointError(f"{path}: file is truncated") from None
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_READERS, thread_name_prefix="checkpointing-read")
+        self._in_flight.append(self._pool.submit(run))
+
+    def settle(self) -> None:
+        self._start_bounced()
+        in_flight, self._in_flight = self._in_flight, []
+        errors = [e for e in (f.exception() for f in in_flight) if e is not None]
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        """Wait for the reads in flight (their errors go nowhere), stop the helpers."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._in_flight.clear()
+        self._bounced.clear()
+
+
+def _pieces(start: int, end: int) -> list[tuple[int, int]]:
+    """``start`` to ``end``, cut at the multiples of `_PIECE`."""
+    cuts = [start, *range(start - start % _PIECE + _PIECE, end, _PIECE), end]
+    return list(itertools.pairwise(cuts))
+
+
+class _Countdown:
+    """Runs ``then`` when the last of ``parts`` parts is done, on the thread doing it."""
+
+    def __init__(self, parts: int, then: Callable[[], None]) -> None:
+        self._left = parts
+        self._then = then
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = not self._left
+        if last:
+            self._then()
+
+
+def _read_into(fd: int, offset: int, dest: memoryview, tensor: _Countdown) -> None:
+    read_direct(fd, offset, dest)
+    tensor.done()
+
+
+def _read_through(fd: int, parts: list[tuple[int, memoryview, _Countdown]]) -> None:
+    start = parts[0][0]
+    data = read_bounced(fd, start, parts[-1][0] + len(parts[-1][1]) - start)
+    source = np.frombuffer(data, dtype=np.uint8)
+    for offset, dest, tensor in parts:
+        at = offset - start
+        np.copyto(np.frombuffer(dest, dtype=np.uint8), source[at : at + len(dest)])
+        tensor.done()
