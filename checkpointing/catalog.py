@@ -99,7 +99,9 @@ class StepCatalog:
                 record = self._records.get(step) or self._read_record(name, step)
             except FileNotFoundError:  # deleted by another process since the listing
                 continue
-            except (CorruptCheckpointError, UnsupportedFormatError) as e:
+            except (OSError, CorruptCheckpointError, UnsupportedFormatError) as e:
+                if isinstance(e, OSError):  # permissions, a socket where the record is
+                    e = CorruptCheckpointError(f"{self._storage.url}/{name}: {e}")
                 logger.warning("step %d cannot be read: %s", step, e)
                 scan.unreadable[step] = e
             else:
@@ -243,7 +245,7 @@ class StepCatalog:
             return schema.check_steps(schema.loads(data, where), where)
         except FileNotFoundError:
             return set()
-        except CorruptCheckpointError as e:
+        except (OSError, CorruptCheckpointError) as e:
             if not self._read_only:
                 raise CorruptCheckpointError(
                     f"{e}. It lists the steps protect() pinned; write the list again "
@@ -274,7 +276,7 @@ class StepCatalog:
                 found[step] = schema.check_metrics(schema.loads(data, where), where)
             except FileNotFoundError:
                 continue
-            except CorruptCheckpointError as e:
+            except (OSError, CorruptCheckpointError) as e:
                 logger.warning("ignoring evaluator metrics: %s", e)
         return found
 

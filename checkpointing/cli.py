@@ -138,11 +138,23 @@ def _export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     with _open(args.directory) as mgr:
-        restored = mgr.restore(step=args.step, items=[args.item])
+        step = mgr.latest_step() if args.step is None else args.step
+        restored = mgr.restore(step=step, items=[args.item])
+        stored = sum(r.nbytes for r in mgr.retention_report() if r.step == step)
     assert restored is not None
-    flat = {p: t.clone() for p, t in _leaves(restored[args.item]) if isinstance(t, torch.Tensor)}
-    save_file(flat, args.output)  # clones: safetensors refuses tensors that share memory
-    print(f"wrote {len(flat)} tensors of {args.item!r} to {args.output}")
+    tensors = {p: t for p, t in _leaves(restored[args.item]) if isinstance(t, torch.Tensor)}
+    # Views of one stored tensor can claim far more bytes than are stored (a crafted
+    # stride of 0); exporting writes each out in full, so it is bounded by the step.
+    wanted = sum(t.numel() * t.element_size() for t in tensors.values())
+    if wanted > 16 * stored + (1 << 30):
+        raise CheckpointError(
+            f"item {args.item!r} expands to {wanted} bytes from {stored} stored; not exported"
+        )
+    try:  # copies: safetensors refuses tensors that share memory, or are not contiguous
+        save_file({p: t.contiguous().clone() for p, t in tensors.items()}, args.output)
+    except (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"cannot export {args.item!r} as safetensors: {e}") from e
+    print(f"wrote {len(tensors)} tensors of {args.item!r} to {args.output}")
     return 0
 
 
@@ -230,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = _parser().parse_args(argv[: len(argv) - len(command) - (1 if command else 0)])
     args.command = command
+    for stream in (sys.stdout, sys.stderr):  # names from a checkpoint may not encode
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return int(args.run(args))
     except (CheckpointError, OSError) as e:

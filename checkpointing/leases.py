@@ -24,13 +24,14 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from checkpointing.errors import CheckpointError, CorruptCheckpointError
+from checkpointing.errors import CheckpointError
 from checkpointing.format import schema
 from checkpointing.storage import Storage
 
 logger = logging.getLogger("checkpointing")
 LEASE_DIR = ".leases"
 LEASE_TTL_SECS = 120.0
+MAX_LEASE_SECS = 86400.0  # the longest a lease may pin a step without being renewed
 
 
 @contextlib.contextmanager
@@ -74,10 +75,10 @@ def leased_steps(storage: Storage, now: float) -> set[int]:
         if found is None:
             continue
         path = f"{LEASE_DIR}/{name}"
-        expires_at = _expiry(storage, path, int(found.group(1)))
+        expires_at = _expiry(storage, path, int(found.group(1)), now)
         if expires_at is None or expires_at <= now:
-            with contextlib.suppress(OSError):  # a folder, a read-only mount: leave it
-                storage.remove(path)
+            with contextlib.suppress(OSError, CheckpointError):  # a folder, a read-only
+                storage.remove(path)  # mount, a link: leave it
         elif not found.group(2):
             steps.add(int(found.group(1)))
     return steps
@@ -87,18 +88,20 @@ def _body(step: int, expires_at: float) -> bytes:
     return json.dumps({"step": step, "expires_at": expires_at}).encode()
 
 
-def _expiry(storage: Storage, path: str, step: int) -> float | None:
-    """When the lease or mark at ``path`` expires; None if it is gone or not one."""
+def _expiry(storage: Storage, path: str, step: int, now: float) -> float | None:
+    """When the lease or mark at ``path`` expires; None if it is gone or not one (a
+    lease expiring more than `MAX_LEASE_SECS` from ``now`` is not one: it would pin its
+    step for longer than any reader could need)."""
     try:
         body = schema.loads(storage.read_bytes(path, _MAX_LEASE_BYTES), path)
-    except (FileNotFoundError, CorruptCheckpointError):
+    except (OSError, CheckpointError):  # gone, unreadable, a link, a socket, junk
         return None
     if not isinstance(body, dict) or body.get("step") != step:
         return None
     expires_at = body.get("expires_at")
     if not isinstance(expires_at, float | int) or isinstance(expires_at, bool):
         return None
-    return float(expires_at)
+    return float(expires_at) if expires_at <= now + MAX_LEASE_SECS else None
 
 
 @contextlib.contextmanager
@@ -121,5 +124,5 @@ def deleting(storage: Storage, step: int, ttl: float = LEASE_TTL_SECS) -> Iterat
 
 def being_deleted(storage: Storage, step: int, now: float) -> bool:
     """Whether a trainer is deleting ``step`` (call it with a lease held)."""
-    expires_at = _expiry(storage, f"{LEASE_DIR}/{step}.deleting.json", step)
+    expires_at = _expiry(storage, f"{LEASE_DIR}/{step}.deleting.json", step, now)
     return expires_at is not None and expires_at > now

@@ -181,7 +181,8 @@ def restore_items(
         for name, node in nodes.items():
             for tag, body, dest in tree.walk(node, targets[name]):
                 if tag != "stateful" and id(body) not in staged:
-                    staged[id(body)] = _read(reader, tag, body, dest, fresh=True)
+                    into = dest if isinstance(dest, torch.Tensor) else None  # as unflatten
+                    staged[id(body)] = _read(reader, tag, body, into, fresh=True)
         reader.settle()
 
     def read(tag: str, body: dict[str, Any], dest: torch.Tensor | None) -> Any:
@@ -205,7 +206,16 @@ def restore_items(
             f"to change it only once everything checked out"
         ) from e
     for obj, state in loads:
-        obj.load_state_dict(state)
+        if not _loads_as_torch(obj):
+            obj.load_state_dict(state)  # the user's own code: its errors are its own
+            continue
+        try:
+            obj.load_state_dict(state)
+        except Exception as e:  # a crafted state may still upset torch's loader
+            raise TargetMismatchError(
+                f"{where}: the saved state does not fit the {type(obj).__name__} it is "
+                f"restored into: {type(e).__name__}: {e}"
+            ) from e
     return restored
 
 
@@ -261,20 +271,22 @@ def check_before_reading(
 def _check_fits(node: tree.Node, obj: Any, where: str) -> None:
     """Raise `TargetMismatchError` where ``obj.load_state_dict`` would refuse the saved
     state: for modules and optimizers whose loading is torch's own."""
-    if isinstance(obj, torch.nn.Module) and _plain_module_loading(obj):
+    if isinstance(obj, torch.nn.Module) and _loads_as_torch(obj):
         _check_module(node, obj, where)
-    elif (
-        isinstance(obj, torch.optim.Optimizer)
-        and type(obj).load_state_dict is torch.optim.Optimizer.load_state_dict
-    ):
+    elif isinstance(obj, torch.optim.Optimizer) and _loads_as_torch(obj):
         _check_optimizer(node, obj, where)
 
 
-def _plain_module_loading(module: torch.nn.Module) -> bool:
-    """Whether loading compares keys and shapes as torch does, with no hooks or
-    overrides that could rename keys."""
-    return type(module).load_state_dict is torch.nn.Module.load_state_dict and not any(
-        m._load_state_dict_pre_hooks for m in module.modules()
+def _loads_as_torch(obj: Any) -> bool:
+    """Whether ``obj`` loads its state with torch's own code (a module or optimizer
+    without overrides, or module hooks that could rename keys)."""
+    if isinstance(obj, torch.nn.Module):
+        return type(obj).load_state_dict is torch.nn.Module.load_state_dict and not any(
+            m._load_state_dict_pre_hooks for m in obj.modules()
+        )
+    return (
+        isinstance(obj, torch.optim.Optimizer)
+        and type(obj).load_state_dict is torch.optim.Optimizer.load_state_dict
     )
 
 
@@ -292,13 +304,12 @@ def _check_module(node: tree.Node, module: torch.nn.Module, where: str) -> None:
     if unexpected:
         problems.append(f"not in the module: {_few(unexpected)}")
     for key, value in current.items():
-        shape = _saved_shape(saved.get(key))
-        if (
-            shape is not None
-            and isinstance(value, torch.Tensor)
-            and not torch.nn.parameter.is_lazy(value)
-            and list(value.shape) != shape
-        ):
+        if key not in saved or not isinstance(value, torch.Tensor):
+            continue
+        shape = _saved_shape(saved[key])
+        if shape is None:
+            problems.append(f"{key}: not a tensor in the checkpoint")
+        elif not torch.nn.parameter.is_lazy(value) and list(value.shape) != shape:
             problems.append(f"{key}: {shape} in the checkpoint, {list(value.shape)} here")
     if problems:
         raise TargetMismatchError(
@@ -308,8 +319,22 @@ def _check_module(node: tree.Node, module: torch.nn.Module, where: str) -> None:
 
 
 def _check_optimizer(node: tree.Node, optimizer: torch.optim.Optimizer, where: str) -> None:
-    groups = dict(_pairs(node) or []).get("param_groups")
-    saved = [len(dict(_pairs(g) or []).get("params") or []) for g in groups or []]
+    fields = dict(_pairs(node) or [])
+    groups, state = fields.get("param_groups"), fields.get("state")
+    saved: list[int] | None = None
+    if isinstance(groups, list) and _pairs(state) is not None:
+        saved = []
+        for group in groups:
+            params = dict(_pairs(group) or []).get("params")
+            if not (isinstance(params, list) and all(type(p) is int for p in params)):
+                saved = None
+                break
+            saved.append(len(params))
+    if saved is None:
+        raise TargetMismatchError(
+            f"{where}: the checkpoint holds no optimizer state here (state and "
+            f"param_groups with their params). Nothing was changed"
+        )
     here = [len(g["params"]) for g in optimizer.param_groups]
     if saved != here:
         raise TargetMismatchError(

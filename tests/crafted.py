@@ -14,8 +14,11 @@ import json
 import os
 import pickle
 import shutil
+import socket
+import stat
 import struct
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -331,6 +334,166 @@ def junk_bookkeeping(directory: Path, outside: Path) -> None:
     (step(directory) / "recorded_metrics.json").symlink_to(secret)
 
 
+# ------------------------------------------- found by an attack review of the above
+
+
+def huge_numbers(directory: Path, outside: Path) -> None:
+    """Integers beyond any float and far-future times where the record has numbers."""
+
+    def change(body: dict[str, Any]) -> None:
+        body["created_at"] = 10**400
+        body["committed_at"] = 1e300
+        body["metrics"] = {"loss": 10**400}
+
+    rewrite_record(step(directory), change)
+
+
+def huge_evaluator_metric(directory: Path, outside: Path) -> None:
+    """An evaluator metric no float can hold, beside an honest step (best-N ranks it)."""
+    (step(directory) / "recorded_metrics.json").write_text('{"loss": 1' + "0" * 400 + "}")
+
+
+def huge_lease(directory: Path, outside: Path) -> None:
+    """Leases that never expire: an integer beyond any float, and the year 3000."""
+    leases = directory / ".leases"
+    leases.mkdir()
+    (leases / f"2.{'c' * 32}.json").write_text('{"step": 2, "expires_at": 1' + "0" * 400 + "}")
+    (leases / f"1.{'d' * 32}.json").write_text('{"step": 1, "expires_at": 32503680000.0}')
+
+
+def leases_link_to_another_run(directory: Path, outside: Path) -> None:
+    """``.leases`` is a link to another run's leases: reading it must not delete them."""
+    other = outside / "other-run-leases"
+    other.mkdir()
+    (other / f"7.{'e' * 32}.json").write_text('{"step": 7, "expires_at": 0}')  # expired
+    (other / "README").write_text("another run's")
+    (directory / ".leases").symlink_to(other)
+
+
+def leases_not_a_folder(directory: Path, outside: Path) -> None:
+    (directory / ".leases").write_text("a file where a folder belongs")
+
+
+def sockets(directory: Path, outside: Path) -> None:
+    """Sockets where the bookkeeping files, a lease and a data file belong."""
+    leases = directory / ".leases"
+    leases.mkdir()
+    for path in (
+        directory / "protected.json",
+        leases / f"2.{'f' * 32}.json",
+        step(directory) / "recorded_metrics.json",
+        step(directory) / "extra.safetensors",
+    ):
+        path.unlink(missing_ok=True)
+        short = Path(tempfile.mkdtemp(dir="/tmp")) / "s"  # sockets' paths are short
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(short))
+        short.rename(path)
+        short.parent.rmdir()
+
+
+def entry_read_two_ways(directory: Path, outside: Path) -> None:
+    """Two nodes reading one entry as different tensors (bytes agree, dtypes do not)."""
+
+    def change(body: dict[str, Any]) -> None:
+        (b,) = [n for k, n in body["items"]["model"]["dict"] if k == "b"]
+        other = {**b["tensor"], "dtype": "int32"}
+        half = {**b["tensor"], "dtype": "float16", "shape": [10]}
+        body["items"]["twice"] = {"dict": [["i", {"tensor": other}], ["h", {"tensor": half}]]}
+
+    rewrite_record(step(directory), change)
+
+
+def quantized_dtype(directory: Path, outside: Path) -> None:
+    """A tensor node whose dtype is quantized (reading raw bytes into one crashes)."""
+
+    def change(body: dict[str, Any]) -> None:
+        (b,) = [n for k, n in body["items"]["model"]["dict"] if k == "b"]
+        b["tensor"].update(dtype="qint32")
+
+    rewrite_record(step(directory), change)
+
+
+def empty_but_huge_shapes(directory: Path, outside: Path) -> None:
+    """Shapes with no element but dimensions whose strides overflow, and an empty view
+    far past its storage."""
+
+    def change(body: dict[str, Any]) -> None:
+        pairs = body["items"]["model"]["dict"]
+        (b,) = [n for k, n in pairs if k == "b"]
+        (row,) = [n for k, n in pairs if k == "row"]
+        empty = {**b["tensor"], "shape": [0, 1 << 62, 1 << 62]}
+        view = {**row["tensor"], "shape": [0], "stride": [1], "offset": 1 << 61}
+        body["items"]["empty"] = {"dict": [["e", {"tensor": empty}], ["v", {"tensor": view}]]}
+
+    rewrite_record(step(directory), change)
+
+
+def bad_optimizer_and_module_state(directory: Path, outside: Path) -> None:
+    """An optimizer state without its groups' params, a module value that is no tensor."""
+
+    def change(body: dict[str, Any]) -> None:
+        body["items"]["opt"] = {"dict": [["state", [1, 2]], ["param_groups", 5]]}
+        body["items"]["net"] = {"dict": [["weight", 7], ["bias", None]]}
+
+    rewrite_record(step(directory), change)
+
+
+def invalid_numpy_text(directory: Path, outside: Path) -> None:
+    """A numpy unicode scalar whose bytes are no code point, and a datetime scalar of
+    the generic unit (numpy fails on both outside any error handler)."""
+
+    def change(body: dict[str, Any]) -> None:
+        bad = base64.b64encode(b"\xff" * 4).decode()
+        generic = base64.b64encode(b"\0" * 8).decode()
+        node = {"dict": [["u", {"npscalar": ["<U1", bad]}], ["t", {"npscalar": ["<M8", generic]}]]}
+        body["items"]["text"] = node
+
+    rewrite_record(step(directory), change)
+
+
+def chunks_sharing_an_entry(directory: Path, outside: Path) -> None:
+    """A DTensor whose 64 chunks all read one entry: restoring it would allocate 64 times
+    what the files hold."""
+    folder = step(directory)
+    data = torch.arange(1024.0).numpy().tobytes()
+    (folder / "sharded").mkdir()
+    shard = folder / "sharded" / "rank0.safetensors"
+    shard.write_bytes(safetensors_bytes({"s": _entry("F32", len(data))}, data))
+
+    def change(body: dict[str, Any]) -> None:
+        body["files"]["sharded/rank0.safetensors"] = file_info(shard)
+        chunks = [
+            {"offsets": [i * 1024], "sizes": [1024], "file": "sharded/rank0.safetensors",
+             "key": "s", "checksum": tensor_digest(data)}
+            for i in range(64)
+        ]  # fmt: skip
+        node = {"key": "big", "dtype": "float32", "shape": [64 * 1024], "chunks": chunks}
+        body["items"]["big"] = {"dtensor": node}
+
+    rewrite_record(folder, change)
+
+
+def file_and_folder(directory: Path, outside: Path) -> None:
+    """A name that is a file and the folder of another (a copy cannot make both)."""
+
+    def change(body: dict[str, Any]) -> None:
+        info = body["files"]["model.safetensors"]
+        body["files"]["sharded"] = info
+        body["files"]["sharded/rank0.safetensors"] = info
+
+    rewrite_record(step(directory), change)
+
+
+def oversized_record(directory: Path, outside: Path) -> None:
+    """A record of millions of empty lists: parsing it would take gigabytes."""
+
+    def change(body: dict[str, Any]) -> None:
+        body["metadata"] = {"junk": [[]] * 5_000_000}
+
+    rewrite_record(step(directory), change)
+
+
 ATTACKS: list[Callable[[Path, Path], None]] = [
     pickle_in_legacy_sharded_metadata,
     *(_escape(name) for name in ESCAPES),
@@ -350,6 +513,20 @@ ATTACKS: list[Callable[[Path, Path], None]] = [
     renamed_step,
     junk_leases,
     junk_bookkeeping,
+    huge_numbers,
+    huge_evaluator_metric,
+    huge_lease,
+    leases_link_to_another_run,
+    leases_not_a_folder,
+    sockets,
+    entry_read_two_ways,
+    quantized_dtype,
+    empty_but_huge_shapes,
+    bad_optimizer_and_module_state,
+    invalid_numpy_text,
+    chunks_sharing_an_entry,
+    file_and_folder,
+    oversized_record,
 ]
 
 
@@ -377,9 +554,13 @@ def exercise(directory: Path, scratch: Path) -> dict[str, str]:
         results["restore"] = outcome(lambda: mgr.restore())
         for s in steps:
             results[f"restore {s}"] = outcome(lambda s=s: mgr.restore(step=s))
-            results[f"restore {s} into"] = outcome(
-                lambda s=s: mgr.restore(_target(), step=s, all_or_nothing=s % 2 == 0)
-            )
+            for staged in (False, True):
+                results[f"restore {s} into{' staged' * staged}"] = outcome(
+                    lambda s=s, staged=staged: mgr.restore(
+                        _target(), step=s, all_or_nothing=staged
+                    )
+                )
+            results[f"metrics {s}"] = outcome(lambda s=s: mgr.metrics(s))
             results[f"metadata {s}"] = outcome(lambda s=s: mgr.item_metadata(s))
             results[f"verify {s}"] = outcome(lambda s=s: mgr.verify(s))
         results["leases"] = outcome(mgr.leased_steps)
@@ -390,13 +571,50 @@ def exercise(directory: Path, scratch: Path) -> dict[str, str]:
         code = cli.main([argv[0], str(directory), *argv[1:]])
         assert code in (0, 1, 2), (argv, code)
         results[f"cli {argv[0]}"] = str(code)
+    for item in ("model", "extra", "big"):
+        code = cli.main(["export", str(directory), "--item", item, str(scratch / item)])
+        assert code in (0, 2), (item, code)
     results["mirror"] = outcome(lambda: _mirror_download(directory, scratch))
+    results["writer"] = outcome(lambda: _save_with_retention(directory, scratch / "writer"))
     return results
 
 
+def _save_with_retention(directory: Path, copy: Path) -> None:
+    """A trainer opening a copy of ``directory`` with best-N retention and saving."""
+    _copy_tree(directory, copy)
+    options = CheckpointManagerOptions(
+        enable_async_checkpointing=False, max_to_keep=1, best_metric="loss"
+    )
+    with CheckpointManager(copy, options) as mgr:
+        mgr.save(10**6, {"x": torch.ones(2)}, metrics={"loss": 1.0})  # a step no attack took
+        mgr.best_step()
+
+
+def _copy_tree(source: Path, destination: Path) -> None:
+    """Regular files and links as they are, FIFOs made anew, sockets left out: a copy
+    that never opens anything but a regular file."""
+    for folder, folders, files in os.walk(source):
+        into = destination / Path(folder).relative_to(source)
+        into.mkdir(parents=True, exist_ok=True)
+        for name in [*folders, *files]:
+            path, target = Path(folder, name), into / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                target.symlink_to(os.readlink(path))
+                folders[:] = [f for f in folders if f != name]
+            elif stat.S_ISFIFO(mode):
+                os.mkfifo(target)
+            elif stat.S_ISREG(mode):
+                shutil.copyfile(path, target)
+
+
+
 def _target() -> dict[str, Any]:
+    """What a trainer restores into: the victim's items, a module and an optimizer."""
     state = victim_state()
-    return {k: v for k, v in state.items() if k != "extra"} | {"extra": None}
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    return {**{k: v for k, v in state.items() if k != "extra"}, "net": net, "opt": opt}
 
 
 def _sync(source: Path, destination: Path) -> None:

@@ -71,13 +71,18 @@ def confined(*roots: Path) -> Iterator[None]:
     readable = [*allowed, *map(os.path.realpath, (sys.prefix, sys.base_prefix, *sys.path))]
     for event, args in seen:
         assert event not in _FORBIDDEN, f"{event}{args!r} while reading a checkpoint"
-        paths = [a for a in args[:2] if isinstance(a, str | bytes | os.PathLike)]
+        named = args[1:2] if event in ("os.symlink", "os.link") else args[:2]  # made: dst
+        paths = [a for a in named if isinstance(a, str | bytes | os.PathLike)]
         writes = event != "open" or (isinstance(args[2], int) and args[2] & _WRITES)
         for path in paths:
             text = os.fsdecode(path)
             if not os.path.isabs(text) or text.startswith("/proc/self/fd/"):
                 continue  # relative to a folder opened without following links
-            real = os.path.realpath(text)
+            if event == "open":  # through every link: what is really read or written
+                real = os.path.realpath(text)
+            else:  # these act on the name itself, a link included
+                folder, name = os.path.split(text)
+                real = os.path.join(os.path.realpath(folder), name)
             inside = readable if not writes else allowed
             assert any(real == r or real.startswith(r + os.sep) for r in inside), (
                 f"{event} {text!r} outside {allowed}"
@@ -108,6 +113,7 @@ def test_crafted_checkpoint_is_refused_without_harm(tmp_path: Path, attack: Any)
     directory, outside = attacked(tmp_path, attack)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
+    crafted._target()  # torch makes its caches' folders once, for the first optimizer
     with confined(directory, scratch, tmp_path / "cache"):
         os.environ["XDG_CACHE_HOME"] = str(tmp_path / "cache")
         try:
@@ -116,7 +122,18 @@ def test_crafted_checkpoint_is_refused_without_harm(tmp_path: Path, attack: Any)
             del os.environ["XDG_CACHE_HOME"]
     assert not (outside / "PWNED").exists(), "the pickle ran"
     assert step_1_restores(directory) or attack is crafted.renamed_step
-    harmless = attack in (crafted.junk_leases, crafted.junk_bookkeeping)
+    if attack is crafted.leases_link_to_another_run:
+        assert len(list((outside / "other-run-leases").iterdir())) == 2, "its leases stay"
+    assert results["writer"] == "ok", results  # a trainer can always save on
+    harmless = attack in (
+        crafted.junk_leases,
+        crafted.junk_bookkeeping,
+        crafted.huge_evaluator_metric,
+        crafted.huge_lease,
+        crafted.leases_link_to_another_run,
+        crafted.leases_not_a_folder,
+        crafted.bad_optimizer_and_module_state,  # plain values, until restored into objects
+    )
     if not harmless:  # the attacked step 2 (or, renamed, 3) is never restored
         attacked_step = 3 if attack is crafted.renamed_step else 2
         assert results.get(f"restore {attacked_step}", "skipped") != "ok", results

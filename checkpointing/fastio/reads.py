@@ -53,8 +53,9 @@ def open_below(root: Path, relative: str) -> int:
             at = inner
         fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=at)
     except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):  # a link, or not a folder
-            raise _not_regular(root, relative, "passes through a symbolic link") from None
+        if e.errno in _NOT_REGULAR:
+            what = "is, or passes through, a symbolic link or a socket"
+            raise _not_regular(root, relative, what) from None
         raise
     finally:
         os.close(at)
@@ -66,6 +67,13 @@ def open_below(root: Path, relative: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# What opening gives for a link (ELOOP, EMLINK), a file where a folder belongs
+# (ENOTDIR), a socket (ENXIO) or a device without a driver (ENODEV, EOPNOTSUPP).
+_NOT_REGULAR = {
+    errno.ELOOP, errno.EMLINK, errno.ENOTDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP
+}  # fmt: skip
 
 
 def _not_regular(root: Path, relative: str, what: str) -> CorruptCheckpointError:

@@ -28,6 +28,7 @@ def is_safe_name(name: object) -> bool:
     return 0 < len(parts) <= MAX_DEPTH and all(
         len(part) <= MAX_COMPONENT
         and part not in (".", "..")
+        and not part.startswith(".tmp-")  # what a writer's clean-up removes
         and _COMPONENT.fullmatch(part) is not None
         for part in parts
     )

@@ -12,7 +12,7 @@ import torch
 from checkpointing.errors import CorruptCheckpointError
 from checkpointing.fastio.reads import ParallelReads
 from checkpointing.format.record import Record
-from checkpointing.format.schema import numpy_dtype
+from checkpointing.format.schema import numpy_dtype, valid_text
 from checkpointing.format.tensors import byte_view, digest, parse_dtype
 from checkpointing.format.verify import Entry, read_header, read_into
 
@@ -69,6 +69,12 @@ class StepReader:
             dtype = numpy_dtype(body["dtype"])
             nbytes = math.prod(body["shape"]) * dtype.itemsize
             raw = self._tensor({**body, "dtype": "uint8", "shape": [nbytes]}, None)
+            if dtype.kind == "U":  # its bytes must be code points (numpy fails on others)
+                self.settle()
+                if not valid_text(raw.numpy(), dtype):
+                    raise CorruptCheckpointError(
+                        f"{self._path(body['file'])}: {body['key']!r} holds invalid text"
+                    )
             return raw.numpy().view(dtype).reshape(body["shape"])
         return self._tensor(body, dest)
 
@@ -80,10 +86,11 @@ class StepReader:
         size = entry.end - entry.start
         if "stride" in body:
             itemsize = parse_dtype(body["dtype"]).itemsize
-            extent = body["offset"] + sum(
+            last = body["offset"] + sum(
                 (n - 1) * s for n, s in zip(body["shape"], body["stride"], strict=True)
             )
-            if math.prod(body["shape"]) and (extent + 1) * itemsize > size:
+            end = last + 1 if math.prod(body["shape"]) else body["offset"]  # empty: its offset
+            if end * itemsize > size:
                 raise CorruptCheckpointError(
                     f"{self._path(body['file'])}: tensor view {body['key']!r} reaches past "
                     f"the {size} bytes of its storage"
@@ -127,7 +134,13 @@ class StepReader:
     ) -> torch.Tensor:
         memo_key = (body["file"], body["key"])
         if dest is None and memo_key in self._memo:
-            return self._memo[memo_key]
+            known = self._memo[memo_key]
+            if (known.dtype, tuple(known.shape)) != (dtype, shape):  # a crafted record
+                raise CorruptCheckpointError(
+                    f"{self._path(body['file'])}: tensor {body['key']!r} is read both as "
+                    f"{known.dtype}{list(known.shape)} and as {dtype}{list(shape)}"
+                )
+            return known
         self.touched |= dest is not None
         f, _ = self._open(body["file"])
         entry = self._entry(body)

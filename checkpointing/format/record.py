@@ -30,7 +30,11 @@ from checkpointing.format import schema
 RECORD_NAME = "checkpoint.json"
 FORMAT_NAME = "checkpointing"
 FORMAT_VERSION = 2
-MAX_RECORD_BYTES = 512 << 20  # a record holds structure, not tensors
+# A record holds structure, not tensors; parsing it costs memory by its size and by its
+# number of lists and objects, so both are bounded (a legit record of 64 MiB, some
+# 400,000 tensors, has under 2 million).
+MAX_RECORD_BYTES = 64 << 20
+MAX_CONTAINERS = 4_000_000
 _CHECKSUM = re.compile(rb'\{"checksum":"([0-9a-f]{16})",')
 
 
@@ -70,11 +74,11 @@ class Record:
         }
         rest = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         data = b'{"checksum":"%s",%s' % (xxhash.xxh3_64_hexdigest(rest).encode(), rest[1:])
-        if len(data) > MAX_RECORD_BYTES:
+        if len(data) > MAX_RECORD_BYTES or _containers(data) > MAX_CONTAINERS:
             raise InvalidOptionError(
-                f"the commit record of step {self.step} would take {len(data)} bytes, more "
-                f"than the {MAX_RECORD_BYTES} a reader accepts: keep large values in tensors "
-                f"or numpy arrays, not in Python lists"
+                f"the commit record of step {self.step} would be larger than a reader "
+                f"accepts ({MAX_RECORD_BYTES} bytes, {MAX_CONTAINERS} lists and dicts): keep "
+                f"large values in tensors or numpy arrays, not in Python containers"
             )
         return data
 
@@ -108,8 +112,8 @@ class Record:
 
 def _parse(data: bytes, where: str) -> dict[str, Any]:
     """The record's JSON object, its checksum verified when it has one."""
-    if len(data) > MAX_RECORD_BYTES:
-        raise CorruptCheckpointError(f"{where}: {len(data)} bytes, too large for a record")
+    if len(data) > MAX_RECORD_BYTES or _containers(data) > MAX_CONTAINERS:
+        raise CorruptCheckpointError(f"{where}: too large for a commit record")
     found = _CHECKSUM.match(data)
     if found is not None:
         data = b"{" + data[found.end() :]
@@ -122,6 +126,12 @@ def _parse(data: bytes, where: str) -> dict[str, Any]:
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{where}: not a {FORMAT_NAME} commit record")
     return body
+
+
+def _containers(data: bytes) -> int:
+    """An upper bound on the lists and objects in JSON ``data`` (brackets in strings
+    count too), found without parsing it."""
+    return data.count(b"[") + data.count(b"{")
 
 
 def to_json_value(value: Any, what: str) -> Any:

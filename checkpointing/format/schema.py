@@ -30,10 +30,17 @@ from checkpointing.format.paths import is_safe_name
 MAX_DEPTH = 100  # nested containers in a state; `tree.flatten` refuses deeper states
 MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
 MAX_ELEMENTS = 1 << 62  # of one array; real sizes are then checked against its file
+MAX_TIME = 1e11  # seconds since the epoch: the year 5138
 DIGEST = re.compile(r"[0-9a-f]{16}")  # xxh3-64, hex
 
+# The dtypes of tensors this library saves and restores (`tree.flatten` refuses others):
+# all but the quantized ones, whose tensors are not plain bytes (reading raw bytes into
+# one crashes the process).
 TORCH_DTYPES = {
-    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+    name: d
+    for d in vars(torch).values()
+    if isinstance(d, torch.dtype)
+    and not (name := str(d).removeprefix("torch.")).startswith(("qint", "quint"))
 }
 
 
@@ -51,6 +58,10 @@ def check_body(body: Any, where: str, *, version: int) -> None:
         _check_body(body, version)
     except _Invalid as e:
         raise CorruptCheckpointError(f"{where}: malformed commit record at {e}") from None
+    except Exception as e:  # anything else this check did not foresee is damage too
+        raise CorruptCheckpointError(
+            f"{where}: malformed commit record ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _check_body(body: Any, version: int) -> None:
@@ -58,7 +69,9 @@ def _check_body(body: Any, version: int) -> None:
     _require(_is_int(body.get("step")) and body["step"] >= 0, "step", "not an int >= 0")
     for name in ("created_at", "committed_at"):
         value = body.get(name)
-        _require(_is_number(value) and math.isfinite(value), name, "not a finite number")
+        _require(
+            _is_number(value) and 0 <= value <= MAX_TIME, name, "not a time since the epoch"
+        )
     for name in ("metrics", "metadata"):
         value = body.get(name)
         _require(value is None or isinstance(value, dict), name, "not an object or null")
@@ -67,6 +80,9 @@ def _check_body(body: Any, version: int) -> None:
     _require(isinstance(files, dict), "files", "not an object")
     for name, info in files.items():
         _check_file(name, info, version)
+    folders = {name.rpartition("/")[0] for name in files} - {""}
+    clash = sorted(folders & set(files))
+    _require(not clash, "files", f"{clash[:1]} is a file and a folder")
     items = body.get("items")
     _require(isinstance(items, dict), "items", "not an object")
     checker = _TreeChecker(files, version)
@@ -100,6 +116,9 @@ class _TreeChecker:
     def __init__(self, files: Mapping[str, Any], version: int) -> None:
         self._files = files
         self._version = version
+        # (file, key) -> whether a DTensor chunk reads it: a chunk's bytes belong to it
+        # alone, so no claim of the record can make a restore allocate them twice
+        self._entries: dict[tuple[str, str], bool] = {}
 
     def node(self, node: Any, path: str, depth: int) -> None:
         _require(depth <= MAX_DEPTH, path, f"nested deeper than {MAX_DEPTH} levels")
@@ -143,7 +162,9 @@ class _TreeChecker:
         _require(isinstance(body, list) and len(body) == 2, path, "not [dtype, base64]")
         dtype = _numpy_dtype(body[0], path)
         _require(isinstance(body[1], str), path, "not base64 text")
-        _require(len(_b64(body[1], path)) == dtype.itemsize, path, "wrong number of bytes")
+        data = _b64(body[1], path)
+        _require(len(data) == dtype.itemsize, path, "wrong number of bytes")
+        _require(valid_text(data, dtype), path, "not text: invalid code points")
 
     def _ndarray(self, body: Any, path: str, depth: int) -> None:
         self._array(body, path)
@@ -154,7 +175,9 @@ class _TreeChecker:
         _require(_is_torch_dtype(body.get("dtype")), f"{path}/dtype", "not a torch dtype")
         if "stride" in body or "offset" in body:  # a view into a shared storage
             offset, stride = body.get("offset"), body.get("stride")
-            _require(_is_int(offset) and offset >= 0, f"{path}/offset", "not an int >= 0")
+            _require(
+                _is_int(offset) and 0 <= offset <= MAX_ELEMENTS, f"{path}/offset", "not an int >= 0"
+            )
             _require(
                 isinstance(stride, list)
                 and len(stride) == len(body["shape"])
@@ -174,7 +197,7 @@ class _TreeChecker:
         _require(isinstance(chunks, list), f"{path}/chunks", "not a list")
         for i, chunk in enumerate(chunks):
             where = f"{path}/chunks/{i}"
-            self._stored(chunk, where)
+            self._stored(chunk, where, chunk=True)
             offsets = chunk.get("offsets")
             sizes = _shape(chunk.get("sizes"), f"{where}/sizes")
             _require(
@@ -193,7 +216,7 @@ class _TreeChecker:
         self._stored(body, path)
         _shape(body.get("shape"), f"{path}/shape")
 
-    def _stored(self, body: Any, path: str) -> None:
+    def _stored(self, body: Any, path: str, *, chunk: bool = False) -> None:
         """The fields saying where bytes lie: ``file``, ``key``, ``checksum``."""
         _require(isinstance(body, dict), path, "not an object")
         name = body.get("file")
@@ -204,6 +227,10 @@ class _TreeChecker:
         )
         _require(isinstance(body.get("key"), str), f"{path}/key", "not a str")
         _require(_is_digest(body.get("checksum")), f"{path}/checksum", "not an xxh3-64 digest")
+        entry = (name, body["key"])
+        seen = self._entries.get(entry)
+        _require(seen is None or not (chunk or seen), path, "reads a DTensor chunk's bytes")
+        self._entries[entry] = chunk
 
 
 def tiles(shape: Sequence[int], chunks: Sequence[dict[str, Any]]) -> bool:
@@ -251,11 +278,21 @@ def _numpy_dtype(text: object, path: str) -> np.dtype[Any]:
         and dtype.fields is None
         and dtype.subdtype is None
         and dtype.kind in "biufcmMSUV"
-        and dtype.itemsize > 0,
+        and dtype.itemsize > 0
+        and not (dtype.kind in "mM" and np.datetime_data(dtype)[0] == "generic"),
         path,
         f"numpy dtype {text!r} is not one of plain values",
     )
     return dtype
+
+
+def valid_text(data: bytes | np.ndarray[Any, Any], dtype: np.dtype[Any]) -> bool:
+    """Whether the bytes of a numpy unicode value (dtype kind ``U``) are code points
+    (numpy fails on others in ways no error handler expects); True for other kinds."""
+    if dtype.kind != "U":
+        return True
+    points = np.frombuffer(data, dtype=dtype.byteorder.replace("|", "=") + "u4")
+    return bool(np.all(points <= 0x10FFFF))
 
 
 def _shape(value: Any, path: str) -> list[int]:
@@ -263,7 +300,7 @@ def _shape(value: Any, path: str) -> list[int]:
         isinstance(value, list)
         and len(value) <= MAX_DIMS
         and all(_is_int(d) and 0 <= d <= MAX_ELEMENTS for d in value)
-        and math.prod(value) <= MAX_ELEMENTS,
+        and math.prod(max(d, 1) for d in value) <= MAX_ELEMENTS,  # strides fit, even of 0
         path,
         "not a shape (a list of ints >= 0)",
     )

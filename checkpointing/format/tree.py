@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from checkpointing.errors import UnsupportedTypeError
-from checkpointing.format.schema import MAX_DEPTH
+from checkpointing.errors import CorruptCheckpointError, UnsupportedTypeError
+from checkpointing.format import schema
+from checkpointing.format.schema import MAX_DEPTH, TORCH_DTYPES
 
 Node = Any  # a JSON value
 SUPPORTED = (
@@ -144,11 +145,16 @@ class _Flattener:
         )
 
     def _tensor(self, tensor: torch.Tensor, item: str, path: tuple[Any, ...]) -> Node:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in TORCH_DTYPES:  # readers refuse it (format.schema)
+            raise UnsupportedTypeError(
+                f"cannot save a tensor of dtype {tensor.dtype} at {_path(path)}: "
+                f"supported are {', '.join(sorted(TORCH_DTYPES))}"
+            )
         if type(tensor) not in _PLAIN_TENSORS:  # checked first: the MRO walk is slower
             if is_dtensor(tensor):
                 key = _path(path)
                 self.sharded[key] = tensor.detach()
-                dtype = str(tensor.dtype).removeprefix("torch.")
                 return {"dtensor": {"key": key, "dtype": dtype, "shape": list(tensor.shape)}}
             raise UnsupportedTypeError(
                 f"cannot save tensor subclass {type(tensor).__name__} at {_path(path)}: "
@@ -162,10 +168,7 @@ class _Flattener:
         tensor = tensor.detach()
         if tensor.is_conj() or tensor.is_neg():  # lazy views: their bytes are not their value
             tensor = tensor.resolve_conj().resolve_neg()
-        node: dict[str, Any] = {
-            "dtype": str(tensor.dtype).removeprefix("torch."),
-            "shape": list(tensor.shape),
-        }
+        node: dict[str, Any] = {"dtype": dtype, "shape": list(tensor.shape)}
         group, key = self._place(item, path)
         if tensor.numel():
             ident = (str(tensor.device), tensor.untyped_storage().data_ptr())
@@ -182,6 +185,16 @@ class _Flattener:
             )
         node: dict[str, Any] = {"dtype": array.dtype.str, "shape": list(array.shape)}
         raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        try:  # what readers refuse (format.schema) is refused here, before any I/O
+            schema.numpy_dtype(array.dtype.str)
+            readable = schema.valid_text(raw, array.dtype)
+        except CorruptCheckpointError:
+            readable = False
+        if not readable:
+            raise UnsupportedTypeError(
+                f"cannot save the numpy array at {_path(path)}: dtype {array.dtype} (a "
+                f"datetime of no unit, or text that is not code points) does not read back"
+            )
         with warnings.catch_warnings():  # read-only arrays are fine: we only read them
             warnings.simplefilter("ignore", UserWarning)
             data = torch.from_numpy(raw)

@@ -158,7 +158,10 @@ class KeepBest:
             value = self.metric(metrics)
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
             return None
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float: no rank to give it
+            return None
         if not math.isfinite(number):
             return None
         return number if self.mode == "max" else -number

@@ -150,14 +150,32 @@ class LocalStorage(Storage):
         return self._path(path).exists()
 
     def listdir(self, path: str) -> list[str]:
+        """Names in a folder reached without following links; empty if it is missing,
+        not a folder, or behind a link (logged)."""
         try:
-            return os.listdir(self._path(path))
+            at = _open_folder(self.root, path, create=False)
         except FileNotFoundError:
             return []
+        except (OSError, CheckpointError) as e:
+            logger.warning("not listing %s/%s: %s", self.url, path, e)
+            return []
+        try:
+            return os.listdir(at)
+        finally:
+            os.close(at)
 
     def remove(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(path))
+        """Remove a file of a folder reached without following links."""
+        folder, _, name = path.rpartition("/")
+        try:
+            at = _open_folder(self.root, folder, create=False)
+        except FileNotFoundError:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=at)
+        finally:
+            os.close(at)
 
     def size(self, path: str) -> int:
         return self._path(path).stat().st_size

@@ -173,7 +173,11 @@ def ndarrays(draw: st.DrawFn) -> np.ndarray:
     dtype = draw(st.sampled_from(NUMPY_DTYPES))
     shape = draw(st.lists(st.integers(0, 4), max_size=3))
     n = math.prod(shape) * dtype.itemsize
-    array = np.frombuffer(draw(st.binary(min_size=n, max_size=n)), dtype=dtype).reshape(shape)
+    raw = draw(st.binary(min_size=n, max_size=n))
+    if dtype.kind == "U":  # text: code points only (others are refused, see test_tree)
+        points = np.frombuffer(raw, dtype=dtype.byteorder + "u4") % 0x110000
+        raw = points.astype(dtype.byteorder + "u4").tobytes()
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
     layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
     if layout == "transposed":
         return array.T

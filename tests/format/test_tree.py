@@ -229,6 +229,8 @@ UNSUPPORTED_LEAVES: dict[str, Callable[[], Any]] = {
     "meta-tensor": lambda: torch.empty(2, device="meta"),
     "quantized-tensor": lambda: torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8),
     "tensor-subclass": lambda: torch.ones(2).as_subclass(MyTensor),
+    "unitless-datetime-array": lambda: np.zeros(2, dtype="M8"),
+    "text-of-no-code-point": lambda: np.frombuffer(b"\xff" * 4, dtype="<U1"),
 }
 
 
