@@ -106,6 +106,7 @@ def main(argv: list[str]) -> int:
     checks = [
         [str(PY), "-m", "ruff", "check", "."],
         [str(PY), "-m", "mypy", "checkpointing", "trainer_adapters"],
+        [str(VENV / "bin" / "lint-imports")],  # the layering in pyproject.toml
         [str(PY), "-m", "pytest", *argv[1:]],
     ]
     for cmd in checks:

@@ -15,7 +15,8 @@ states, the data position, progress counters) and restores it in place. A plain 
                 break
     ckpt.finish()                                    # saves the last step, waits
 
-`CheckpointHook` plugs the same core into robo_orchard_lab's ``HookBasedTrainer``.
+`trainer_adapters.robo_orchard.CheckpointHook` plugs the same core into robo_orchard_lab's
+``HookBasedTrainer``.
 
 Several processes (``accelerate launch``): every process opens the manager, which then
 coordinates through torch.distributed. The replicated state (models, optimizers, ...) is
@@ -50,7 +51,6 @@ logger = logging.getLogger("trainer_adapters")
 
 __all__ = [
     "AccelerateCheckpointer",
-    "CheckpointHook",
     "accelerator_load_state",
     "get_accelerate_project_last_checkpoint_id",
 ]
@@ -284,21 +284,3 @@ def _fetch_plain_directory(storage: FsspecStorage, name: str, local_root: Path) 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
-
-
-# ---------------------------------------------------------------------- HookBasedTrainer
-
-
-class CheckpointHook:
-    """robo_orchard_lab ``HookBasedTrainer`` hook: ``hooks=[..., CheckpointHook(manager)]``.
-
-    On loop start it restores the latest checkpoint (local or remote) and makes the
-    trainer skip what it already did; after each optimizer step it saves on the
-    manager's policy (never between accumulation micro-steps, never while an exception
-    unwinds); at loop end it saves the last step and waits for the write.
-    """
-
-    def __new__(cls, manager: CheckpointManager | str | os.PathLike[str], **kwargs: Any) -> Any:
-        from trainer_adapters._robo_orchard import make_checkpoint_hook
-
-        return make_checkpoint_hook(manager, **kwargs)

@@ -26,7 +26,7 @@ from robo_orchard_lab.pipeline.hook_based_trainer import HookBasedTrainer  # noq
 from robo_orchard_lab.pipeline.hooks.mixin import PipelineHooks  # noqa: E402
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions  # noqa: E402
-from trainer_adapters.accelerate import CheckpointHook  # noqa: E402
+from trainer_adapters.robo_orchard import CheckpointHook  # noqa: E402
 
 
 def main() -> None:
