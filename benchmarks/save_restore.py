@@ -2,6 +2,7 @@
 accelerate and the disk itself, measured in one run with the methods taking turns.
 
     .venv/bin/python benchmarks/save_restore.py --size-gb 1 [--rounds 3] [--dir DIR] [--json OUT]
+        [--chart SVG]
         [--methods safetensors,DCP]  # peers to run (this library and the disk always run)
 
 Every round runs every method once (starting one further along each round), each in a
@@ -357,6 +358,7 @@ def main() -> None:
                         help="comma-separated peers to run besides this library and the disk "
                         "(default: all), e.g. safetensors")
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    parser.add_argument("--chart", type=Path, default=None, help="write a GB/s chart (SVG) here")
     parser.add_argument("--settle", type=float, default=None,
                         help="idle seconds before each timed operation (default: 4 per GB of "
                         "state, at least 3; see above)")
@@ -390,13 +392,19 @@ def main() -> None:
           "O_DIRECT cold read of the round into it (64 MiB requests one at a time, or 4 MiB "
           "ones 4 in flight)\n")
     print(report(methods, results, nbytes))
+    raw = {
+        "state_bytes": nbytes, "rounds": args.rounds, "cold_cache": cold,
+        "settle_s": args.settle,
+        "results": {name: {op: [dataclasses.asdict(s) for s in ss] for op, ss in ops.items()}
+                    for name, ops in results.items()},
+    }
     if args.json:
-        args.json.write_text(json.dumps({
-            "state_bytes": nbytes, "rounds": args.rounds, "cold_cache": cold,
-            "settle_s": args.settle,
-            "results": {name: {op: [dataclasses.asdict(s) for s in ss] for op, ss in ops.items()}
-                        for name, ops in results.items()},
-        }, indent=1))
+        args.json.write_text(json.dumps(raw, indent=1))
+    if args.chart:
+        import chart
+
+        title = f"Durable save and cold restore of {nbytes / 1e9:.1f} GB (GB/s, medians)"
+        args.chart.write_text(chart.svg(chart.bars(raw), title))
 
 
 if __name__ == "__main__":

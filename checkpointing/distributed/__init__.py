@@ -1,4 +1,4 @@
-"""Multi-process jobs: coordination over torch.distributed and sharded tensors via DCP."""
+"""Multi-process jobs: coordination over torch.distributed, sharded tensors (DTensor)."""
 
 from typing import Any
 

@@ -116,9 +116,9 @@ class DirectFile:
         """Queue the bounce buffer's bytes not queued yet. Before a run of the caller's
         own memory (``last=False``) the buffer stays current and fills on after them
         (the run starts on a page of the file, so they end on a page of the buffer).
-        Queued whole, as it once was, four buffers held the caller to four large tensors
-        ahead of the disk and the writes to 10 MiB (median) instead of 64 MiB. With
-        ``last`` the buffer goes back to the free ones once written."""
+        Queued whole, four buffers would hold the caller to four large tensors ahead of
+        the disk, and the writes to a few MiB each. With ``last`` the buffer goes back to
+        the free ones once written."""
         if self._current is None:
             return
         part = self._current[self._sent : self._filled]

@@ -3,9 +3,8 @@
 A crash at any moment leaves either the complete step or a ``.tmp-*`` directory that
 no listing shows and the next writer removes. Deletion renames the step away first, so
 a step is never half-deleted in sight; the files are then removed on a helper thread,
-because unlinking a large step is slow (0.2 s for 1 GB here, a third of a sync save
-that deletes the step before it), and the next step's writer waits for them to go so
-that it finds their space free.
+because unlinking a large step is slow, and the next step's writer waits for them to go
+so that it finds their space free.
 """
 
 from __future__ import annotations
