@@ -1,7 +1,7 @@
 """A bar chart of GB/s from a `save_restore.py --json` result: this library, its peers
 and the disk, saves and restores side by side. Plain SVG, no plotting library.
 
-    .venv/bin/python benchmarks/chart.py benchmarks/results/save_restore-1gb.json docs/performance.svg
+    .venv/bin/python benchmarks/chart.py RESULT.json CHART.svg
 """
 
 from __future__ import annotations
