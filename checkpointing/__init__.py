@@ -34,7 +34,7 @@ from checkpointing.format.naming import (
     StepNaming,
     checkpoint_n_naming,
 )
-from checkpointing.manager import CheckpointManager, TensorMetadata, checkpoints_iterator
+from checkpointing.manager import CheckpointManager, checkpoints_iterator
 from checkpointing.options import CheckpointManagerOptions
 from checkpointing.policies import (
     AnyOf,
@@ -55,6 +55,7 @@ from checkpointing.policies import (
     SavePolicy,
 )
 from checkpointing.pruning import StepReport
+from checkpointing.restoring import TensorMetadata
 from checkpointing.saving import SaveStats
 
 __version__ = "0.1.0"

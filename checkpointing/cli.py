@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from checkpointing.errors import CheckpointError
-from checkpointing.manager import CheckpointManager, TensorMetadata
+from checkpointing.manager import CheckpointManager
 from checkpointing.options import CheckpointManagerOptions
+from checkpointing.restoring import TensorMetadata
 
 
 def _open(directory: str, **options: Any) -> CheckpointManager:

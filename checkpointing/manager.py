@@ -1,6 +1,7 @@
 """`CheckpointManager`: save, list, restore and prune the checkpoints of one run.
 
-The manager wires the parts and keeps the public methods thin. Reading guide, in the
+The manager wires the parts and keeps the public methods thin (their docstrings, the
+public API's reference, are most of this module). Reading guide, in the
 order data flows on ``save``: `saving` decides and writes (policy, flatten, snapshot,
 files, commit record), `catalog` lists the new step, `pruning` deletes what no retention
 rule keeps, `remote_tier` uploads. Restore runs through `restoring`; evaluation jobs use
@@ -11,10 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
-import hashlib
 import logging
-import math
 import os
 import time
 import uuid
@@ -35,7 +33,6 @@ from checkpointing.errors import (
     StepAlreadyExistsError,
     StepOrderError,
 )
-from checkpointing.format import schema, tensors, tree
 from checkpointing.format.naming import PrefixNaming, StepNaming
 from checkpointing.format.record import RECORD_NAME, Record, to_json_value
 from checkpointing.options import (
@@ -46,9 +43,10 @@ from checkpointing.options import (
 from checkpointing.policies.retention import KeepBest, RetentionPolicy
 from checkpointing.pruning import Pruner, StepReport
 from checkpointing.remote_tier import Mirror, NoRemote
-from checkpointing.restoring import Restorer
+from checkpointing.restoring import Restorer, describe_items
 from checkpointing.saving import Saver, SaveStats
 from checkpointing.storage import open_storage
+from checkpointing.storage.cache import default_cache_dir
 from checkpointing.storage.transfer import copy_step
 
 logger = logging.getLogger("checkpointing")
@@ -64,15 +62,6 @@ def _finish_saves_at_exit() -> None:
             manager.close()
         except Exception:
             logger.exception("a checkpoint save failed while the interpreter exited")
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMetadata:
-    """What `CheckpointManager.item_metadata` reports for an array, without reading it."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
 
 
 class CheckpointManager:
@@ -130,7 +119,7 @@ class CheckpointManager:
             self._remote,
             self._coordinator,
             # Steps of a remote directory are restored from a local copy (storage.cache).
-            cache_dir=Path(cache_dir or _default_cache_dir(self._storage.url)),
+            cache_dir=Path(cache_dir or default_cache_dir(self._storage.url)),
             verify_checksums=options.verify_checksums,
             read_only=options.read_only,
         )
@@ -228,23 +217,7 @@ class CheckpointManager:
 
     def item_metadata(self, step: int | None = None) -> dict[str, Any]:
         """Items of a step with arrays described by `TensorMetadata`, reading no tensor data."""
-        record = self._record(self._resolve(step))
-
-        def describe(tag: str, body: dict[str, Any], _: Any) -> TensorMetadata:
-            size = (
-                schema.numpy_dtype(body["dtype"]).itemsize
-                if tag == "ndarray"
-                else tensors.parse_dtype(body["dtype"]).itemsize
-            )
-            shape = tuple(body["shape"])
-            return TensorMetadata(shape, body["dtype"], size * math.prod(shape))
-
-        def item(node: tree.Node) -> Any:
-            if isinstance(node, dict) and "per_rank" in node:  # a `PerRank` item: by rank
-                return [tree.unflatten(n, describe) for n in node["per_rank"]]
-            return tree.unflatten(node, describe)
-
-        return {name: item(node) for name, node in record.items.items()}
+        return describe_items(self._record(self._resolve(step)))
 
     def step_directory(self, step: int) -> str:
         """The path or URL of a step's directory."""
@@ -585,6 +558,3 @@ def checkpoints_iterator(
         )
 
 
-def _default_cache_dir(url: str) -> Path:
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "checkpointing" / digest

@@ -19,6 +19,7 @@ and changes the target only once all of it checked out.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -40,10 +41,37 @@ from checkpointing.format import tree
 from checkpointing.format.reader import StepReader
 from checkpointing.format.record import FileInfo, Record
 from checkpointing.format.schema import numpy_dtype
+from checkpointing.format.tensors import parse_dtype
 from checkpointing.format.verify import file_checksums
 from checkpointing.remote_tier import NoRemote
 from checkpointing.storage import FsspecStorage, LocalStorage, Storage
 from checkpointing.storage.cache import fetch_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMetadata:
+    """What `CheckpointManager.item_metadata` reports for an array, without reading it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+def describe_items(record: Record) -> dict[str, Any]:
+    """A step's items with each array as its `TensorMetadata` (a `PerRank` item: a list
+    by rank), from the record alone."""
+
+    def describe(tag: str, body: dict[str, Any], _: Any) -> TensorMetadata:
+        dtype = numpy_dtype(body["dtype"]) if tag == "ndarray" else parse_dtype(body["dtype"])
+        shape = tuple(body["shape"])
+        return TensorMetadata(shape, body["dtype"], dtype.itemsize * math.prod(shape))
+
+    def item(node: tree.Node) -> Any:
+        if isinstance(node, dict) and "per_rank" in node:
+            return [tree.unflatten(n, describe) for n in node["per_rank"]]
+        return tree.unflatten(node, describe)
+
+    return {name: item(node) for name, node in record.items.items()}
 
 
 class Restorer:

@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from clock import FakeClock
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions, UnsupportedTypeError, saving
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _mgr(path: Path, clock: FakeClock | None = None, **options: object) -> CheckpointManager:

@@ -179,7 +179,12 @@ class ResumableLoop:
         if self._resume_rng is not None:
             restore_rng(self._resume_rng, self.generators)
             self._resume_rng = None
-        yield from iterator
+        # Stop after the last batch rather than exhaust the iterator: a sampler may draw
+        # from its generator once it is exhausted (torch's RandomSampler does), which a
+        # checkpoint taken at the epoch's last batch never sees, so a run resumed from it
+        # would shuffle the next epoch otherwise.
+        length = _length(loader)
+        yield from iterator if length is None else itertools.islice(iterator, length - skip)
 
     def advance(self, *, optimizer_stepped: bool = True, end_of_epoch: bool = False) -> bool:
         """Count one consumed batch (and an optimizer step, unless accumulating); roll over
@@ -204,3 +209,11 @@ class ResumableLoop:
         if self.unit is TrainingUnit.ITERATION:
             return self.progress.step % frequency == 0
         return at_epoch_end and self.progress.epoch % frequency == 0
+
+
+def _length(loader: Iterable[Any]) -> int | None:
+    """The number of batches of ``loader``, if it says (an iterable dataset may not)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -10,6 +10,8 @@ leftover.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import filelock
@@ -18,6 +20,12 @@ from checkpointing.format.record import RECORD_NAME, Record
 from checkpointing.storage.base import Storage
 from checkpointing.storage.local import LocalStorage
 from checkpointing.storage.transfer import copy_step
+
+
+def default_cache_dir(url: str) -> Path:
+    """Where steps downloaded from ``url`` go: ``$XDG_CACHE_HOME/checkpointing/<hash>``."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "checkpointing" / digest
 
 
 def fetch_step(

@@ -308,54 +308,6 @@ class TestDecideRetention:
         assert later.delete == (1, 2, 3)
 
 
-def policy_for(**fields: Any) -> RetentionPolicy | None:
-    return retention_policy_from_options(CheckpointManagerOptions(**fields))
-
-
-def neg(m: Mapping[str, Any]) -> float:
-    return -float(m["x"])
-
-
-class TestFromOptions:
-    @pytest.mark.parametrize(
-        ("fields", "expected"),
-        [
-            ({}, None),
-            ({"keep_period": 10, "keep_time_interval": 60.0}, None),
-            ({"best_metric": "loss", "best_mode": "min"}, None),
-            ({"max_to_keep": 3}, KeepLatest(3)),
-            ({"max_to_keep": 0}, KeepLatest(0)),
-            (
-                {"max_to_keep": 3, "keep_period": 1000},
-                KeepAnyOf(KeepLatest(3), KeepEveryNSteps(1000)),
-            ),
-            (
-                {"max_to_keep": 3, "keep_time_interval": datetime.timedelta(hours=1)},
-                KeepAnyOf(KeepLatest(3), KeepEveryNSeconds(3600.0)),
-            ),
-            (
-                {
-                    "max_to_keep": 2,
-                    "best_metric": "loss",
-                    "best_mode": "min",
-                    "keep_checkpoints_without_metrics": False,
-                },
-                KeepBest(2, "loss", "min", keep_without_metrics=False),
-            ),
-            (
-                {"max_to_keep": 2, "best_fn": neg, "keep_period": 5, "keep_time_interval": 9},
-                KeepAnyOf(KeepBest(2, neg), KeepEveryNSteps(5), KeepEveryNSeconds(9)),
-            ),
-        ],
-    )
-    def test_mapping(self, fields: dict[str, Any], expected: RetentionPolicy | None) -> None:
-        assert policy_for(**fields) == expected
-
-    def test_retention_policy_replaces_fields(self) -> None:
-        custom = KeepSteps([1])
-        assert policy_for(retention_policy=custom, max_to_keep=3, keep_period=2) is custom
-
-
 def orbax_survivors(
     steps: Sequence[int],
     *,

@@ -1,15 +1,13 @@
-"""Save rules: each rule alone, combinations, options mapping, and a fake-clock run."""
+"""Save rules: each rule alone, combinations, and a fake-clock run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
+from clock import FakeClock, run
 from hypothesis import given
 from hypothesis import strategies as st
 
 from checkpointing.errors import InvalidOptionError
-from checkpointing.options import CheckpointManagerOptions, save_policy_from_options
 from checkpointing.policies import (
     AnyOf,
     AtSteps,
@@ -32,39 +30,6 @@ def ctx(
     preempted: bool = False,
 ) -> SaveContext:
     return SaveContext(step, latest_step, last_save_time, now, preempted)
-
-
-@dataclass
-class FakeClock:
-    now: float = 1000.0
-
-    def advance(self, secs: float) -> None:
-        self.now += secs
-
-
-def run(
-    policy: SavePolicy,
-    steps: range,
-    clock: FakeClock,
-    secs_per_step: float = 1.0,
-    preempt_at: int | None = None,
-) -> list[int]:
-    """Drive a policy the way the manager does; every save commits instantly."""
-    saved: list[int] = []
-    last_time: float | None = None
-    for step in steps:
-        c = SaveContext(
-            step=step,
-            latest_step=saved[-1] if saved else None,
-            last_save_time=last_time,
-            now=clock.now,
-            preempted=preempt_at is not None and step >= preempt_at,
-        )
-        if decide_save(policy, c):
-            saved.append(step)
-            last_time = clock.now
-        clock.advance(secs_per_step)
-    return saved
 
 
 class TestEveryNSteps:
@@ -182,52 +147,3 @@ class TestDecideSave:
         policy = AnyOf(EveryNSteps(1), OnPreemption())
         expected = latest is None or step > latest
         assert decide_save(policy, ctx(step, latest, preempted=preempted)) is expected
-
-
-def steps_saved(options: CheckpointManagerOptions, steps: range, **kw: object) -> list[int]:
-    return run(save_policy_from_options(options), steps, FakeClock(), **kw)  # type: ignore[arg-type]
-
-
-class TestFromOptions:
-    def test_default_saves_every_step(self) -> None:
-        assert steps_saved(CheckpointManagerOptions(), range(5)) == [0, 1, 2, 3, 4]
-        assert save_policy_from_options(CheckpointManagerOptions()) == EveryNSteps(1)
-
-    def test_interval_steps(self) -> None:
-        opts = CheckpointManagerOptions(save_interval_steps=4)
-        assert steps_saved(opts, range(13)) == [0, 4, 8, 12]
-
-    def test_interval_and_listed_steps(self) -> None:
-        opts = CheckpointManagerOptions(save_interval_steps=10, save_on_steps=[3, 15])
-        assert steps_saved(opts, range(25)) == [0, 3, 10, 15, 20]
-
-    def test_listed_steps_alone_replace_the_every_step_default(self) -> None:
-        opts = CheckpointManagerOptions(save_on_steps=[2, 5])
-        assert steps_saved(opts, range(10)) == [2, 5]
-
-    def test_interval_secs(self) -> None:
-        opts = CheckpointManagerOptions(save_interval_secs=10)
-        assert steps_saved(opts, range(1, 30), secs_per_step=3.0) == [1, 5, 9, 13, 17, 21, 25, 29]
-
-    def test_initial_save(self) -> None:
-        opts = CheckpointManagerOptions(save_interval_steps=10, save_on_initial=True)
-        assert steps_saved(opts, range(7, 31)) == [7, 10, 20, 30]
-
-    def test_empty_listed_steps_with_preemption_saves_only_on_preemption(self) -> None:
-        opts = CheckpointManagerOptions(save_on_steps=(), save_on_preemption=True)
-        assert steps_saved(opts, range(10), preempt_at=6) == [6, 7, 8, 9]
-
-    def test_preemption_added_to_rules(self) -> None:
-        opts = CheckpointManagerOptions(save_interval_steps=100, save_on_preemption=True)
-        assert save_policy_from_options(opts) == AnyOf(EveryNSteps(100), OnPreemption())
-        assert steps_saved(opts, range(150), preempt_at=42)[:3] == [0, 42, 43]
-
-    def test_save_policy_replaces_fields(self) -> None:
-        opts = CheckpointManagerOptions(
-            save_policy=AtSteps([5]), save_interval_steps=2, save_on_initial=True
-        )
-        assert save_policy_from_options(opts) == AtSteps([5])
-
-    def test_save_policy_still_ored_with_preemption(self) -> None:
-        opts = CheckpointManagerOptions(save_policy=AtSteps([5]), save_on_preemption=True)
-        assert save_policy_from_options(opts) == AnyOf(AtSteps([5]), OnPreemption())

@@ -1,4 +1,5 @@
-"""Async save: snapshot semantics, error surfacing, timeouts, memory, exit."""
+"""The save path: async saves (the state copied at once, written after), failures
+surfaced once, timeouts, memory, a save in flight at exit, identical files either way."""
 
 from __future__ import annotations
 
@@ -20,10 +21,7 @@ from checkpointing import (
     CheckpointManagerOptions,
     DiskFullError,
 )
-from checkpointing.fastio.threads import JobRunner
 from checkpointing.format import tensors, verify
-from checkpointing.format.tree import Blob
-from checkpointing.snapshot import SnapshotBuffers
 
 
 def _opts(**kw: Any) -> CheckpointManagerOptions:
@@ -167,42 +165,6 @@ def test_saving_every_step_does_not_grow_memory(tmp_path: Path) -> None:
     assert stats.blocking_secs > 0 and stats.background_secs > 0
 
 
-def test_pending_step_does_not_depend_on_the_job_timing() -> None:
-    """Set from start until waited for, finished or not: a distributed manager decides
-    on it, and its processes' background threads finish at different times."""
-    writer = JobRunner("save")
-    writer.start(7, lambda abandoned: None, None)
-    writer.join()
-    assert not writer.busy and writer.pending_step == 7
-    writer.wait()
-    assert writer.pending_step is None
-
-
-def test_snapshot_buffers_are_reused() -> None:
-    blobs = [*_blobs(3), Blob("other", "x", torch.ones(5, dtype=torch.bool), [])]
-    buffers = SnapshotBuffers()
-
-    def addresses(blobs: list[Blob]) -> list[int]:
-        return [b.tensor.data_ptr() for b in buffers.snapshot(blobs)]
-
-    first = addresses(blobs)
-    assert addresses(blobs) == first
-    assert first[0] % 4096 == 0 and first[1] == first[0] + 4000, "one file's: back to back"
-    assert addresses([*blobs[:3], Blob("other", "x", torch.ones(6), [])])[:3] == first[:3]
-
-
-def test_snapshot_of_odd_offsets_and_accelerator_free_layouts_round_trips(
-    tmp_path: Path,
-) -> None:
-    """A 3-byte tensor before a float32 one: that file's buffers are separate."""
-    state = {"a": torch.arange(3, dtype=torch.uint8), "b": torch.arange(5.0), "c": torch.zeros(0)}
-    with CheckpointManager(tmp_path, _opts()) as mgr:
-        mgr.save(1, state)
-        mgr.wait_until_finished()
-        restored = mgr.restore()
-    assert restored is not None and all(torch.equal(restored[k], v) for k, v in state.items())
-
-
 def test_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import torch
@@ -216,26 +178,3 @@ def test_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> None:
         assert mgr.all_steps() == [9]
         restored = mgr.restore()
     assert restored is not None and torch.equal(restored["x"], torch.ones(4_000_000))
-
-
-def _blobs(n: int) -> list[Blob]:
-    return [Blob("g", f"t{i}", torch.full((1000,), float(i)), []) for i in range(n)]
-
-
-def test_failed_snapshot_raises_from_save_and_commits_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def wrong_buffers(self: SnapshotBuffers, group: str, blobs: list[Blob]) -> Any:
-        return {b.key: torch.empty(b.tensor.numel() + 1) for b in blobs}  # copies fail
-
-    with CheckpointManager(tmp_path, _opts()) as mgr:
-        mgr.save(1, {"x": torch.ones(10)})
-        with monkeypatch.context() as m:
-            m.setattr(SnapshotBuffers, "_arena", wrong_buffers)
-            with pytest.raises(RuntimeError, match="size"):
-                mgr.save(2, {"x": torch.ones(10)})
-        mgr.check_for_errors()
-        assert mgr.all_steps() == [1] and _tmp_entries(tmp_path) == []
-        mgr.save(3, {"x": torch.ones(10)})
-        mgr.wait_until_finished()
-        assert mgr.all_steps() == [1, 3]
