@@ -247,6 +247,9 @@ class StepReader:
                     f"{self._path(filename)} is missing; the checkpoint is incomplete"
                 ) from e
             try:
+                # Direct reads first: asked for later, the header's read would have
+                # started the page-cache read-ahead, reading bytes nobody uses.
+                getattr(f, "direct", lambda: None)()
                 size = f.seek(0, 2)
                 if size != info.size:
                     raise CorruptCheckpointError(
