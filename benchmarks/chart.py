@@ -22,24 +22,24 @@ def bars(result: dict[str, Any]) -> list[tuple[str, str, float]]:
     """(label, kind, GB/s) for every method and operation, saves first, fastest first;
     the disk's rows are its limits (its write, and the faster of its O_DIRECT reads)."""
     gb = result["state_bytes"] / 1e9
-    rows: list[tuple[str, str, float]] = []
+    saves: list[tuple[str, str, float]] = []
+    restores: list[tuple[str, str, float]] = []
     for method, ops in result["results"].items():
-        if method.startswith("disk") and method != DISK:
-            continue  # reference rows (one reused buffer), not limits
+        if method != DISK and (method.startswith("disk") or method.startswith("fresh")):
+            continue  # references (one reused buffer, first touch of memory), not limits
         for op, samples in ops.items():
             if not samples or (method == DISK and op not in ("write+fsync", "read O_DIRECT")):
                 continue
             seconds = statistics.median(s["seconds"] for s in samples)
             kind = "ours" if method == OURS else "disk" if method == DISK else "peer"
-            rows.append((f"{method}: {op}", kind, gb / seconds))
-    saves = [r for r in rows if "save" in r[0] or "write" in r[0]]
-    restores = [r for r in rows if r not in saves]
+            saving = "save" in op or "write" in op
+            (saves if saving else restores).append((f"{method}: {op}", kind, gb / seconds))
     return sorted(saves, key=lambda r: -r[2]) + sorted(restores, key=lambda r: -r[2])
 
 
 def svg(rows: list[tuple[str, str, float]], title: str) -> str:
     top = max(rate for _, _, rate in rows)
-    scale = (WIDTH - LEFT - 60) / top
+    scale = (WIDTH - LEFT - 90) / top  # room for the label of the longest bar
     height = 40 + ROW * len(rows) + 20
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
