@@ -134,7 +134,7 @@ def pickle_in_legacy_sharded_metadata(directory: Path, outside: Path) -> None:
     (folder / RECORD).write_bytes(json.dumps(body).encode())  # version 1: no checksum
 
 
-def _escape(name: str) -> Callable[[Path, Path], None]:
+def escape_attack(name: str) -> Callable[[Path, Path], None]:
     def attack(directory: Path, outside: Path) -> None:
         """A record naming a file outside the step, with the secret's checksums."""
         folder = step(directory)
@@ -221,10 +221,10 @@ def huge_header_length(directory: Path, outside: Path) -> None:
     data = bytearray(path.read_bytes())
     data[:8] = struct.pack("<Q", 1 << 62)
     path.write_bytes(data)
-    rewrite_record(folder, lambda body: _refresh(body, folder, "model.safetensors"))
+    rewrite_record(folder, lambda body: refresh_checksums(body, folder, "model.safetensors"))
 
 
-def _refresh(body: dict[str, Any], folder: Path, name: str) -> None:
+def refresh_checksums(body: dict[str, Any], folder: Path, name: str) -> None:
     """Make the record's size and checksums of ``name`` match the file; a file whose
     header cannot be parsed gets its size only (what an attacker can match)."""
     try:
@@ -243,7 +243,7 @@ def entry_past_the_end(directory: Path, outside: Path) -> None:
     key = next(k for k in header if k != "__metadata__")
     header[key]["data_offsets"] = [0, 2 << 30]
     path.write_bytes(safetensors_bytes(header, data[8 + length :]))
-    rewrite_record(folder, lambda body: _refresh(body, folder, "extra.safetensors"))
+    rewrite_record(folder, lambda body: refresh_checksums(body, folder, "extra.safetensors"))
 
 
 def huge_shape(directory: Path, outside: Path) -> None:
@@ -496,7 +496,7 @@ def oversized_record(directory: Path, outside: Path) -> None:
 
 ATTACKS: list[Callable[[Path, Path], None]] = [
     pickle_in_legacy_sharded_metadata,
-    *(_escape(name) for name in ESCAPES),
+    *(escape_attack(name) for name in ESCAPES),
     symlinked_data_file,
     symlinked_step_folder,
     symlinked_subfolder,
@@ -534,7 +534,7 @@ ATTACKS: list[Callable[[Path, Path], None]] = [
 
 
 def outcome(call: Callable[[], object]) -> str:
-    """"ok", or the name of the `CheckpointError` raised; anything else propagates."""
+    """ "ok", or the name of the `CheckpointError` raised; anything else propagates."""
     try:
         call()
     except CheckpointError as e:
@@ -557,7 +557,7 @@ def exercise(directory: Path, scratch: Path) -> dict[str, str]:
             for staged in (False, True):
                 results[f"restore {s} into{' staged' * staged}"] = outcome(
                     lambda s=s, staged=staged: mgr.restore(
-                        _target(), step=s, all_or_nothing=staged
+                        target_state(), step=s, all_or_nothing=staged
                     )
                 )
             results[f"metrics {s}"] = outcome(lambda s=s: mgr.metrics(s))
@@ -608,8 +608,7 @@ def _copy_tree(source: Path, destination: Path) -> None:
                 shutil.copyfile(path, target)
 
 
-
-def _target() -> dict[str, Any]:
+def target_state() -> dict[str, Any]:
     """What a trainer restores into: the victim's items, a module and an optimizer."""
     state = victim_state()
     net = torch.nn.Linear(2, 2)
@@ -627,8 +626,10 @@ def _mirror_download(directory: Path, scratch: Path) -> None:
     remote step (a download into its local directory, then a read)."""
     local = scratch / "mirror-local"
     with CheckpointManager(
-        local, CheckpointManagerOptions(enable_async_checkpointing=False),
-        remote=f"file://{directory}", remote_retention=None,
+        local,
+        CheckpointManagerOptions(enable_async_checkpointing=False),
+        remote=f"file://{directory}",
+        remote_retention=None,
     ) as mgr:
         for s in mgr.all_steps():
             outcome(lambda s=s: mgr.restore(step=s))

@@ -44,8 +44,19 @@ _FORBIDDEN = {
     "os.spawn",
     "subprocess.Popen",
 }
-_PATH_EVENTS = {"open", "os.rename", "os.replace", "os.remove", "os.rmdir", "os.mkdir",
-                "shutil.rmtree", "os.symlink", "os.link", "os.truncate", "os.chmod"}
+_PATH_EVENTS = {
+    "open",
+    "os.rename",
+    "os.replace",
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "shutil.rmtree",
+    "os.symlink",
+    "os.link",
+    "os.truncate",
+    "os.chmod",
+}
 _seen: list[tuple[str, tuple[Any, ...]]] | None = None
 
 
@@ -113,7 +124,7 @@ def test_crafted_checkpoint_is_refused_without_harm(tmp_path: Path, attack: Any)
     directory, outside = attacked(tmp_path, attack)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    crafted._target()  # torch makes its caches' folders once, for the first optimizer
+    crafted.target_state()  # torch makes its caches' folders once, for the first optimizer
     with confined(directory, scratch, tmp_path / "cache"):
         os.environ["XDG_CACHE_HOME"] = str(tmp_path / "cache")
         try:
@@ -167,7 +178,7 @@ def test_pickled_sharded_metadata_is_refused_by_name(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", crafted.ESCAPES)
 def test_file_names_that_leave_the_step_make_it_unreadable(tmp_path: Path, name: str) -> None:
-    directory, _ = attacked(tmp_path, crafted._escape(name))
+    directory, _ = attacked(tmp_path, crafted.escape_attack(name))
     with CheckpointManager(directory, crafted.READ_ONLY) as mgr:
         assert mgr.all_steps() == [1]
         assert "not a plain file name" in mgr.unreadable_steps()[2]
@@ -378,9 +389,28 @@ def _json_values() -> st.SearchStrategy[Any]:
         lambda inner: st.one_of(
             st.lists(inner, max_size=4),
             st.dictionaries(
-                st.sampled_from(["dict", "tuple", "tensor", "ndarray", "dtensor", "npscalar",
-                                 "bytes", "float", "per_rank", "shape", "dtype", "file", "key",
-                                 "offset", "stride", "chunks", "size"]) | st.text(max_size=5),
+                st.sampled_from(
+                    [
+                        "dict",
+                        "tuple",
+                        "tensor",
+                        "ndarray",
+                        "dtensor",
+                        "npscalar",
+                        "bytes",
+                        "float",
+                        "per_rank",
+                        "shape",
+                        "dtype",
+                        "file",
+                        "key",
+                        "offset",
+                        "stride",
+                        "chunks",
+                        "size",
+                    ]
+                )
+                | st.text(max_size=5),
                 inner,
                 max_size=4,
             ),
@@ -435,7 +465,7 @@ def test_generated_records_end_in_typed_errors(
         with confined(directory), CheckpointManager(directory, crafted.READ_ONLY) as mgr:
             for call in (
                 lambda: mgr.restore(step=2),
-                lambda: mgr.restore(crafted._target(), step=2),
+                lambda: mgr.restore(crafted.target_state(), step=2),
                 lambda: mgr.item_metadata(2),
                 lambda: mgr.verify(2),
             ):
@@ -449,9 +479,11 @@ def test_generated_records_end_in_typed_errors(
         st.dictionaries(
             st.text(max_size=4),
             st.fixed_dictionaries(
-                {"dtype": st.sampled_from(["F32", "U8", 7]),
-                 "shape": st.lists(st.integers(-2, 1 << 40), max_size=2),
-                 "data_offsets": st.lists(st.integers(-(1 << 63), 1 << 64), max_size=3)}
+                {
+                    "dtype": st.sampled_from(["F32", "U8", 7]),
+                    "shape": st.lists(st.integers(-2, 1 << 40), max_size=2),
+                    "data_offsets": st.lists(st.integers(-(1 << 63), 1 << 64), max_size=3),
+                }
             ),
             max_size=3,
         ).map(lambda h: json.dumps(h).encode()),
@@ -471,7 +503,9 @@ def test_generated_headers_end_in_typed_errors(
         path = folder / "model.safetensors"
         claimed = len(header) if length is None else length
         path.write_bytes(claimed.to_bytes(8, "little") + header + b"\0" * 64)
-        crafted.rewrite_record(folder, lambda body: crafted._refresh(body, folder, path.name))
+        crafted.rewrite_record(
+            folder, lambda body: crafted.refresh_checksums(body, folder, path.name)
+        )
         with confined(directory), CheckpointManager(directory, crafted.READ_ONLY) as mgr:
             for call in (lambda: mgr.restore(step=2), lambda: mgr.verify(2)):
                 crafted.outcome(call)

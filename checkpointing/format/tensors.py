@@ -35,8 +35,8 @@ from checkpointing.format.tree import Blob
 CHECKSUM_ALGORITHM = "xxh3_64"
 CHUNK = 16 << 20  # bytes per write/read call: I/O-bound, and fine-grained write/drop-behind
 _PAGE = 4096
-_SMALL = 64 << 10  # bytes below which a tensor is hashed inline and written in a batch
-_BATCH = 1 << 20  # bytes of small tensors written together
+SMALL = 64 << 10  # bytes below which a tensor is hashed inline and written in a batch
+BATCH = 1 << 20  # bytes of small tensors written together
 _ALIGN_DATA_FROM = 1 << 20  # bytes of data from which a file's data starts page-aligned
 _ALIGN_TENSORS = 64  # ... and its tensors of 64 bytes or more start on a cache line
 _IN_PLACE_FROM = 1 << 20  # ... or, from this size, at their memory's page offset
@@ -175,7 +175,7 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileInfo:
 
 
 def _write_runs(f: BinaryIO, runs: _Runs, hasher: _Hasher) -> None:
-    """Hash and write the runs one by one, small ones batched (`_coalesced`)."""
+    """Hash and write the runs one by one, small ones batched (`coalesced`)."""
 
     def pieces() -> Iterator[memoryview]:
         for run, start, stop in runs:
@@ -186,7 +186,7 @@ def _write_runs(f: BinaryIO, runs: _Runs, hasher: _Hasher) -> None:
             hasher.add(data)
             yield data
 
-    for data in _coalesced(pieces()):
+    for data in coalesced(pieces()):
         write_all(f, data)
 
 
@@ -202,8 +202,8 @@ def _write_image(f: BinaryIO, image: memoryview, runs: _Runs, hasher: _Hasher) -
     write_all(f, image[flushed:])
 
 
-def _coalesced(pieces: Iterable[memoryview]) -> Iterator[memoryview]:
-    """``pieces``, with consecutive small ones joined into one of up to ``_BATCH`` bytes.
+def coalesced(pieces: Iterable[memoryview]) -> Iterator[memoryview]:
+    """``pieces``, with consecutive small ones joined into one of up to ``BATCH`` bytes.
 
     Most of a model's tensors are small (biases, norms, Adam ``step`` scalars), and a
     write call each costs more than their bytes.
@@ -211,7 +211,7 @@ def _coalesced(pieces: Iterable[memoryview]) -> Iterator[memoryview]:
     small: list[memoryview] = []
     pending = 0
     for piece in pieces:
-        if len(piece) >= _SMALL:
+        if len(piece) >= SMALL:
             if small:
                 yield memoryview(b"".join(small))
                 small, pending = [], 0
@@ -219,7 +219,7 @@ def _coalesced(pieces: Iterable[memoryview]) -> Iterator[memoryview]:
             continue
         small.append(piece)
         pending += len(piece)
-        if pending >= _BATCH:
+        if pending >= BATCH:
             yield memoryview(b"".join(small))
             small, pending = [], 0
     if small:
@@ -272,7 +272,7 @@ class _Hasher:
                 self._error = e
 
     def add(self, data: memoryview) -> None:
-        if len(data) < _SMALL:
+        if len(data) < SMALL:
             self.digests.append(digest(data))
         else:
             self.digests.append("")

@@ -150,7 +150,7 @@ def test_small_tensors_are_hashed_and_written_in_batches(monkeypatch: pytest.Mon
     blobs = tree.flatten({"x": small_and_large(300)}).blobs
     batched, writes, checksum = written(blobs)
     nodes = [dict(node) for blob in blobs for node in blob.nodes]
-    monkeypatch.setattr(tensors, "_SMALL", 0)  # every tensor on its own
+    monkeypatch.setattr(tensors, "SMALL", 0)  # every tensor on its own
     one_by_one, writes_one_by_one, checksum_one_by_one = written(blobs)
     assert batched == one_by_one and checksum == checksum_one_by_one
     assert nodes == [dict(node) for blob in blobs for node in blob.nodes], "same digests"
@@ -161,8 +161,8 @@ def test_small_tensors_are_hashed_and_written_in_batches(monkeypatch: pytest.Mon
 @given(st.lists(st.integers(0, 200_000), max_size=40))
 def test_coalesced_pieces_keep_the_bytes_and_their_order(sizes: list[int]) -> None:
     pieces = [memoryview(bytes([i % 251]) * n) for i, n in enumerate(sizes)]
-    out = list(tensors._coalesced(pieces))
+    out = list(tensors.coalesced(pieces))
     assert b"".join(out) == b"".join(pieces)
-    assert all(len(p) < tensors._BATCH + tensors._SMALL for p in out)
-    large = [p for p in pieces if len(p) >= tensors._SMALL]
+    assert all(len(p) < tensors.BATCH + tensors.SMALL for p in out)
+    large = [p for p in pieces if len(p) >= tensors.SMALL]
     assert [p for p in out if any(p is q for q in large)] == large, "large ones as they are"
