@@ -131,6 +131,19 @@ class StepCatalog:
             )
         return record
 
+    def reread(self, step: int) -> Record | None:
+        """The record of ``step`` read again, if it changed since it was listed (its run
+        was deleted and re-created at the same place); None if it did not."""
+        try:
+            fresh = self._read_record(self.folder(step), step)
+        except (OSError, CheckpointError):
+            return None
+        if fresh == self._records.get(step):
+            return None
+        with self.lock:
+            self._records = {**self._records, step: fresh}
+        return fresh
+
     @property
     def records(self) -> dict[int, Record]:
         """Every committed step this manager knows of, held or not, ascending."""
@@ -255,6 +268,11 @@ class StepCatalog:
             return set()
 
     # --------------------------------------------------------- evaluator metrics
+
+    @property
+    def evaluator_metrics(self) -> dict[int, dict[str, Any]]:
+        """The metrics evaluation jobs recorded, by step (as last read)."""
+        return self._evaluator_metrics
 
     def metrics(self, step: int, saved: dict[str, Any] | None) -> dict[str, Any] | None:
         """The metrics ``saved`` with ``step``, updated by those evaluation jobs recorded."""

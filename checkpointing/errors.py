@@ -57,7 +57,24 @@ class TargetMismatchError(CheckpointError, ValueError):
 
 
 class DirectoryLockedError(CheckpointError):
-    """Another manager is writing to the same directory."""
+    """Another manager is writing to the same directory (or, on an object store, took
+    over this manager's writer lease after it went unrenewed)."""
+
+
+class RemoteStorageError(CheckpointError, OSError):
+    """An object store refused or failed a request for good: access denied, no such
+    bucket, a bad request. The message names the URL and the store's own words."""
+
+
+class RemoteUnavailableError(RemoteStorageError):
+    """An object store could not be reached, or kept failing, for longer than the retry
+    budget. Nothing committed was lost; retry when the network or the store is back."""
+
+
+class RemoteBehindError(CheckpointError):
+    """A mirror's remote copy lacks committed steps (the local ones are safe); the
+    message says which and the last remote error. Uploads keep retrying in the
+    background and resume when the manager is opened again."""
 
 
 class ReadOnlyError(CheckpointError):

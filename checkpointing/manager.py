@@ -28,8 +28,11 @@ from checkpointing.coordination import Coordinator
 from checkpointing.distributed.coordinator import default_coordinator
 from checkpointing.errors import (
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     InvalidOptionError,
+    PartialRestoreError,
     ReadOnlyError,
+    RemoteUnavailableError,
     StepAlreadyExistsError,
     StepOrderError,
 )
@@ -42,11 +45,12 @@ from checkpointing.options import (
 )
 from checkpointing.policies.retention import KeepBest, RetentionPolicy
 from checkpointing.pruning import Pruner, StepReport
-from checkpointing.remote_tier import Mirror, NoRemote
+from checkpointing.remote_tier import Mirror, MirrorStatus, NoRemote
 from checkpointing.restoring import Restorer, describe_items
 from checkpointing.saving import Saver, SaveStats
 from checkpointing.storage import open_storage
-from checkpointing.storage.cache import default_cache_dir
+from checkpointing.storage.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
+from checkpointing.storage.cache import StepCache, default_cache_dir
 from checkpointing.storage.transfer import copy_step
 
 logger = logging.getLogger("checkpointing")
@@ -81,6 +85,7 @@ class CheckpointManager:
         remote_retention: RetentionPolicy | Literal["same"] | None = "same",
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
         clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
     ) -> None:
@@ -91,21 +96,32 @@ class CheckpointManager:
             options.step_prefix, options.step_format_fixed_length
         )
         create = options.create and not options.read_only
-        self._storage = open_storage(directory, create=create, storage_options=storage_options)
+        self._storage = open_storage(
+            directory,
+            create=create,
+            storage_options=storage_options,
+            lease_secs=options.writer_lease_secs,
+        )
+        check_int("cache_max_bytes", cache_max_bytes, low=0)
         retention = retention_policy_from_options(options)
-        self._remote: NoRemote = NoRemote()
-        if remote is not None:
-            self._remote = Mirror(
-                remote,
-                storage_options=storage_options,
-                retention=retention if remote_retention == "same" else remote_retention,
-                naming=self._naming,
-                distributed=self._coordinator.world_size > 1,
-            )
         primary = self._coordinator.is_primary
         self._catalog = StepCatalog(
             self._storage, self._naming, primary=primary, read_only=options.read_only
         )
+        self._remote: NoRemote = NoRemote()
+        if remote is not None:
+            self._remote = Mirror(
+                remote,
+                local=self._storage,
+                local_catalog=self._catalog,
+                storage_options=storage_options,
+                retention=retention if remote_retention == "same" else remote_retention,
+                naming=self._naming,
+                coordinator=self._coordinator,
+                always_keep_latest=options.always_keep_latest,
+                lease_secs=options.writer_lease_secs,
+                clock=clock,
+            )
         self._pruner = Pruner(
             self._storage,
             self._catalog,
@@ -119,7 +135,7 @@ class CheckpointManager:
             self._remote,
             self._coordinator,
             # Steps of a remote directory are restored from a local copy (storage.cache).
-            cache_dir=Path(cache_dir or default_cache_dir(self._storage.url)),
+            cache=StepCache(Path(cache_dir or default_cache_dir()), cache_max_bytes),
             verify_checksums=options.verify_checksums,
             read_only=options.read_only,
         )
@@ -149,6 +165,8 @@ class CheckpointManager:
                 on_commit=self._committed,
             )
             self.reload()
+            if not options.read_only:
+                self._remote.start()
         except BaseException:
             if hasattr(self, "_saver"):
                 self._saver.close()
@@ -301,18 +319,14 @@ class CheckpointManager:
         that saved; ``held``: listed from the save's join)."""
         self._catalog.add(record.step, record, held=held)
         self._pruner.apply(coordinator, held=held)
-        self._remote.after_commit(
-            self._storage,
-            self._catalog.records,
-            self._catalog.folder,
-            self._clock(),
-            coordinator,
-            held=held,
-        )
+        self._remote.after_commit(coordinator, held=held)
 
     def wait_until_finished(self) -> None:
-        """Block until the save in flight is committed (and uploaded, when mirrored);
-        raise its failure, if any."""
+        """Block until the save in flight is committed; raise its failure, if any.
+
+        Mirrored, then bring the remote tier in line now, and raise `RemoteBehindError`
+        if it still lacks steps (they are safe locally; see `mirror_status`).
+        """
         self._join()
         self._remote.wait()
 
@@ -325,12 +339,17 @@ class CheckpointManager:
             self._remote.release_held()
 
     def check_for_errors(self) -> None:
-        """Raise the failure of a finished background save or upload, without waiting."""
+        """Raise the failure of a finished background save, without waiting. (A mirror's
+        upload failures never reach the training loop: see `mirror_status`.)"""
         self._saver.raise_error()
-        self._remote.raise_error()
 
     def is_saving_in_progress(self) -> bool:
-        return self._saver.busy or self._remote.busy
+        return self._saver.busy
+
+    def mirror_status(self) -> MirrorStatus | None:
+        """Where the remote tier stands: the steps it lacks, its last error (None when
+        not mirrored). Uploads run in the background and retry until the remote answers."""
+        return self._remote.status()
 
     def last_save_stats(self) -> SaveStats | None:
         """Timings of the newest committed save of this manager."""
@@ -375,12 +394,27 @@ class CheckpointManager:
         if self._coordinator.world_size > 1:  # everyone restores the primary's choice
             wanted = self._coordinator.broadcast(wanted)
         self._catalog.refuse_unreadable(wanted, latest=step is None)
+        unlisted = self._remote.listing_error
+        if step is None and unlisted is not None and not self._catalog.records:
+            raise RemoteUnavailableError(
+                f"no local checkpoint, and the remote tier could not be listed ({unlisted}); "
+                f"its newest step may be the one to resume from. Retry when it answers"
+            )
         if missing_ok and wanted not in self.all_steps():
             return None
         step = self._resolve(wanted)
-        with self._catalog.reading(step):
+        with self._catalog.reading(step), self._remote.reading(step):
             record = self._record(step)
-            return self._restorer.restore(record, target, items, all_or_nothing=all_or_nothing)
+            try:
+                return self._restorer.restore(record, target, items, all_or_nothing=all_or_nothing)
+            except CorruptCheckpointError as e:
+                fresh = None if isinstance(e, PartialRestoreError) else self._reread(step)
+                if fresh is None:
+                    raise
+                logger.info(
+                    "step %d changed on %s since listed; restoring it anew", step, self.directory
+                )
+                return self._restorer.restore(fresh, target, items, all_or_nothing=all_or_nothing)
 
     def verify(self, step: int | None = None) -> None:
         """Check every file of a step (the latest by default) against its record.
@@ -426,7 +460,7 @@ class CheckpointManager:
         """Delete a committed step (from both tiers, when mirrored), or an unreadable one
         (`unreadable_steps`)."""
         self._check_writable()
-        self.wait_until_finished()
+        self._join()
         primary = self._coordinator.is_primary
         catalog = self._catalog
         if step not in catalog.unreadable:
@@ -437,9 +471,10 @@ class CheckpointManager:
                     self._storage.delete(catalog.folder(step), RECORD_NAME)
                 catalog.forget([step])
             if step in self._remote.known():
-                self._remote.delete(step, primary=primary)
+                self._remote.delete(step)
             if step in catalog.protected:
                 catalog.set_protected(step, False)
+                self._remote.set_protected(step, False)
         self._coordinator.barrier(f"delete step {step}")
 
     def protect(self, step: int) -> None:
@@ -447,11 +482,13 @@ class CheckpointManager:
         self._check_writable()
         self._record(step)
         self._catalog.set_protected(step, True)
+        self._remote.set_protected(step, True)
 
     def unprotect(self, step: int) -> None:
         """Undo `protect`; the step is subject to retention at the next save."""
         self._check_writable()
         self._catalog.set_protected(step, False)
+        self._remote.set_protected(step, False)
 
     def retention_report(self) -> list[StepReport]:
         """For every committed step: kept or not, and by which rule(s)."""
@@ -487,15 +524,18 @@ class CheckpointManager:
     def close(self) -> None:
         """Finish the save in flight, then release the lock and signal handlers.
 
-        Idempotent. Raises the failure of the last background save, if any.
+        Idempotent. Raises the failure of the last background save, if any. Mirrored,
+        uploads are finished while the remote answers; steps it still lacks are logged
+        and uploaded when a manager opens this directory again.
         """
         if self._closed:
             return
         self._closed = True
         _open_managers.discard(self)
         try:
-            self.wait_until_finished()
+            self._join()
         finally:
+            self._remote.close()
             self._saver.close()
             if self._coordinator.is_primary:
                 self._storage.unlock()
@@ -521,6 +561,13 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(f"no checkpoint in {self.directory}")
             return latest
         return step
+
+    def _reread(self, step: int) -> Record | None:
+        """The step's record read again, if it changed since listed (a run deleted and
+        re-created at the same URL under a reader); None if it did not."""
+        if self._catalog.record(step) is None:
+            return self._remote.reread(step)
+        return self._catalog.reread(step)
 
     def _record(self, step: int) -> Record:
         """The record of a step of either tier; else a typed error saying why."""
@@ -556,5 +603,3 @@ def checkpoints_iterator(
             poll_interval_secs=poll_interval_secs,
             every_step=every_step,
         )
-
-

@@ -74,6 +74,10 @@ class CheckpointManagerOptions:
       coordination_timeout_secs: in a torch.distributed job, how long a process waits
         for the others at a collective step (save, restore) before failing with an
         error that names the missing ranks.
+      writer_lease_secs: on an object store, the writer's lease (its lock) lasts this
+        long unrenewed; it is renewed every third of it. A writer that died keeps a
+        new one waiting at most this long; one cut off from the store for longer may
+        be taken over (it then stops writing, with `DirectoryLockedError`).
     """
 
     save_interval_steps: int | None = None
@@ -104,6 +108,7 @@ class CheckpointManagerOptions:
     enable_async_checkpointing: bool = True
     async_timeout_secs: float | None = None
     coordination_timeout_secs: float = 600.0
+    writer_lease_secs: float = 30.0
 
     def __post_init__(self) -> None:
         check_int("save_interval_steps", self.save_interval_steps, low=1, optional=True)
@@ -113,6 +118,7 @@ class CheckpointManagerOptions:
         check_positive_number("save_interval_secs", self.save_interval_secs, optional=True)
         check_positive_number("async_timeout_secs", self.async_timeout_secs, optional=True)
         check_positive_number("coordination_timeout_secs", self.coordination_timeout_secs)
+        check_positive_number("writer_lease_secs", self.writer_lease_secs)
         if isinstance(self.keep_time_interval, datetime.timedelta):  # accepted, like Orbax
             object.__setattr__(self, "keep_time_interval", self.keep_time_interval.total_seconds())
         check_positive_number("keep_time_interval", self.keep_time_interval, optional=True)

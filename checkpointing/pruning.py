@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from checkpointing import leases
 from checkpointing.catalog import StepCatalog
 from checkpointing.coordination import Coordinator, describe
 from checkpointing.errors import CheckpointError
-from checkpointing.format.record import RECORD_NAME
+from checkpointing.format.record import RECORD_NAME, Record
 from checkpointing.policies.retention import (
     CheckpointInfo,
     RetentionDecision,
@@ -58,11 +58,16 @@ class Pruner:
         self._always_keep_latest = always_keep_latest
         self._clock = clock
 
-    def decide(self, leased: Iterable[int] = ()) -> RetentionDecision:
+    def decide(
+        self, leased: Iterable[int] = (), extra: Mapping[int, Record] | None = None
+    ) -> RetentionDecision:
+        """What retention keeps of the committed steps (and of ``extra`` ones, as if
+        they were committed: a mirror asks before uploading them)."""
         catalog = self._catalog
+        records = {**catalog.records, **(extra or {})}
         infos = [
             CheckpointInfo(step, r.committed_at, catalog.metrics(step, r.metrics))
-            for step, r in catalog.records.items()
+            for step, r in sorted(records.items())
         ]
         return decide_retention(
             infos,

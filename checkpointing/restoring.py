@@ -3,7 +3,7 @@ can be checked, read into the target, verify.
 
 `Restorer` locates the step: a local step is read in place; a step of a remote
 directory, or of the remote tier only, is downloaded first (`storage.cache`,
-`remote_tier`), its files checked as they are copied.
+`remote_tier`), only the files the restore needs, checked as they are copied.
 
 A restore reads straight into the target's tensors (no second copy of the state in
 memory), so a failure after the first byte landed would leave the target part old, part
@@ -19,10 +19,11 @@ and changes the target only once all of it checked out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,7 +46,7 @@ from checkpointing.format.tensors import parse_dtype
 from checkpointing.format.verify import file_checksums
 from checkpointing.remote_tier import NoRemote
 from checkpointing.storage import FsspecStorage, LocalStorage, Storage
-from checkpointing.storage.cache import fetch_step
+from checkpointing.storage.cache import StepCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Restorer:
         remote: NoRemote,
         coordinator: Coordinator,
         *,
-        cache_dir: Path,
+        cache: StepCache,
         verify_checksums: bool,
         read_only: bool,
     ) -> None:
@@ -92,7 +93,7 @@ class Restorer:
         self._catalog = catalog
         self._remote = remote
         self._coordinator = coordinator
-        self._cache_dir = cache_dir
+        self._cache = cache
         self._verify = verify_checksums
         self._read_only = read_only
 
@@ -114,36 +115,45 @@ class Restorer:
             )
         nodes = {n: self._item_node(record, n) for n in names}
         targets = {n: _unwrap(None if target is None else target.get(n)) for n in names}
-        local, downloaded = self._locate(record)  # a download checked every file it copied
-        files = LocalStorage(local.parent, create=False)
+        needed = set().union(*map(tree.files_of, nodes.values()))
         where = f"{self._storage.url}/{self._catalog.folder(step)}"
-        with StepReader(
-            record,
-            lambda filename: files.open_read(f"{local.name}/{filename}"),
-            verify=self._verify and not downloaded,
-            where=where,
-        ) as reader:
-            restored = restore_items(
-                nodes, targets, reader, all_or_nothing=all_or_nothing, where=where
-            )
+        with self._located(record, needed) as (local, downloaded):
+            files = LocalStorage(local.parent, create=False)
+            with StepReader(
+                record,
+                lambda filename: files.open_read(f"{local.name}/{filename}"),
+                verify=self._verify and not needed <= downloaded,
+                where=where,
+            ) as reader:
+                restored = restore_items(
+                    nodes, targets, reader, all_or_nothing=all_or_nothing, where=where
+                )
         return restored if target is None else {**target, **restored}
 
-    def _locate(self, record: Record) -> tuple[Path, bool]:
-        """The local folder of a step, and whether this call downloaded it: a remote-only
-        step of a mirrored manager goes into its local directory (it becomes a local
-        step) or, read-only, into the cache; a remote directory's step into the cache."""
+    @contextlib.contextmanager
+    def _located(self, record: Record, needed: set[str]) -> Iterator[tuple[Path, set[str]]]:
+        """Hold the local folder of a step with the ``needed`` files in it, and say which
+        files this call downloaded (and so just verified). A local step is read where
+        it is. A remote-only step of a mirrored manager is downloaded into its local
+        directory, where it becomes a local step; a step of a remote directory, or
+        read-only of the remote tier, goes through the cache (`storage.cache`)."""
         step = record.step
         if self._catalog.record(step) is None:  # only in the remote tier
-            if self._read_only or not isinstance(self._storage, LocalStorage):
-                return self._remote.fetch(step, record, self._cache_dir)
-            fetched = self._remote.fetch(step, record, self._storage.root)
-            self._catalog.add(step, record)
-            return fetched
-        folder = self._catalog.folder(step)
-        if isinstance(self._storage, FsspecStorage):
-            return fetch_step(self._storage, folder, record, self._cache_dir)
-        assert isinstance(self._storage, LocalStorage)
-        return self._storage.root / folder, False
+            storage, folder = self._remote.location(step)
+            if not self._read_only and isinstance(self._storage, LocalStorage):
+                folder = self._catalog.folder(step)
+                self._remote.copy_into(step, record, self._storage, folder)
+                self._catalog.add(step, record)
+                yield self._storage.root / folder, set(record.files)
+                return
+        else:
+            storage, folder = self._storage, self._catalog.folder(step)
+        if isinstance(storage, LocalStorage):
+            yield storage.root / folder, set()
+            return
+        assert isinstance(storage, FsspecStorage)
+        with self._cache.holding(storage, folder, record, needed) as held:
+            yield held
 
     def _item_node(self, record: Record, name: str) -> tree.Node:
         """An item's tree; of a `PerRank` item, this process's own."""

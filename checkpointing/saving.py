@@ -375,4 +375,3 @@ def _group_by_file(flat: tree.FlatState) -> dict[str, list[tree.Blob]]:
     for blob in flat.blobs:
         groups.setdefault(file_of[blob.group], []).append(blob)
     return groups
-

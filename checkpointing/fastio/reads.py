@@ -212,6 +212,7 @@ def _pread(fd: int, into: memoryview, offset: int) -> int:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~(direct.O_DIRECT or 0))
     return os.preadv(fd, [into], offset)
 
+
 _PIECE = BOUNCE  # bytes per request of `ParallelReads`, at most
 _SMALL = 64 << 10  # bytes of whole pages below which a destination goes through a bounce
 _READERS = 4  # requests in flight

@@ -69,9 +69,7 @@ def _check_body(body: Any, version: int) -> None:
     _require(_is_int(body.get("step")) and body["step"] >= 0, "step", "not an int >= 0")
     for name in ("created_at", "committed_at"):
         value = body.get(name)
-        _require(
-            _is_number(value) and 0 <= value <= MAX_TIME, name, "not a time since the epoch"
-        )
+        _require(_is_number(value) and 0 <= value <= MAX_TIME, name, "not a time since the epoch")
     for name in ("metrics", "metadata"):
         value = body.get(name)
         _require(value is None or isinstance(value, dict), name, "not an object or null")

@@ -279,6 +279,18 @@ def walk(node: Node, target: Any = None) -> Iterator[tuple[str, dict[str, Any], 
             yield from walk(child, _nth(target, i, len(body)))
 
 
+def files_of(node: Node) -> set[str]:
+    """The data files that the arrays of a tree live in (a sharded tensor: those of all
+    its chunks)."""
+    files: set[str] = set()
+    for _, body, _ in walk(node):
+        if "chunks" in body:
+            files.update(chunk["file"] for chunk in body["chunks"])
+        elif "file" in body:  # not in a retired format's dtensor node (refused on reading)
+            files.add(body["file"])
+    return files
+
+
 ReadArray = Callable[[str, dict[str, Any], "torch.Tensor | None"], Any]
 
 

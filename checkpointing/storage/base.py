@@ -106,6 +106,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def unlock(self) -> None: ...
 
+    def check_lease(self) -> None:
+        """Raise `DirectoryLockedError` if this writer's lock was taken over (object
+        stores' leases can be; a local lock cannot)."""
+        return None
+
 
 def too_large(where: str, limit: int) -> CorruptCheckpointError:
     return CorruptCheckpointError(

@@ -53,7 +53,7 @@ class _LocalStepWriter(StepWriter):
         self.local_dir = self._tmp
 
     def write(self, filename: str, produce: Callable[[BinaryIO], T]) -> T:
-        if "/" in filename:  # DCP's files, in sharded/
+        if "/" in filename:  # sharded/rank<r>.safetensors
             (self._tmp / filename).parent.mkdir(parents=True, exist_ok=True)
         with create_durable(self._tmp / filename) as f:
             return produce(f)  # type: ignore[arg-type]
