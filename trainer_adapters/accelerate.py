@@ -258,8 +258,8 @@ def accelerator_load_state(
 
 def _fetch_plain_directory(storage: FsspecStorage, name: str, local_root: Path) -> Path:
     """Download a directory without a commit record (Accelerate's own layout) the way
-    `checkpointing.storage.cache.fetch_step` downloads a step: once per node under a file
-    lock, into a temporary directory renamed into place, sizes checked."""
+    the manager's remote tier downloads a step: once per node under a file lock, into a
+    temporary directory renamed into place, sizes checked."""
     import shutil
     import uuid
 

@@ -183,6 +183,10 @@ class FsspecStorage(Storage):
             raise too_large(f"{self.url}/{path}", limit)
         return data
 
+    def download(self, path: str, local_path: str) -> None:
+        """Copy a file to local disk as it is (unchecked: for layouts without a record)."""
+        self.retry(lambda: self.fs.get_file(self._path(path), local_path))
+
     # ----------------------------------------------------------------- writing
 
     def begin(self, name: str, token: str) -> StepWriter:
