@@ -52,6 +52,7 @@ class Scan:
     """What a directory holds (see `StepCatalog.scan`)."""
 
     records: dict[int, Record]
+    versions: dict[int, str]  # step -> the version of its record file (`Storage.committed`)
     folders: dict[int, str]  # step -> its folder's name, unreadable steps included
     unreadable: dict[int, CheckpointError]  # step -> why its record cannot be used
     protected: set[int]
@@ -72,6 +73,7 @@ class StepCatalog:
         self._read_only = read_only
         self.lock = threading.Lock()
         self._records: dict[int, Record] = {}
+        self._versions: dict[int, str] = {}  # of records as read; not of this manager's saves
         self._folders: dict[int, str] = {}
         self._unreadable: dict[int, CheckpointError] = {}
         self._protected: frozenset[int] = frozenset()
@@ -83,9 +85,10 @@ class StepCatalog:
     # ------------------------------------------------------------------ reading
 
     def scan(self) -> Scan:
-        """Read the directory: every step folder's record (those already known are not
-        read again), the protected steps and the evaluators' metrics."""
-        scan = Scan({}, {}, {}, self._load_protected(), self.load_evaluator_metrics())
+        """Read the directory: every step folder's record (those already known are read
+        again only if their file changed), the protected steps and the evaluators'
+        metrics."""
+        scan = Scan({}, {}, {}, {}, self._load_protected(), self.load_evaluator_metrics())
         names = self._storage.committed(RECORD_NAME)
         found = [(step, n) for n in names if (step := self._naming.parse(n)) is not None]
         # Where two folders hold one step (step_5 and step_00000005), today's name wins.
@@ -95,8 +98,10 @@ class StepCatalog:
                 where = f"{self._storage.url}/{name}"
                 logger.warning("ignoring %s: step %d has another folder", where, step)
                 continue
+            known = self._records.get(step)
             try:
-                record = self._records.get(step) or self._read_record(name, step)
+                if known is None or self._versions.get(step) != names[name]:
+                    known = self._read_record(name, step)
             except FileNotFoundError:  # deleted by another process since the listing
                 continue
             except (OSError, CorruptCheckpointError, UnsupportedFormatError) as e:
@@ -105,7 +110,7 @@ class StepCatalog:
                 logger.warning("step %d cannot be read: %s", step, e)
                 scan.unreadable[step] = e
             else:
-                scan.records[step] = record
+                scan.records[step], scan.versions[step] = known, names[name]
             scan.folders[step] = name
         scan.records = dict(sorted(scan.records.items()))
         return scan
@@ -114,6 +119,7 @@ class StepCatalog:
         """Take ``scan`` as what the directory holds."""
         with self.lock:
             self._records = scan.records
+            self._versions = scan.versions
             self._folders = scan.folders
             self._unreadable = scan.unreadable
             self._protected = frozenset(scan.protected)

@@ -27,9 +27,7 @@ def _saved(path: Path, *steps: int) -> None:
 
 def _catalog(path: Path, *, read_only: bool = False, padding: int = 8) -> StepCatalog:
     storage = LocalStorage(path, create=False)
-    catalog = StepCatalog(
-        storage, PrefixNaming("step", padding), primary=True, read_only=read_only
-    )
+    catalog = StepCatalog(storage, PrefixNaming("step", padding), primary=True, read_only=read_only)
     catalog.load(catalog.scan())
     return catalog
 

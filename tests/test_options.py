@@ -52,8 +52,6 @@ def test_invalid_options_name_the_field(field: str, value: object) -> None:
         CheckpointManagerOptions(**{field: value})  # type: ignore[arg-type]
 
 
-
-
 def test_a_timedelta_interval_is_stored_as_seconds() -> None:
     options = CheckpointManagerOptions(keep_time_interval=datetime.timedelta(minutes=2))
     assert options.keep_time_interval == 120.0
@@ -169,5 +167,3 @@ class TestRetentionPolicyFromOptions:
     def test_retention_policy_replaces_fields(self) -> None:
         custom = KeepSteps([1])
         assert policy_for(retention_policy=custom, max_to_keep=3, keep_period=2) is custom
-
-

@@ -49,8 +49,10 @@ class Storage(abc.ABC):
     parallelism: int = 1  # how many files to write or read at once
 
     @abc.abstractmethod
-    def committed(self, record_name: str) -> list[str]:
-        """Names of the subdirectories that hold ``record_name``."""
+    def committed(self, record_name: str) -> dict[str, str]:
+        """The subdirectories that hold ``record_name``, each with a version of that
+        file: a token that changes when the file is replaced (an inode and time, an
+        ETag), so that readers know when a record they hold is no longer the one there."""
 
     @abc.abstractmethod
     def begin(self, name: str, token: str) -> StepWriter:

@@ -84,20 +84,21 @@ class LocalStorage(Storage):
         self._lock: filelock.FileLock | None = None
         self._removing: list[threading.Thread] = []  # removing deleted steps' files
 
-    def committed(self, record_name: str) -> list[str]:
+    def committed(self, record_name: str) -> dict[str, str]:
         """Step folders holding a regular ``record_name``; symbolic links are not steps
         (a link would lead restores and copies outside the directory)."""
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
-            return []
-        return [
-            e.name
-            for e in entries
-            if not e.name.startswith(".")
-            and e.is_dir(follow_symlinks=False)
-            and _is_regular(os.path.join(e.path, record_name))
-        ]
+            return {}
+        found = {}
+        for e in entries:
+            if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+                continue
+            version = _regular_version(os.path.join(e.path, record_name))
+            if version is not None:
+                found[e.name] = version
+        return found
 
     def begin(self, name: str, token: str) -> StepWriter:
         self.finish_deletes()
@@ -240,11 +241,15 @@ class LocalStorage(Storage):
             self._lock = None
 
 
-def _is_regular(path: str) -> bool:
+def _regular_version(path: str) -> str | None:
+    """The version of a regular file (see `Storage.committed`); None if it is not one."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        info = os.lstat(path)
     except OSError:
-        return False
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return f"{info.st_ino}-{info.st_mtime_ns}-{info.st_size}"
 
 
 def _open_folder(root: Path, relative: str, *, create: bool) -> int:

@@ -18,6 +18,7 @@ endpoint is a typo to report at once, not an outage to wait out.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
@@ -48,6 +49,7 @@ class _RemoteStepWriter(StepWriter):
         self._dir = f"{storage.root}/{name}"
 
     def write(self, filename: str, produce: Callable[[BinaryIO], T]) -> T:
+        self._storage.check_lease()  # a writer taken over must not overwrite the new one's
         path = f"{self._dir}/{filename}"
 
         def attempt() -> T:
@@ -63,6 +65,10 @@ class _RemoteStepWriter(StepWriter):
         )
 
     def abort(self) -> None:
+        try:
+            self._storage.check_lease()
+        except Exception:  # taken over (or unsure): the folder may be the new writer's
+            return  # now, and it cleans leftovers itself
         self._storage.remove_tree(self._dir)
 
 
@@ -155,9 +161,11 @@ class FsspecStorage(Storage):
 
     # ----------------------------------------------------------------- listing
 
-    def committed(self, record_name: str) -> list[str]:
-        found = self.retry(lambda: self.fs.glob(f"{self.root}/*/{record_name}"))
-        return sorted({p.rstrip("/").split("/")[-2] for p in found})
+    def committed(self, record_name: str) -> dict[str, str]:
+        found = self.retry(lambda: self.fs.glob(f"{self.root}/*/{record_name}", detail=True))
+        return {
+            path.rstrip("/").split("/")[-2]: _version(info) for path, info in sorted(found.items())
+        }
 
     def listdir(self, path: str) -> list[str]:
         try:
@@ -234,7 +242,9 @@ class FsspecStorage(Storage):
 
     def lock(self) -> None:
         """Take the directory's writer lease (`lease.WriterLease`)."""
-        lease = WriterLease(self, self._lease_secs)
+        quick = copy.copy(self)  # a renewal that fails is retried by the next, not here
+        quick.retry_secs = self._lease_secs / 3
+        lease = WriterLease(quick, self._lease_secs)
         lease.acquire()
         self._lease = lease
 
@@ -248,6 +258,15 @@ class FsspecStorage(Storage):
         readers, which hold none)."""
         if self._lease is not None:
             self._lease.check()
+
+
+def _version(info: dict[str, Any]) -> str:
+    """A token that changes when an object is replaced: the store's ETag or generation
+    where it gives one, else the time it was written, and the size."""
+    for key in ("generation", "ETag", "etag", "LastModified", "mtime", "created"):
+        if info.get(key):
+            return f"{info[key]}-{info.get('size')}"
+    return f"?-{info.get('size')}"
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

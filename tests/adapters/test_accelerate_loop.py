@@ -21,9 +21,20 @@ def train(out: Path, *args: str, procs: int = 1, expect_kill: bool = False) -> N
     cmd = [SCRIPT, str(out), *args]
     if procs > 1:  # torchrun under the hood; the script asks Accelerate for the CPU (gloo)
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_processes", str(procs), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(29500 + os.getpid() % 1000),
             *cmd,
         ]
     run(cmd, expect_kill=expect_kill, launched=procs > 1)
@@ -46,8 +57,16 @@ def test_kill_and_resume_is_bit_exact(
 ) -> None:
     ref = reference("--accum", str(accum))
     for k in kills:
-        train(tmp_path, "--accum", str(accum), "--interval", str(interval),
-              "--kill-at-batch", str(k), expect_kill=True)
+        train(
+            tmp_path,
+            "--accum",
+            str(accum),
+            "--interval",
+            str(interval),
+            "--kill-at-batch",
+            str(k),
+            expect_kill=True,
+        )
     train(tmp_path, "--accum", str(accum), "--interval", str(interval))
     assert_same_run(ref, tmp_path)
 

@@ -130,8 +130,9 @@ def test_corrupt_shard_is_detected(tmp_path: Path) -> None:
     data[-1] ^= 1
     shard.write_bytes(data)
     options = CheckpointManagerOptions(read_only=True)
-    with CheckpointManager(ckpt, options) as mgr, pytest.raises(
-        CorruptCheckpointError, match=r"rank1\.safetensors: checksum mismatch"
+    with (
+        CheckpointManager(ckpt, options) as mgr,
+        pytest.raises(CorruptCheckpointError, match=r"rank1\.safetensors: checksum mismatch"),
     ):
         mgr.restore()
 

@@ -329,9 +329,7 @@ def test_stateful_restore_loads_in_place_and_returns_the_target(tmp_path: Path) 
 def test_tensor_nodes_describe_dtype_and_shape() -> None:
     param = torch.nn.Parameter(torch.ones(2, 3, dtype=torch.bfloat16))
     flat = tree.flatten({"m": {"p": param, "z": torch.zeros(0, 4), "s": torch.tensor(1)}})
-    described = [
-        (tag, body["dtype"], body["shape"]) for tag, body, _ in tree.walk(flat.items["m"])
-    ]
+    described = [(tag, body["dtype"], body["shape"]) for tag, body, _ in tree.walk(flat.items["m"])]
     assert described == [
         ("tensor", "bfloat16", [2, 3]),
         ("tensor", "float32", [0, 4]),

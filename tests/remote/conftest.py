@@ -22,6 +22,7 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(
     filter(None, [os.environ.get("NO_PROXY", ""), "127.0.0.1", "localhost"])
 )
 
+import asyncio
 import contextlib
 import ctypes
 import signal
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 import uuid
@@ -251,3 +253,50 @@ def gcs_proxy(gcs_server: Server) -> Iterator[Proxied]:
         gcs_server.port, error_body=GCS_UNAVAILABLE, error_content_type="application/json"
     ) as proxy:
         yield Proxied(proxy, gcs_options(proxy.url))
+
+
+@pytest.fixture
+def fast_gcsfs_retries(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """Make gcsfs's back-off sleeps (1, 2, 4, 8, 16 s + jitter) instant; yields the delays."""
+    import gcsfs.retry
+
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=sleep))
+    yield delays
+
+
+@dataclass
+class Store:
+    """One object store for a test: a new bucket, options, and a proxy in front."""
+
+    kind: str  # "s3" or "gcs"
+    bucket: str  # s3://test-... or gs://test-...
+    options: dict[str, Any]
+    proxy: FaultProxy
+    proxied: dict[str, Any]  # options that go through the proxy
+
+    @property
+    def protocol(self) -> str:
+        return "s3" if self.kind == "s3" else "gs"
+
+
+@pytest.fixture(params=["s3", "gcs"])
+def store(request: pytest.FixtureRequest) -> Store:
+    """Each test that takes it runs against S3 (moto) and GCS (fake-gcs-server)."""
+    kind = request.param
+    if kind == "gcs":
+        request.getfixturevalue("fast_gcsfs_retries")
+    proxied: Proxied = request.getfixturevalue(f"{kind}_proxy")
+    return Store(
+        kind,
+        request.getfixturevalue(f"{kind}_bucket"),
+        request.getfixturevalue(f"{kind}_storage_options"),
+        proxied.proxy,
+        proxied.storage_options,
+    )

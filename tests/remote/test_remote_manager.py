@@ -185,8 +185,14 @@ def test_processes_of_a_node_download_a_step_once(
     s3_proxy.proxy.inject("stall", 1, match="x.safetensors", seconds=1)  # let them pile up
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(RESTORER), url, s3_proxy.proxy.url,
-             str(tmp_path / "cache")],
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(RESTORER),
+                url,
+                s3_proxy.proxy.url,
+                str(tmp_path / "cache"),
+            ],
             cwd=Path(__file__).parent,
         )
         for _ in range(4)

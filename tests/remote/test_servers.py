@@ -6,14 +6,12 @@ give up (see NOTES.md); a client upgrade that changes this should fail here firs
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import os
 import threading
 import time
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +34,6 @@ def s3fs_with(storage_options: dict[str, Any], s3fs_retries: int = 5, **config: 
 
 
 NO_RETRIES: dict[str, Any] = {"retries": {"total_max_attempts": 1}}
-
-
-@pytest.fixture
-def fast_gcsfs_retries(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
-    """Make gcsfs's back-off sleeps (1, 2, 4, 8, 16 s + jitter) instant; yields the delays."""
-    import gcsfs.retry
-
-    delays: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def sleep(seconds: float) -> None:
-        delays.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=sleep))
-    yield delays
 
 
 def roundtrip(fs: fsspec.AbstractFileSystem, root: str, tmp_path: Path) -> None:

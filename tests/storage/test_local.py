@@ -43,7 +43,7 @@ def test_delete_hides_at_once_and_the_next_step_waits_for_the_space(
     release = hold_removals(monkeypatch)
 
     storage.delete("step_1", RECORD)  # returns while its files are still there
-    assert storage.committed(RECORD) == []
+    assert storage.committed(RECORD) == {}
     assert [n for n in os.listdir(tmp_path) if "-deleting-" in n], "removed on the caller"
 
     began = threading.Event()
@@ -81,7 +81,7 @@ def test_a_failed_removal_is_logged_and_cleaned_up_later(
         storage.delete("step_1", RECORD)
         storage.finish_deletes()
     assert "could not remove the deleted step" in caplog.text
-    assert storage.committed(RECORD) == []
+    assert storage.committed(RECORD) == {}
 
     removed = LocalStorage(tmp_path, create=False).cleanup(lambda name: True, RECORD)
     assert len(removed) == 1 and "-deleting-" in removed[0]

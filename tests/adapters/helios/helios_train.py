@@ -73,7 +73,9 @@ class Tiny(hlm.Model):
 
     def setup(self, for_inference: bool = False) -> None:
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+            torch.nn.Linear(6, 16),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.2),
             torch.nn.Linear(16, 2),
         ).to(self.device)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-2)
@@ -83,8 +85,11 @@ class Tiny(hlm.Model):
         self.net.train()
 
     def user_state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_user_state_dict(self, state: dict[str, Any], for_inference: bool) -> None:
         self.net.load_state_dict(state["net"])
@@ -150,24 +155,32 @@ def main(argv: list[str] | None = None) -> None:
     batches_per_epoch = SAMPLES // BATCH
     total = EPOCHS if args.unit == "epoch" else EPOCHS * batches_per_epoch // args.accum
     helios_args = dict(
-        train_unit=args.unit, total_steps=total, chkpt_frequency=args.freq,
-        accumulation_steps=args.accum, use_cpu=True, random_seed=0,
-        chkpt_root=args.out / "chkpt", print_banner=False,
-        enable_file_logging=True, log_root=args.out / "logs",
+        train_unit=args.unit,
+        total_steps=total,
+        chkpt_frequency=args.freq,
+        accumulation_steps=args.accum,
+        use_cpu=True,
+        random_seed=0,
+        chkpt_root=args.out / "chkpt",
+        print_banner=False,
+        enable_file_logging=True,
+        log_root=args.out / "logs",
     )
     manager = None
     if args.native:
         trainer = helios.Trainer(**helios_args)
     else:
         options = CheckpointManagerOptions(
-            max_to_keep=2, save_interval_steps=args.save_steps,
+            max_to_keep=2,
+            save_interval_steps=args.save_steps,
             save_on_steps=[11] if args.own_manager else None,
             save_on_preemption=args.preempt_at is not None,
         )
         if args.own_manager:
             manager = CheckpointManager(args.out / "own", options)
         trainer = CheckpointedTrainer(  # <- the one line: was helios.Trainer(...)
-            **helios_args, manager=manager, options=None if manager else options)
+            **helios_args, manager=manager, options=None if manager else options
+        )
     model = Tiny(args)
     model.log.write("resume\n")
     trainer.fit(model, Data(args.workers))

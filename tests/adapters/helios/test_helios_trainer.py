@@ -71,8 +71,7 @@ ITERATION, EPOCH = ("--unit", "iteration", "--freq", "1"), ("--unit", "epoch", "
         # a worker process whose samples draw from its seed: the base seed is replayed
         (("--unit", "iteration", "--freq", "1", "--workers", "1"), [13, 16]),
     ],
-    ids=["iteration", "epoch", "accumulation", "epoch-manager-rule", "own-manager",
-         "worker"],
+    ids=["iteration", "epoch", "accumulation", "epoch-manager-rule", "own-manager", "worker"],
 )
 def test_kill_and_resume_is_bit_exact(tmp_path: Path, reference, args, kills) -> None:
     ref = reference(*args)
@@ -103,8 +102,10 @@ def test_same_run_as_native_helios_and_helios_names(tmp_path: Path, reference, a
     run([SCRIPT, str(tmp_path), *args, "--native"])
     assert_same_run(ref, tmp_path)
     names = sorted(p for p in os.listdir(ref / "chkpt" / "tiny") if not p.startswith("."))
-    native = sorted(p.removeprefix("tiny_").removesuffix(".pth")
-                    for p in os.listdir(tmp_path / "chkpt" / "tiny"))
+    native = sorted(
+        p.removeprefix("tiny_").removesuffix(".pth")
+        for p in os.listdir(tmp_path / "chkpt" / "tiny")
+    )
     assert names == native[-2:]  # epoch_3_iter_23/24 or epoch_2_iter_16, epoch_3_iter_24
 
     tested = tmp_path / "tested"
@@ -121,8 +122,10 @@ def test_native_helios_mid_epoch_resume_uses_the_wrong_batches(tmp_path: Path, r
     ref = reference(*ITERATION)
     train(tmp_path, *ITERATION, "--native", "--kill-at-batch", "13", expect=None)
     train(tmp_path, *ITERATION, "--native")
-    seen, wanted = effective_batches(tmp_path / "batches_rank0.log"), effective_batches(
-        ref / "batches_rank0.log")
+    seen, wanted = (
+        effective_batches(tmp_path / "batches_rank0.log"),
+        effective_batches(ref / "batches_rank0.log"),
+    )
     assert seen[:13] == wanted[:13]
     assert [ids for _, ids in seen[13:16]] == [ids for _, ids in wanted[21:24]]
 
