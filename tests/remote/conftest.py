@@ -288,7 +288,8 @@ class Store:
 
 @pytest.fixture(params=["s3", "gcs"])
 def store(request: pytest.FixtureRequest) -> Store:
-    """Each test that takes it runs against S3 (moto) and GCS (fake-gcs-server)."""
+    """Each test that takes it runs against S3 (moto) and GCS (fake-gcs-server), with the
+    options a user would pass."""
     kind = request.param
     if kind == "gcs":
         request.getfixturevalue("fast_gcsfs_retries")
@@ -296,7 +297,15 @@ def store(request: pytest.FixtureRequest) -> Store:
     return Store(
         kind,
         request.getfixturevalue(f"{kind}_bucket"),
-        request.getfixturevalue(f"{kind}_storage_options"),
+        as_a_user_gives(request.getfixturevalue(f"{kind}_storage_options")),
         proxied.proxy,
-        proxied.storage_options,
+        as_a_user_gives(proxied.storage_options),
     )
+
+
+def as_a_user_gives(options: dict[str, Any]) -> dict[str, Any]:
+    """Options without the cache settings a user would not know to pass: the library must
+    keep listings fresh by itself."""
+    return {
+        k: v for k, v in options.items() if k not in ("skip_instance_cache", "use_listings_cache")
+    }
