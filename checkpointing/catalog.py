@@ -33,6 +33,7 @@ from checkpointing.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    RemoteStorageError,
     UnsupportedFormatError,
 )
 from checkpointing.format import schema
@@ -104,6 +105,8 @@ class StepCatalog:
                     known = self._read_record(name, step)
             except FileNotFoundError:  # deleted by another process since the listing
                 continue
+            except RemoteStorageError:
+                raise  # the store failed, not the record
             except (OSError, CorruptCheckpointError, UnsupportedFormatError) as e:
                 if isinstance(e, OSError):  # permissions, a socket where the record is
                     e = CorruptCheckpointError(f"{self._storage.url}/{name}: {e}")
@@ -264,6 +267,8 @@ class StepCatalog:
             return schema.check_steps(schema.loads(data, where), where)
         except FileNotFoundError:
             return set()
+        except RemoteStorageError:
+            raise
         except (OSError, CorruptCheckpointError) as e:
             if not self._read_only:
                 raise CorruptCheckpointError(
@@ -300,6 +305,8 @@ class StepCatalog:
                 found[step] = schema.check_metrics(schema.loads(data, where), where)
             except FileNotFoundError:
                 continue
+            except RemoteStorageError:
+                raise
             except (OSError, CorruptCheckpointError) as e:
                 logger.warning("ignoring evaluator metrics: %s", e)
         return found

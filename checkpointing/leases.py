@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from checkpointing.errors import CheckpointError
+from checkpointing.errors import CheckpointError, RemoteStorageError
 from checkpointing.format import schema
 from checkpointing.storage import Storage
 
@@ -94,6 +94,8 @@ def _expiry(storage: Storage, path: str, step: int, now: float) -> float | None:
     step for longer than any reader could need)."""
     try:
         body = schema.loads(storage.read_bytes(path, _MAX_LEASE_BYTES), path)
+    except RemoteStorageError:
+        raise  # unknown is not expired: never delete a step on a network error
     except (OSError, CheckpointError):  # gone, unreadable, a link, a socket, junk
         return None
     if not isinstance(body, dict) or body.get("step") != step:
