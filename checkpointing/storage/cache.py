@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -80,7 +81,8 @@ class StepCache:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 if _is_current(entry, fd) and all((entry / f).is_file() for f in files):
-                    os.utime(fd)  # the least recently used entries go first
+                    now = time.time_ns()  # finer than the kernel's own file times
+                    os.utime(fd, ns=(now, now))  # the least recently used go first
                     break
                 fcntl.flock(fd, fcntl.LOCK_EX)  # not atomic: the loop checks again
                 if _is_current(entry, fd):
