@@ -315,6 +315,14 @@ class StepCatalog:
         """Read the evaluators' metrics again (retention ranks by them)."""
         self._evaluator_metrics = self.load_evaluator_metrics()
 
+    def carry_metrics(self, source: StepCatalog) -> None:
+        """Record here what evaluation jobs recorded in ``source``, for the steps both
+        have (a copy's or a mirror's ranking is then the original's)."""
+        for step, metrics in source.evaluator_metrics.items():
+            recorded = self._evaluator_metrics.get(step, {})
+            if step in self._records and {**recorded, **metrics} != recorded:
+                self.record_metrics(step, metrics)
+
     def record_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Write ``metrics`` (plain JSON) for ``step`` beside it, merged with those
         recorded before; never creating the step's folder again if it was deleted."""

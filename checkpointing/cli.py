@@ -1,7 +1,9 @@
 """The ``checkpointing`` command: look into and manage checkpoint directories.
 
-Every command takes local paths and fsspec URLs (s3://, gs://, ...) alike. User
-mistakes end with one line on stderr and exit code 2; a failed verification exits 1.
+Every command takes local paths and fsspec URLs (s3://, gs://, ...) alike, with the
+filesystem's options given as ``--storage-option KEY=VALUE``. User mistakes and
+unreachable stores end with one line on stderr and exit code 2; a failed verification
+exits 1.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -25,8 +28,51 @@ from checkpointing.options import CheckpointManagerOptions
 from checkpointing.restoring import TensorMetadata
 
 
-def _open(directory: str, **options: Any) -> CheckpointManager:
-    return CheckpointManager(directory, CheckpointManagerOptions(read_only=True, **options))
+def _open(
+    directory: str, args: argparse.Namespace, *, remote: str | None = None, **options: Any
+) -> CheckpointManager:
+    return CheckpointManager(
+        directory,
+        CheckpointManagerOptions(read_only=True, **options),
+        remote=remote,
+        storage_options=_storage_options(args.storage_option),
+    )
+
+
+def _storage_option(text: str) -> tuple[list[str], Any]:
+    """``KEY=VALUE``: dots in KEY reach into nested options; VALUE is JSON if it parses
+    as JSON (``true``, ``3``, ``{...}``), else a string."""
+    key, sep, value = text.partition("=")
+    path = key.split(".")
+    if not sep or not all(path):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE, e.g. client_kwargs.endpoint_url=http://host:9000; got {text!r}"
+        )
+    try:
+        return path, json.loads(value)
+    except ValueError:
+        return path, value
+
+
+def _storage_options(pairs: list[tuple[list[str], Any]]) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for path, value in pairs:
+        *parents, leaf = path
+        node = options
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise _given_twice(path[: depth + 1])
+        if leaf in node:
+            raise _given_twice(path)
+        node[leaf] = value
+    return options
+
+
+def _given_twice(path: list[str]) -> CheckpointError:
+    return CheckpointError(f"--storage-option {'.'.join(path)} is given a value already")
 
 
 def _retention_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -39,31 +85,48 @@ def _retention_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    with _open(args.directory, **_retention_options(args)) as mgr:
+    with _open(args.directory, args, remote=args.remote, **_retention_options(args)) as mgr:
         rows = mgr.retention_report()
         leased = mgr.leased_steps()
         unreadable = mgr.unreadable_steps()
+        mirror = mgr.mirror_status()
+        local = {r.step for r in rows}
+        remote_only = {s: mgr.metrics(s) for s in mgr.all_steps() if s not in local}
+    remote = set(mirror.remote_steps) if mirror else set()
     if args.json:
-        listed = [{**dataclasses.asdict(r), "leased": r.step in leased} for r in rows]
+
+        def tiers(step: int) -> dict[str, bool]:
+            return {"local": step in local, "remote": step in remote} if mirror else {}
+
+        listed = [
+            {**dataclasses.asdict(r), "leased": r.step in leased, **tiers(r.step)} for r in rows
+        ]
+        listed += [{"step": s, "metrics": m, **tiers(s)} for s, m in remote_only.items()]
         broken = [{"step": s, "unreadable": why} for s, why in unreadable.items()]
         print(json.dumps(sorted(listed + broken, key=lambda row: row["step"])))
         return 0
+    if mirror:
+        lacks = f"lacks {', '.join(map(str, mirror.behind))}" if mirror.behind else "in line"
+        print(f"remote {mirror.url}: {len(remote)} step(s), {lacks}")
     print(f"{'step':>10}  {'committed (UTC)':<19}  {'size':>10}  {'kept by':<28}  metrics")
     for r in rows:
         when = datetime.datetime.fromtimestamp(r.committed_at, datetime.timezone.utc)
         kept = ", ".join(r.reasons) or "(deleted at next save)"
         kept += " [leased]" if r.step in leased else ""
+        kept += "" if not mirror else " [remote too]" if r.step in remote else " [not remote]"
         metrics = json.dumps(r.metrics) if r.metrics is not None else ""
         print(
             f"{r.step:>10}  {when:%Y-%m-%d %H:%M:%S}  {_size(r.nbytes):>10}  {kept:<28}  {metrics}"
         )
+    for step, known in remote_only.items():
+        print(f"{step:>10}  {'(on the remote only)':<73}  {json.dumps(known) if known else ''}")
     for step, why in unreadable.items():
         print(f"{step:>10}  unreadable: {why}")
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    with _open(args.directory) as mgr:
+    with _open(args.directory, args) as mgr:
         step = args.step if args.step is not None else mgr.latest_step()
         items = mgr.item_metadata(step)
     print(f"step {step}")
@@ -80,7 +143,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    with _open(args.directory) as mgr:
+    with _open(args.directory, args) as mgr:
         every = sorted({*mgr.all_steps(), *mgr.unreadable_steps()})
         if args.all:
             steps = every
@@ -102,8 +165,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    options = {**_retention_options(args), "read_only": args.dry_run}
-    with CheckpointManager(args.directory, CheckpointManagerOptions(**options)) as mgr:
+    options = CheckpointManagerOptions(**_retention_options(args), read_only=args.dry_run)
+    storage_options = _storage_options(args.storage_option)
+    with CheckpointManager(args.directory, options, storage_options=storage_options) as mgr:
         steps = mgr.prune(dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {len(steps)} step(s): {' '.join(map(str, steps)) or '-'}")
@@ -111,18 +175,28 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    with _open(args.source) as src, CheckpointManager(args.destination) as dst:
-        total = sum(r.nbytes for r in src.retention_report())
-        with _progress(total, f"{args.source} -> {args.destination}") as advance:
-            copied = src.copy_to(dst, progress=advance)
-    print(f"copied {len(copied)} step(s): {' '.join(map(str, copied)) or '-'}")
+    pairs = args.destination_option or args.storage_option
+    options = CheckpointManagerOptions(read_only=args.dry_run)
+    with (
+        _open(args.source, args) as src,
+        CheckpointManager(
+            args.destination, options, storage_options=_storage_options(pairs)
+        ) as dst,
+    ):
+        todo = src.copy_to(dst, dry_run=True)
+        total = sum(r.nbytes for r in src.retention_report() if r.step in todo)
+        if not args.dry_run:
+            with _progress(total, f"{args.source} -> {args.destination}") as advance:
+                todo = src.copy_to(dst, progress=advance)
+    verb = "would copy" if args.dry_run else "copied"
+    print(f"{verb} {len(todo)} step(s): {' '.join(map(str, todo)) or '-'} ({_size(total)})")
     return 0
 
 
 def _watch(args: argparse.Namespace) -> int:
     if not args.command:
         raise CheckpointError("watch needs a command after --, e.g. -- echo {step} {path}")
-    with _open(args.directory) as mgr:
+    with _open(args.directory, args) as mgr:
         for step in mgr.iter_new_checkpoints(
             timeout=args.timeout, poll_interval_secs=args.poll, every_step=args.every_step
         ):
@@ -138,7 +212,7 @@ def _watch(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    with _open(args.directory) as mgr:
+    with _open(args.directory, args) as mgr:
         step = mgr.latest_step() if args.step is None else args.step
         restored = mgr.restore(step=step, items=[args.item])
         stored = sum(r.nbytes for r in mgr.retention_report() if r.step == step)
@@ -202,6 +276,15 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         if directory:
             sub.add_argument("directory", help="checkpoint directory (path or URL)")
+        sub.add_argument(
+            "--storage-option",
+            action="append",
+            default=[],
+            type=_storage_option,
+            metavar="KEY=VALUE",
+            help="an fsspec filesystem option, e.g. client_kwargs.endpoint_url=http://host:9000 "
+            "(dots reach into nested options; VALUE is JSON if it parses, else a string)",
+        )
         sub.set_defaults(run=run)
         return sub
 
@@ -213,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = command("ls", _ls, "list committed steps: size, metrics, what keeps each")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--remote", metavar="URL", help="the mirror's remote: what it lacks")
     retention(ls)
     inspect = command("inspect", _inspect, "items and tensors of a step, from headers only")
     inspect.add_argument("--step", type=int, help="default: the latest")
@@ -226,6 +310,19 @@ def _parser() -> argparse.ArgumentParser:
     sync = command("sync", _sync, "copy committed steps to another directory", directory=False)
     sync.add_argument("source")
     sync.add_argument("destination")
+    sync.add_argument(
+        "--destination-option",
+        action="append",
+        default=[],
+        type=_storage_option,
+        metavar="KEY=VALUE",
+        help="a storage option of the destination alone (default: the --storage-option ones)",
+    )
+    sync.add_argument("--dry-run", action="store_true", help="only say what would be copied")
+    sync.description = (
+        "copy committed steps the destination lacks, then protections and recorded metrics; "
+        "nothing in the destination is deleted"
+    )
     watch = command("watch", _watch, "run a command for each new checkpoint")
     watch.add_argument("--timeout", type=float, help="stop after this long without one")
     watch.add_argument("--poll", type=float, default=5.0, help="seconds between listings")
@@ -246,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # names from a checkpoint may not encode
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    logging.basicConfig(format="checkpointing: %(levelname)s: %(message)s")
+    logging.addLevelName(logging.WARNING, "warning")
     try:
         return int(args.run(args))
     except (CheckpointError, OSError) as e:

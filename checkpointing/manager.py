@@ -217,7 +217,10 @@ class CheckpointManager:
 
     def metrics(self, step: int) -> dict[str, Any] | None:
         """The metrics saved with ``step``, updated by those recorded for it later."""
-        return self._catalog.metrics(step, self._record(step).metrics)
+        saved = self._record(step).metrics
+        if self._catalog.record(step) is None:
+            return self._remote.metrics(step, saved)
+        return self._catalog.metrics(step, saved)
 
     def best_step(self) -> int | None:
         """The best committed step by ``best_fn``/``best_metric``; None without a best rule
@@ -504,20 +507,30 @@ class CheckpointManager:
         return sorted(self._pruner.apply(self._coordinator))
 
     def copy_to(
-        self, other: CheckpointManager, *, progress: Callable[[int], object] = lambda n: None
+        self,
+        other: CheckpointManager,
+        *,
+        dry_run: bool = False,
+        progress: Callable[[int], object] = lambda n: None,
     ) -> list[int]:
         """Copy the committed steps that ``other`` lacks into it, each commit record last
-        (e.g. local disk to a bucket); return the steps copied."""
+        (e.g. local disk to a bucket), then carry this directory's protections and the
+        metrics evaluation jobs recorded over to the steps both have; return the steps
+        copied (or that would be, with ``dry_run``). Nothing is deleted or unprotected
+        in ``other``."""
+        todo = {s: r for s, r in self._catalog.records.items() if s not in other._catalog.records}
+        if dry_run:
+            return sorted(todo)
         other._check_writable()
-        copied = []
-        for step, record in self._catalog.records.items():
-            if step in other._catalog.records:
-                continue
+        for step, record in todo.items():
             names = (self._catalog.folder(step), other._naming.name(step))
             copy_step(self._storage, other._storage, names, record, progress)
             other._catalog.add(step, record)
-            copied.append(step)
-        return copied
+        theirs = other._catalog
+        for step in sorted(self._catalog.protected & theirs.records.keys() - theirs.protected):
+            theirs.set_protected(step, True)
+        theirs.carry_metrics(self._catalog)
+        return sorted(todo)
 
     # --------------------------------------------------------------- lifecycle
 

@@ -39,7 +39,7 @@ class StepReport:
     reasons: tuple[str, ...]
     committed_at: float
     nbytes: int
-    metrics: dict[str, Any] | None
+    metrics: dict[str, Any] | None  # saved with the step, updated by those recorded since
 
 
 class Pruner:
@@ -88,7 +88,7 @@ class Pruner:
                 reasons=decision.keep.get(step, ()),
                 committed_at=record.committed_at,
                 nbytes=sum(f.size for f in record.files.values()),
-                metrics=record.metrics,
+                metrics=self._catalog.metrics(step, record.metrics),
             )
             for step, record in self._catalog.listed().items()
         ]

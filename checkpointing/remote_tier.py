@@ -60,7 +60,7 @@ class MirrorStatus:
     url: str
     remote_steps: tuple[int, ...]  # committed on the remote
     behind: tuple[int, ...]  # committed locally, not on the remote yet
-    last_error: str | None  # why the last pass failed; None once a pass succeeded
+    last_error: str | None  # why the last pass or listing failed; None once one succeeded
     failing_since: float | None  # wall-clock time of the first failure in a row
     synced_at: float | None  # wall-clock time the last pass succeeded
 
@@ -97,6 +97,10 @@ class NoRemote:
 
     def release_held(self) -> None:
         """The save was joined: list the remote steps agreed at its commit."""
+
+    def metrics(self, step: int, saved: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The metrics ``saved`` with a remote step, updated by those recorded for it."""
+        return saved
 
     def location(self, step: int) -> tuple[Storage, str]:
         """The storage and folder of a remote step."""
@@ -246,6 +250,9 @@ class Mirror(NoRemote):
 
     # --------------------------------------------------------------- reading
 
+    def metrics(self, step: int, saved: dict[str, Any] | None) -> dict[str, Any] | None:
+        return self.catalog.metrics(step, saved)
+
     def location(self, step: int) -> tuple[Storage, str]:
         return self.storage, self.catalog.folder(step)
 
@@ -356,7 +363,7 @@ class Mirror(NoRemote):
                 if self._protections.get(step) == protected:
                     del self._protections[step]
         self._upload(deletes)
-        self._carry_metrics()
+        catalog.carry_metrics(self._local_catalog)  # recorded locally by evaluators
         pruned = self._pruner.apply(SingleProcess())
         self._skipped = self._skipped | set(pruned)  # where it belongs: not behind
 
@@ -379,15 +386,6 @@ class Mirror(NoRemote):
                 copy_step(self._local, self.storage, names, todo[step])
             self.catalog.add(step, todo[step])
             logger.debug("uploaded step %d to %s", step, self.storage.url)
-
-    def _carry_metrics(self) -> None:
-        """Metrics recorded locally by evaluation jobs, onto the remote steps."""
-        local = self._local_catalog.evaluator_metrics
-        remote = self.catalog.evaluator_metrics
-        for step in self.catalog.records:
-            mine = local.get(step)
-            if mine and {**remote.get(step, {}), **mine} != remote.get(step):
-                self.catalog.record_metrics(step, mine)
 
     def wait(self) -> None:
         with self._cond:
@@ -415,7 +413,7 @@ class Mirror(NoRemote):
             url=self.storage.url,
             remote_steps=tuple(remote),
             behind=tuple(behind),
-            last_error=self._error,
+            last_error=self._error or self._listing_error,
             failing_since=self._failing_since,
             synced_at=self._synced_at,
         )
@@ -430,7 +428,7 @@ class Mirror(NoRemote):
             self._cond.notify_all()
         if self._thread is not None:  # a pass against a dead remote is left behind
             self._thread.join(None if healthy else CLOSE_WAIT_SECS)
-        behind = self.status().behind if self._primary else ()
+        behind = self.status().behind if self._thread is not None else ()  # a syncer
         if behind:
             logger.warning(
                 "closing with steps %s not on the remote tier %s (%s); they are uploaded "

@@ -80,6 +80,53 @@ def test_sync_copies_committed_steps(ckpt: Path, tmp_path: Path) -> None:
     assert "copied 0 step(s)" in again.stdout
 
 
+def test_sync_carries_protections_and_recorded_metrics_and_can_dry_run(
+    ckpt: Path, tmp_path: Path
+) -> None:
+    """The trial's finding: `sync` dropped protected.json and the evaluators' metrics, so
+    the copy's retention deleted pinned steps and ranked without the eval scores."""
+    with CheckpointManager(ckpt) as mgr:
+        mgr.protect(10)
+    with CheckpointManager(ckpt, CheckpointManagerOptions(read_only=True)) as evaluator:
+        evaluator.record_metrics(20, {"accuracy": 0.9})
+    copy = tmp_path / "copy"
+    dry = run("sync", str(ckpt), str(copy), "--dry-run")
+    assert dry.returncode == 0 and "would copy 3 step(s): 10 20 30" in dry.stdout, dry.stderr
+    assert not copy.exists()
+    assert "copied 3 step(s): 10 20 30" in run("sync", str(ckpt), str(copy)).stdout
+    options = CheckpointManagerOptions(max_to_keep=1, read_only=True)
+    with CheckpointManager(copy, options) as copied:
+        assert copied.metrics(20) == {"loss": 0.2, "accuracy": 0.9}
+        kept = {r.step: r.reasons for r in copied.retention_report() if r.kept}
+        assert kept.keys() == {10, 30} and kept[10] == ("protected",)
+    with CheckpointManager(ckpt, CheckpointManagerOptions(read_only=True)) as evaluator:
+        evaluator.record_metrics(30, {"accuracy": 0.8})
+    again = run("sync", str(ckpt), str(copy))  # no step to copy, metrics to carry still
+    assert "copied 0 step(s)" in again.stdout
+    with CheckpointManager(copy, CheckpointManagerOptions(read_only=True)) as copied:
+        assert copied.metrics(30) == {"loss": 0.4, "accuracy": 0.8}
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("endpoint_url", "expected KEY=VALUE"),
+        ("=x", "expected KEY=VALUE"),
+        ("client_kwargs..region=x", "expected KEY=VALUE"),
+    ],
+)
+def test_malformed_storage_options_are_usage_errors(ckpt: Path, flag: str, message: str) -> None:
+    out = run("ls", str(ckpt), "--storage-option", flag)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_storage_option_set_twice_is_a_usage_error(ckpt: Path) -> None:
+    clash = run("ls", str(ckpt), "--storage-option", "a=1", "--storage-option", "a.b=2")
+    assert clash.returncode == 2 and "--storage-option a is given a value already" in clash.stderr
+    again = run("ls", str(ckpt), "--storage-option", "a.b=1", "--storage-option", "a.b=2")
+    assert again.returncode == 2 and "--storage-option a.b is given a value" in again.stderr
+
+
 def test_watch_runs_a_command_per_new_checkpoint(ckpt: Path, tmp_path: Path) -> None:
     log = tmp_path / "log"
     cmd = f"import sys; open({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')"
