@@ -9,8 +9,10 @@ In one run, methods interleaved per round (taking turns at going first, each aft
   then read in place);
 - raw: s3fs/gcsfs `put` of the very files our save wrote, and `get` of them (also with
   the downloaded files fsync'd, as durable as our download);
-- mirrored save: blocking time of a save to a local directory with ``remote=`` set,
-  against the same save without a remote (the upload runs in the background).
+- mirrored save: blocking time of an async save to a local directory with ``remote=``
+  set, against the same save without a remote (the upload runs in the background); and
+  while the remote is down: its port refusing connections, or a proxy in front of it
+  that accepts connections and never answers.
 The servers run on loopback, so this measures client overhead, not a network.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -31,9 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "remote"))
 import conftest as servers
 from _common import GB, Spread, format_table, fsync_tree, timed, transformer_with_adam
+from faultproxy import FaultProxy
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions
-from checkpointing.storage.cache import fetch_step
+from checkpointing.format.record import RECORD_NAME, Record
+from checkpointing.storage import FsspecStorage, open_storage
+from checkpointing.storage.cache import StepCache
 
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
 T = TypeVar("T")
@@ -79,6 +85,22 @@ def turns(r: int, methods: list[tuple[str, T]]) -> list[tuple[str, T]]:
     return methods[shift:] + methods[:shift]
 
 
+def step_of(bucket: str, options: dict[str, Any]) -> tuple[FsspecStorage, str, Record, list[str]]:
+    """What a restore of step 1 of ``bucket/ours`` asks the cache for."""
+    remote = open_storage(f"{bucket}/ours", create=False, storage_options=options)
+    assert isinstance(remote, FsspecStorage)
+    folder = "step_00000001"
+    record = Record.from_json(remote.read_bytes(f"{folder}/{RECORD_NAME}", 1 << 30), folder)
+    return remote, folder, record, list(record.files)
+
+
+def dead_endpoint() -> str:
+    """A loopback URL where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=0.5)
@@ -118,9 +140,6 @@ def main() -> None:
                 def raw_put(fs: Any = fs, bucket: str = bucket) -> None:
                     fs.put(str(files), f"{bucket}/raw", recursive=True)
 
-                def ours_download(mgr: CheckpointManager = mgr) -> None:
-                    fetch_step(mgr._storage, "step_00000001", mgr._records[1], work / "fetched")
-
                 def raw_get(fs: Any = fs, bucket: str = bucket) -> None:
                     fs.get(f"{bucket}/raw", str(work / "get"), recursive=True)
 
@@ -131,6 +150,12 @@ def main() -> None:
                 # Each pair takes turns at going first; every operation starts settled.
                 for name, fn in turns(r, [("ours save", ours_save), ("raw put", raw_put)]):
                     record(f"{protocol}: {name}", fn, settle=args.settle)
+                wanted = step_of(bucket, options)  # as a restore has it before downloading
+
+                def ours_download(wanted: Any = wanted) -> None:
+                    with StepCache(work / "fetched").holding(*wanted):
+                        pass
+
                 reads = [
                     ("ours download", ours_download),
                     ("raw get", raw_get),
@@ -143,18 +168,33 @@ def main() -> None:
                     record(f"{protocol}: {name}", fn, settle=args.settle)
                 mgr.close()
                 fs.rm(bucket, recursive=True)  # keep the servers' memory level
-            for mirrored in (False, True):
-                directory = work / f"mirror-{mirrored}"
-                shutil.rmtree(directory, ignore_errors=True)
-                remote = new_bucket("s3", started["s3"][1]) + "/run" if mirrored else None
-                opts = CheckpointManagerOptions(enable_async_checkpointing=True)
-                with CheckpointManager(
-                    directory, opts, remote=remote, storage_options=started["s3"][1]
-                ) as mgr:
-                    mgr.save(1, state)  # warms the snapshot buffers
-                    mgr.wait_until_finished()
-                    label = "mirrored save (to s3)" if mirrored else "local save"
-                    record(f"blocking: {label}", lambda: mgr.save(2, state), settle=args.settle)
+            s3_server, s3_options = started["s3"]
+            with FaultProxy(s3_server.port) as stalled:
+                stalled.inject("stall", 10**6, seconds=3600)
+                remotes = [
+                    ("local save", None, s3_options),
+                    ("mirrored save (to s3)", "up", s3_options),
+                    ("mirrored save, s3 refusing", "down", servers.s3_options(dead_endpoint())),
+                    ("mirrored save, s3 stalled", "down", servers.s3_options(stalled.url)),
+                ]
+                for label, remote, options in turns(r, remotes):
+                    directory = work / "mirror"
+                    shutil.rmtree(directory, ignore_errors=True)
+                    url = new_bucket("s3", s3_options) + "/run" if remote else None
+                    opts = CheckpointManagerOptions(enable_async_checkpointing=True)
+                    with CheckpointManager(
+                        directory, opts, remote=url, storage_options=options
+                    ) as mgr:
+                        mgr.save(1, state)  # warms the snapshot buffers
+                        if remote == "up":
+                            mgr.wait_until_finished()  # the upload too
+                        while mgr.is_saving_in_progress():  # the local save (remote down)
+                            time.sleep(0.01)
+                        saved = lambda mgr=mgr: mgr.save(2, state)  # noqa: E731
+                        record(f"blocking: {label}", saved, settle=args.settle)
+                        if remote == "down":
+                            status = mgr.mirror_status()
+                            assert status is not None and status.last_error is not None
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         for server, _ in started.values():

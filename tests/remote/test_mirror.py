@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Store
+from conftest import Store, fresh_fs
 
 from checkpointing import (
     CheckpointManager,
@@ -128,3 +128,24 @@ def test_killed_mid_upload_then_a_fresh_node_resumes_from_the_newest_step(
         assert fresh.latest_step() == 3
         restored = fresh.restore()
         assert restored is not None and float(restored["w"][0]) == 3.0
+
+
+def test_an_unreadable_remote_record_is_skipped_like_a_local_one(
+    store: Store, tmp_path: Path
+) -> None:
+    """The trial's finding: one damaged record on the remote stopped a mirrored manager
+    from opening."""
+    url = store.bucket + "/run"
+    fs = fresh_fs(store.protocol, store.options)
+    fs.pipe_file(f"{url}/step_00000005/checkpoint.json", b'{"checksum":"0", "junk')
+    with CheckpointManager(
+        tmp_path / "local", OPTS, remote=url, storage_options=store.options
+    ) as mgr:
+        for step in (6, 7, 8, 9):
+            mgr.save(step, {"w": torch.full((4,), float(step))})
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [7, 8, 9]
+    options = CheckpointManagerOptions(read_only=True)
+    with CheckpointManager(url, options, storage_options=store.options) as remote:
+        assert remote.all_steps() == [7, 8, 9], "the remote's retention applied"
+        assert list(remote.unreadable_steps()) == [5], "and never deleted what it cannot read"
