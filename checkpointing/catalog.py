@@ -38,7 +38,7 @@ from checkpointing.errors import (
 )
 from checkpointing.format import schema
 from checkpointing.format.naming import StepNaming
-from checkpointing.format.record import MAX_RECORD_BYTES, RECORD_NAME, Record
+from checkpointing.format.record import MAX_RECORD_BYTES, RECORD_NAME, Record, from_json_value
 from checkpointing.storage import Storage
 
 logger = logging.getLogger("checkpointing")
@@ -288,7 +288,10 @@ class StepCatalog:
     def metrics(self, step: int, saved: dict[str, Any] | None) -> dict[str, Any] | None:
         """The metrics ``saved`` with ``step``, updated by those evaluation jobs recorded."""
         recorded = self._evaluator_metrics.get(step)
-        return saved if recorded is None else {**(saved or {}), **recorded}
+        merged: dict[str, Any] | None = from_json_value(
+            saved if recorded is None else {**(saved or {}), **recorded}
+        )
+        return merged
 
     def load_evaluator_metrics(self) -> dict[int, dict[str, Any]]:
         """The metrics evaluation jobs recorded, by step; damaged files are skipped

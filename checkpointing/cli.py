@@ -13,30 +13,45 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from checkpointing.errors import CheckpointError
+from checkpointing import __version__
+from checkpointing.errors import CheckpointError, CheckpointNotFoundError
 from checkpointing.manager import CheckpointManager
 from checkpointing.options import CheckpointManagerOptions
+from checkpointing.policies.retention import REASON_KEEP_ALL
 from checkpointing.restoring import TensorMetadata
 
 
 def _open(
     directory: str, args: argparse.Namespace, *, remote: str | None = None, **options: Any
 ) -> CheckpointManager:
+    if args.run is not _watch:  # watching may start before the trainer made it
+        _check_exists(directory)
     return CheckpointManager(
         directory,
         CheckpointManagerOptions(read_only=True, **options),
         remote=remote,
         storage_options=_storage_options(args.storage_option),
     )
+
+
+def _check_exists(directory: str) -> None:
+    """A local directory must exist (an object store has no directories to check)."""
+    if ("://" not in directory or directory.startswith("file://")) and not Path(
+        directory.removeprefix("file://")
+    ).is_dir():
+        raise CheckpointNotFoundError(f"no such directory: {directory}")
 
 
 def _storage_option(text: str) -> tuple[list[str], Any]:
@@ -108,38 +123,75 @@ def _ls(args: argparse.Namespace) -> int:
     if mirror:
         lacks = f"lacks {', '.join(map(str, mirror.behind))}" if mirror.behind else "in line"
         print(f"remote {mirror.url}: {len(remote)} step(s), {lacks}")
-    print(f"{'step':>10}  {'committed (UTC)':<19}  {'size':>10}  {'kept by':<28}  metrics")
+    known_rules = any(v is not None for v in (args.max_to_keep, args.keep_period, args.best_metric))
+    table = []
     for r in rows:
         when = datetime.datetime.fromtimestamp(r.committed_at, datetime.timezone.utc)
-        kept = ", ".join(r.reasons) or "(deleted at next save)"
-        kept += " [leased]" if r.step in leased else ""
-        kept += "" if not mirror else " [remote too]" if r.step in remote else " [not remote]"
+        kept = [reason for reason in r.reasons if known_rules or reason != REASON_KEEP_ALL]
+        kept += ["leased"] if r.step in leased else []
+        kept += [] if not mirror else ["remote too"] if r.step in remote else ["not remote"]
+        reasons = ", ".join(kept) or ("(deleted at next save)" if known_rules else "-")
         metrics = json.dumps(r.metrics) if r.metrics is not None else ""
-        print(
-            f"{r.step:>10}  {when:%Y-%m-%d %H:%M:%S}  {_size(r.nbytes):>10}  {kept:<28}  {metrics}"
-        )
+        table.append([str(r.step), f"{when:%Y-%m-%d %H:%M:%S}", _size(r.nbytes), reasons, metrics])
     for step, known in remote_only.items():
-        print(f"{step:>10}  {'(on the remote only)':<73}  {json.dumps(known) if known else ''}")
+        table.append([str(step), "", "", "on the remote only", json.dumps(known) if known else ""])
+    table.sort(key=lambda row: int(row[0]))
+    header = ["step", "committed (UTC)", "size", "kept by", "metrics"]
+    print(_format_table(header, table, right_aligned={0, 2}))
     for step, why in unreadable.items():
         print(f"{step:>10}  unreadable: {why}")
+    if not known_rules and rows:
+        print(
+            "(the writer's retention rules are not known here: give --max-to-keep, "
+            "--keep-period, --best-metric to see what they keep)"
+        )
     return 0
+
+
+def _format_table(header: list[str], rows: list[list[str]], right_aligned: set[int]) -> str:
+    """Columns as wide as their widest cell (the last one unpadded)."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(width) if i in right_aligned else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     with _open(args.directory, args) as mgr:
         step = args.step if args.step is not None else mgr.latest_step()
         items = mgr.item_metadata(step)
+    described = {
+        item: {path: _describe(leaf) for path, leaf in _leaves(tree, full=args.full)}
+        for item, tree in items.items()
+    }
+    if args.json:
+        print(json.dumps({"step": step, "items": described}, default=repr))
+        return 0
     print(f"step {step}")
-    for item, tree in items.items():
+    for item, leaves in described.items():
         print(f"{item}:")
-        for path, leaf in _leaves(tree):
-            if isinstance(leaf, TensorMetadata):
-                print(
-                    f"  {path:<50} {leaf.dtype:<12} {list(leaf.shape)!s:<20} {_size(leaf.nbytes)}"
-                )
+        for path, leaf in leaves.items():
+            if isinstance(leaf, dict) and "dtype" in leaf:
+                shape, size = str(leaf["shape"]), _size(leaf["nbytes"])
+                print(f"  {path:<50} {leaf['dtype']:<12} {shape:<20} {size}")
             else:
-                print(f"  {path:<50} {leaf!r}")
+                print(f"  {path:<50} {leaf if isinstance(leaf, _Summary) else repr(leaf)}")
     return 0
+
+
+class _Summary(str):
+    """What `inspect` shows for a long list of plain values (e.g. a Python RNG state)."""
+
+
+def _describe(leaf: Any) -> Any:
+    if isinstance(leaf, TensorMetadata):
+        return {"dtype": leaf.dtype, "shape": list(leaf.shape), "nbytes": leaf.nbytes}
+    return leaf
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -153,22 +205,29 @@ def _verify(args: argparse.Namespace) -> int:
             steps = every[-1:]
             if not steps:
                 raise CheckpointError(f"no checkpoint in {args.directory}")
-        bad = 0
+        found: dict[int, str | None] = {}
         for step in steps:
             try:
                 mgr.verify(step)
-                print(f"step {step}: ok")
+                found[step] = None
             except CheckpointError as e:
-                print(f"step {step}: {e}")
-                bad += 1
-    return 1 if bad else 0
+                found[step] = str(e)
+            if not args.json:
+                print(f"step {step}: {found[step] or 'ok'}")
+    if args.json:
+        print(json.dumps([{"step": s, "ok": e is None, "error": e} for s, e in found.items()]))
+    return 1 if any(found.values()) else 0
 
 
 def _prune(args: argparse.Namespace) -> int:
+    _check_exists(args.directory)
     options = CheckpointManagerOptions(**_retention_options(args), read_only=args.dry_run)
     storage_options = _storage_options(args.storage_option)
     with CheckpointManager(args.directory, options, storage_options=storage_options) as mgr:
         steps = mgr.prune(dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "deleted": steps}))
+        return 0
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {len(steps)} step(s): {' '.join(map(str, steps)) or '-'}")
     return 0
@@ -188,6 +247,9 @@ def _sync(args: argparse.Namespace) -> int:
         if not args.dry_run:
             with _progress(total, f"{args.source} -> {args.destination}") as advance:
                 todo = src.copy_to(dst, progress=advance)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "copied": todo, "bytes": total}))
+        return 0
     verb = "would copy" if args.dry_run else "copied"
     print(f"{verb} {len(todo)} step(s): {' '.join(map(str, todo)) or '-'} ({_size(total)})")
     return 0
@@ -217,7 +279,13 @@ def _export(args: argparse.Namespace) -> int:
         restored = mgr.restore(step=step, items=[args.item])
         stored = sum(r.nbytes for r in mgr.retention_report() if r.step == step)
     assert restored is not None
-    tensors = {p: t for p, t in _leaves(restored[args.item]) if isinstance(t, torch.Tensor)}
+    leaves = dict(_leaves(restored[args.item]))
+    arrays = (torch.Tensor, np.ndarray)
+    tensors = {p: torch.as_tensor(t) for p, t in leaves.items() if isinstance(t, arrays)}
+    if not tensors:
+        raise CheckpointError(f"item {args.item!r} of step {step} holds no tensors to export")
+    # The rest (an optimizer's param_groups, counters) rides along in the file's metadata.
+    values = {p: v for p, v in leaves.items() if p not in tensors}
     # Views of one stored tensor can claim far more bytes than are stored (a crafted
     # stride of 0); exporting writes each out in full, so it is bounded by the step.
     wanted = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -226,24 +294,36 @@ def _export(args: argparse.Namespace) -> int:
             f"item {args.item!r} expands to {wanted} bytes from {stored} stored; not exported"
         )
     try:  # copies: safetensors refuses tensors that share memory, or are not contiguous
-        save_file({p: t.contiguous().clone() for p, t in tensors.items()}, args.output)
+        metadata = {"checkpointing.values": json.dumps(values, default=repr)} if values else None
+        save_file({p: t.contiguous().clone() for p, t in tensors.items()}, args.output, metadata)
     except (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError) as e:
         raise CheckpointError(f"cannot export {args.item!r} as safetensors: {e}") from e
-    print(f"wrote {len(tensors)} tensors of {args.item!r} to {args.output}")
+    kept = f", and {len(values)} other values in its metadata" if values else ""
+    print(f"wrote {len(tensors)} tensors of {args.item!r} to {args.output}{kept}")
     return 0
 
 
-def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def _leaves(tree: Any, prefix: str = "", *, full: bool = True) -> Iterator[tuple[str, Any]]:
+    """Every leaf by its path; unless ``full``, a list of more than 8 plain values is one
+    `_Summary` leaf."""
     children: Any = None
     if isinstance(tree, dict):
         children = tree.items()
     elif isinstance(tree, list | tuple):
         children = enumerate(tree)
+        if (
+            not full
+            and len(tree) > 8
+            and not any(isinstance(v, dict | list | tuple | TensorMetadata) for v in tree)
+        ):
+            kinds = "/".join(sorted({type(v).__name__ for v in tree}))
+            yield prefix or "<value>", _Summary(f"<{len(tree)} {kinds} values; --full shows them>")
+            return
     if children is None:
         yield prefix or "<value>", tree
         return
     for key, child in children:
-        yield from _leaves(child, f"{prefix}/{key}" if prefix else str(key))
+        yield from _leaves(child, f"{prefix}/{key}" if prefix else str(key), full=full)
 
 
 @contextmanager
@@ -268,6 +348,7 @@ def _size(n: float) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="checkpointing", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="name", required=True)
 
     def command(
@@ -285,6 +366,8 @@ def _parser() -> argparse.ArgumentParser:
             help="an fsspec filesystem option, e.g. client_kwargs.endpoint_url=http://host:9000 "
             "(dots reach into nested options; VALUE is JSON if it parses, else a string)",
         )
+        if name not in ("watch", "export"):
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
         sub.set_defaults(run=run)
         return sub
 
@@ -295,11 +378,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--best-mode", choices=("min", "max"), default="max")
 
     ls = command("ls", _ls, "list committed steps: size, metrics, what keeps each")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("--remote", metavar="URL", help="the mirror's remote: what it lacks")
     retention(ls)
     inspect = command("inspect", _inspect, "items and tensors of a step, from headers only")
     inspect.add_argument("--step", type=int, help="default: the latest")
+    inspect.add_argument("--full", action="store_true", help="every value of long lists")
     verify = command("verify", _verify, "check sizes and checksums; exit 1 on a mismatch")
     which = verify.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="default: the latest")
@@ -346,7 +429,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="checkpointing: %(levelname)s: %(message)s")
     logging.addLevelName(logging.WARNING, "warning")
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught
+        return code
+    except BrokenPipeError:  # `checkpointing ls | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
     except (CheckpointError, OSError) as e:
         print(f"checkpointing: error: {e}", file=sys.stderr)
         return 2

@@ -36,8 +36,8 @@ from checkpointing.errors import (
     StepAlreadyExistsError,
     StepOrderError,
 )
-from checkpointing.format.naming import PrefixNaming, StepNaming
-from checkpointing.format.record import RECORD_NAME, Record, to_json_value
+from checkpointing.format.naming import PrefixNaming, ReaderNaming, StepNaming
+from checkpointing.format.record import RECORD_NAME, Record, from_json_value, to_json_value
 from checkpointing.options import (
     CheckpointManagerOptions,
     retention_policy_from_options,
@@ -95,6 +95,8 @@ class CheckpointManager:
         self._naming: StepNaming = options.step_naming or PrefixNaming(
             options.step_prefix, options.step_format_fixed_length
         )
+        if options.read_only and options.step_naming is None:
+            self._naming = ReaderNaming(self._naming)
         create = options.create and not options.read_only
         self._storage = open_storage(
             directory,
@@ -222,6 +224,13 @@ class CheckpointManager:
             return self._remote.metrics(step, saved)
         return self._catalog.metrics(step, saved)
 
+    def metadata(self, step: int | None = None) -> dict[str, Any] | None:
+        """The ``metadata`` given to `save` for ``step`` (the latest by default)."""
+        metadata: dict[str, Any] | None = from_json_value(
+            self._record(self._resolve(step)).metadata
+        )
+        return metadata
+
     def best_step(self) -> int | None:
         """The best committed step by ``best_fn``/``best_metric``; None without a best rule
         or when no step has the metric. Between equal scores the newer step wins."""
@@ -248,12 +257,14 @@ class CheckpointManager:
 
     def should_save(self, step: int) -> bool:
         """Whether the save policy wants ``step`` saved. Never for a step at or below
-        the latest one committed or being saved.
+        the latest one committed or being saved, nor on a read-only manager.
 
         In a distributed job this is collective: every process gets the primary's answer
         (its clock decides time-based saves), or yes once a preemption signal reached
         any process.
         """
+        if self.options.read_only:
+            return False
         # The newest committed step this process knows of, listed or not.
         latest = max({*self._catalog.records, *self._remote.known()}, default=None)
         began = None if latest is None else self._record(latest).created_at
@@ -386,6 +397,12 @@ class CheckpointManager:
         new memory first (as much again as the items restored) and the target changes
         only once all of it checked out.
         """
+        if isinstance(target, int) and not isinstance(target, bool):
+            raise InvalidOptionError(
+                f"restore({target}): the first argument is the target to restore into; "
+                f"for step {target} call restore(step={target}) (or restore(state, "
+                f"step={target}))"
+            )
         if target is not None and not isinstance(target, Mapping):
             raise InvalidOptionError(
                 f"target must be a mapping of item names, like the state given to save(); "
@@ -603,10 +620,12 @@ def checkpoints_iterator(
     poll_interval_secs: float = 1.0,
     every_step: bool = False,
     storage_options: dict[str, Any] | None = None,
+    step_naming: StepNaming | None = None,
 ) -> Iterator[int]:
     """Follow ``directory`` (local or remote) read-only: yield each new committed step
-    under a reader lease; see `CheckpointManager.iter_new_checkpoints`."""
-    options = CheckpointManagerOptions(read_only=True)
+    under a reader lease; see `CheckpointManager.iter_new_checkpoints`. Steps named
+    ``step_<n>``, ``<n>`` or ``checkpoint_<n>`` are found unless ``step_naming`` is given."""
+    options = CheckpointManagerOptions(read_only=True, step_naming=step_naming)
     with CheckpointManager(directory, options, storage_options=storage_options) as manager:
         yield from follow.iter_new_checkpoints(
             manager,
@@ -616,3 +635,28 @@ def checkpoints_iterator(
             poll_interval_secs=poll_interval_secs,
             every_step=every_step,
         )
+
+
+def wait_for_new_checkpoint(
+    directory: str,
+    *,
+    until_step: int | None = None,
+    timeout: float | None = None,
+    poll_interval_secs: float = 1.0,
+    storage_options: dict[str, Any] | None = None,
+    step_naming: StepNaming | None = None,
+) -> int | None:
+    """Wait until ``directory`` holds a committed step newer than ``until_step`` (any
+    step, if None); return the newest, or None after ``timeout`` seconds (Orbax's
+    function of the same name returns -1)."""
+    options = CheckpointManagerOptions(read_only=True, step_naming=step_naming)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with CheckpointManager(directory, options, storage_options=storage_options) as manager:
+        while True:
+            latest = manager.latest_step()
+            if latest is not None and (until_step is None or latest > until_step):
+                return latest
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(poll_interval_secs)
+            manager.reload()

@@ -43,7 +43,8 @@ class CheckpointManagerOptions:
       save_interval_steps: save when ``step % n == 0``. When no save rule at all is
         configured, every ``save()`` call saves (as if this were 1).
       save_on_steps: explicit steps to save at.
-      save_interval_secs: save when this long has passed since the last committed save.
+      save_interval_secs: save when this long has passed since the last committed save
+        (seconds or timedelta; stored as seconds).
       save_on_initial: save the first step seen when the directory has no checkpoint.
       save_on_preemption: install a SIGTERM/SIGUSR1 handler (chained to any existing
         one); after a signal, ``should_save`` says yes and ``reached_preemption`` is True.
@@ -82,7 +83,7 @@ class CheckpointManagerOptions:
 
     save_interval_steps: int | None = None
     save_on_steps: Collection[int] | None = None
-    save_interval_secs: float | None = None
+    save_interval_secs: float | datetime.timedelta | None = None
     save_on_initial: bool = False
     save_on_preemption: bool = False
     preemption_signals: tuple[int, ...] = DEFAULT_SIGNALS
@@ -115,12 +116,13 @@ class CheckpointManagerOptions:
         check_int("max_to_keep", self.max_to_keep, low=0, optional=True)
         check_int("keep_period", self.keep_period, low=1, optional=True)
         check_int("step_format_fixed_length", self.step_format_fixed_length, low=1, optional=True)
+        for field in ("save_interval_secs", "keep_time_interval"):  # like Orbax
+            if getattr(self, field) is not None:
+                object.__setattr__(self, field, _seconds(getattr(self, field)))
         check_positive_number("save_interval_secs", self.save_interval_secs, optional=True)
         check_positive_number("async_timeout_secs", self.async_timeout_secs, optional=True)
         check_positive_number("coordination_timeout_secs", self.coordination_timeout_secs)
         check_positive_number("writer_lease_secs", self.writer_lease_secs)
-        if isinstance(self.keep_time_interval, datetime.timedelta):  # accepted, like Orbax
-            object.__setattr__(self, "keep_time_interval", self.keep_time_interval.total_seconds())
         check_positive_number("keep_time_interval", self.keep_time_interval, optional=True)
         if self.save_on_steps is not None:
             steps = check_steps("save_on_steps", self.save_on_steps)
@@ -147,6 +149,21 @@ class CheckpointManagerOptions:
                 f"step_prefix must be a non-empty name without '/' or a leading '.', "
                 f"got {self.step_prefix!r}"
             )
+        for field, kind, other in (
+            ("save_policy", SavePolicy, "retention_policy"),
+            ("retention_policy", RetentionPolicy, "save_policy"),
+        ):
+            policy = getattr(self, field)
+            if policy is not None and not isinstance(policy, kind):
+                hint = (
+                    f", which is a {other.replace('_', ' ')}: pass it as {other}="
+                    if isinstance(policy, SavePolicy | RetentionPolicy)
+                    else ""
+                )
+                raise InvalidOptionError(
+                    f"{field} takes a {kind.__name__} (with "
+                    f"{'should_save' if kind is SavePolicy else 'keep'}), got {policy!r}{hint}"
+                )
         if not all(isinstance(s, int) for s in self.preemption_signals):
             raise InvalidOptionError("preemption_signals must be signal numbers")
 
@@ -167,7 +184,7 @@ def configured_save_rules(options: CheckpointManagerOptions) -> list[SavePolicy]
     if options.save_on_steps is not None:
         rules.append(AtSteps(options.save_on_steps))
     if options.save_interval_secs is not None:
-        rules.append(EveryNSeconds(options.save_interval_secs))
+        rules.append(EveryNSeconds(_seconds(options.save_interval_secs)))
     if options.save_on_initial:
         rules.append(InitialSave())
     return rules
@@ -216,9 +233,13 @@ def retention_policy_from_options(options: CheckpointManagerOptions) -> Retentio
     ]
     if options.keep_period is not None:
         rules.append(KeepEveryNSteps(options.keep_period))
-    interval = options.keep_time_interval
-    if isinstance(interval, datetime.timedelta):  # not after __post_init__, but typed so
-        interval = interval.total_seconds()
-    if interval is not None:
-        rules.append(KeepEveryNSeconds(interval))
+    if options.keep_time_interval is not None:
+        rules.append(KeepEveryNSeconds(_seconds(options.keep_time_interval)))
     return rules[0] if len(rules) == 1 else KeepAnyOf(*rules)
+
+
+def _seconds(interval: float | datetime.timedelta) -> float:
+    """An interval given as seconds or a timedelta (both are accepted, as by Orbax)."""
+    if isinstance(interval, datetime.timedelta):
+        return interval.total_seconds()
+    return interval

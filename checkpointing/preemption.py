@@ -69,8 +69,11 @@ class PreemptionWatcher:
     def uninstall(self) -> None:
         """Put back the handlers that `install` replaced.
 
-        A handler that someone else installed after ours is left in place.
+        A handler that someone else installed after ours is left in place. With nothing
+        installed this does nothing, from any thread (a manager closed in a worker).
         """
+        if not self._previous:
+            return
         _require_main_thread("uninstall")
         self._restore(list(self._previous))
 

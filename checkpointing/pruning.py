@@ -21,8 +21,10 @@ from checkpointing.errors import CheckpointError
 from checkpointing.format.record import RECORD_NAME, Record
 from checkpointing.policies.retention import (
     CheckpointInfo,
+    KeepBest,
     RetentionDecision,
     RetentionPolicy,
+    best_rules_ranking_nothing,
     decide_retention,
 )
 from checkpointing.storage import Storage
@@ -57,6 +59,7 @@ class Pruner:
         self._policy = policy
         self._always_keep_latest = always_keep_latest
         self._clock = clock
+        self._warned: list[KeepBest] = []  # best-N rules said to rank nothing
 
     def decide(
         self, leased: Iterable[int] = (), extra: Mapping[int, Record] | None = None
@@ -69,6 +72,19 @@ class Pruner:
             CheckpointInfo(step, r.committed_at, catalog.metrics(step, r.metrics))
             for step, r in sorted(records.items())
         ]
+        for rule in best_rules_ranking_nothing(self._policy, infos):
+            if rule not in self._warned:
+                self._warned.append(rule)
+                seen = sorted((infos[-1].metrics or {}).keys())
+                logger.warning(
+                    "the retention rule 'keep the best %d by %r' ranks none of the %d steps: "
+                    "none has a finite number there (metrics of the newest: %s). The other "
+                    "rules decide alone; check best_metric / best_fn",
+                    rule.n,
+                    rule.metric,
+                    len(infos),
+                    seen or "none",
+                )
         return decide_retention(
             infos,
             self._policy,

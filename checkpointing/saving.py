@@ -153,6 +153,7 @@ class Saver:
                 last_save_time=began,
                 now=self._clock(),
                 preempted=triggered and not self._preemption_saved,
+                saving=self._runner.busy,
             ),
         )
         if self._coordinator.world_size > 1:  # only the primary's answer counts

@@ -163,3 +163,80 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.startswith("checkpointing: error:") and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_directory_is_an_error_not_an_empty_table(tmp_path: Path) -> None:
+    for command in ("ls", "verify", "inspect", "prune"):
+        out = run(command, str(tmp_path / "missing"))
+        assert out.returncode == 2 and "no such directory" in out.stderr, (command, out)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_output_into_a_closed_pipe_is_quiet(ckpt: Path) -> None:
+    """`checkpointing ls DIR | head -1` printed "Broken pipe" and exited 2."""
+    child = subprocess.Popen(
+        [SCRIPT, "ls", str(ckpt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader is gone before anything is written
+    assert child.wait(timeout=120) == 0
+    assert child.stderr.read() == b""
+
+
+def test_ls_without_the_writers_rules_says_so(ckpt: Path) -> None:
+    out = run("ls", str(ckpt))
+    lines = out.stdout.splitlines()
+    assert "max_to_keep=None" not in out.stdout and "rules are not known" in lines[-1]
+    assert lines[1].split()[5] == "-" and "latest" in lines[3]  # step, date, time, size
+
+
+def test_version_json_everywhere_and_a_short_inspect(ckpt: Path, tmp_path: Path) -> None:
+    import random
+
+    from checkpointing import __version__
+
+    assert run("--version").stdout.strip() == f"checkpointing {__version__}"
+    directory = tmp_path / "rng"
+    with CheckpointManager(
+        directory, CheckpointManagerOptions(enable_async_checkpointing=False)
+    ) as m:
+        m.save(1, {"rng": {"python": random.getstate()}})
+    short = run("inspect", str(directory))
+    assert short.returncode == 0 and len(short.stdout.splitlines()) < 10, short.stdout
+    assert "625 int values" in short.stdout
+    assert len(run("inspect", str(directory), "--full").stdout.splitlines()) > 625
+    described = json.loads(run("inspect", str(ckpt), "--json", "--step", "20").stdout)
+    assert described["items"]["model"]["weight"] == {
+        "dtype": "float32",
+        "shape": [3, 4],
+        "nbytes": 48,
+    }
+    assert json.loads(run("verify", str(ckpt), "--all", "--json").stdout) == [
+        {"step": s, "ok": True, "error": None} for s in (10, 20, 30)
+    ]
+    pruned = json.loads(run("prune", str(ckpt), "--max-to-keep", "1", "--dry-run", "--json").stdout)
+    assert pruned == {"dry_run": True, "deleted": [10, 20]}
+
+
+def test_export_refuses_an_item_without_tensors_and_keeps_other_values(
+    tmp_path: Path,
+) -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.25)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    directory = tmp_path / "ckpt"
+    with CheckpointManager(
+        directory, CheckpointManagerOptions(enable_async_checkpointing=False)
+    ) as m:
+        m.save(1, {"optimizer": opt, "extra": {"epoch": 3}})
+    empty = run("export", str(directory), "--item", "extra", str(tmp_path / "e.safetensors"))
+    assert empty.returncode == 2 and "holds no tensors" in empty.stderr
+    assert not (tmp_path / "e.safetensors").exists()
+    out = run("export", str(directory), "--item", "optimizer", str(tmp_path / "o.safetensors"))
+    assert out.returncode == 0 and "other values in its metadata" in out.stdout, out.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        values = json.loads(f.metadata()["checkpointing.values"])
+    assert values["param_groups/0/lr"] == 0.25

@@ -65,3 +65,22 @@ class EpochIterNaming:
     def parse(self, name: str) -> int | None:
         match = re.fullmatch(r"epoch_([0-9]+)_iter_([0-9]+)", name)
         return int(match.group(2)) if match else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderNaming:
+    """``preferred``'s names, and also bare numbers (Orbax) and ``checkpoint_<n>``
+    (Accelerate): how a read-only manager told no naming finds the steps of a writer
+    configured otherwise (an evaluation job would else wait forever, seeing nothing)."""
+
+    preferred: StepNaming
+
+    def name(self, step: int) -> str:
+        return self.preferred.name(step)
+
+    def parse(self, name: str) -> int | None:
+        for naming in (self.preferred, PrefixNaming(None), checkpoint_n_naming()):
+            step = naming.parse(name)
+            if step is not None:
+                return step
+        return None

@@ -134,10 +134,14 @@ def _containers(data: bytes) -> int:
     return data.count(b"[") + data.count(b"{")
 
 
+_FLOAT = "$float"  # a non-finite float, which JSON lacks
+
+
 def to_json_value(value: Any, what: str) -> Any:
     """Metrics and metadata as plain JSON: numbers from tensors/numpy become floats/ints.
 
-    Non-finite floats become strings ("nan", "inf") so the record stays strict JSON.
+    Non-finite floats become ``{"$float": "nan"}`` (or ``"inf"``, ``"-inf"``), so the
+    record stays strict JSON and `from_json_value` gives the float back.
     """
     if isinstance(value, Mapping):
         out = {}
@@ -155,7 +159,18 @@ def to_json_value(value: Any, what: str) -> Any:
     if isinstance(value, bool | int):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
+        return value if math.isfinite(value) else {_FLOAT: repr(value)}
     raise InvalidOptionError(
         f"{what} must hold numbers, strings, lists and dicts; got {type(value).__name__}"
     )
+
+
+def from_json_value(value: Any) -> Any:
+    """Metrics or metadata as given to `save`: `to_json_value`'s non-finite floats back."""
+    if isinstance(value, dict):
+        if value.keys() == {_FLOAT} and value[_FLOAT] in ("nan", "inf", "-inf"):
+            return float(value[_FLOAT])
+        return {k: from_json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_value(v) for v in value]
+    return value

@@ -129,6 +129,9 @@ def _in_memory(tensor: torch.Tensor) -> bool:
     return tensor.is_cpu and tensor.is_contiguous()
 
 
+PADDING_KEY = "checkpointing.padding"  # in __metadata__: the names of the padding entries
+
+
 def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileInfo:
     """Stream ``blobs`` into ``f`` as one safetensors file.
 
@@ -136,7 +139,8 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileInfo:
     beyond the tensors themselves: one tensor's contiguous copy when it is strided, or
     its host copy when it lives on an accelerator.
     """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    metadata = {"format": "pt"}
+    header: dict[str, Any] = {"__metadata__": metadata}
     runs: list[tuple[Blob | None, int, int]] = []  # see _Runs
     taken = {blob.key for blob in blobs}
     end = 0
@@ -152,6 +156,9 @@ def write_file(f: BinaryIO, blobs: Sequence[Blob], filename: str) -> FileInfo:
         end = start + blob.nbytes
         header[blob.key] = {"dtype": dtype or "U8", "shape": shape, "data_offsets": [start, end]}
         runs.append((blob, start, end))
+    pads = [name for name in header if name.startswith("__pad") and name not in taken]
+    if pads:  # so that `format.plain.load_file` tells them from tensors named alike
+        metadata[PADDING_KEY] = ",".join(pads)
     head = json.dumps(header, separators=(",", ":")).encode()
     # Large files start their data on a page boundary: page-aligned tensor memory (an
     # async save's snapshot) is then written with direct I/O, without a copy.

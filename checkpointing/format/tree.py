@@ -73,9 +73,17 @@ def is_stateful(obj: object) -> bool:
     )
 
 
+def unwrapped(obj: Any) -> Any:
+    """The module a ``torch.compile``'d one wraps (``_orig_mod``), else ``obj``: its state
+    is saved and restored without the wrapper's ``_orig_mod.`` key prefix, so compiled and
+    plain modules restore into each other."""
+    inner = getattr(obj, "_orig_mod", None)
+    return inner if isinstance(obj, torch.nn.Module) and isinstance(inner, torch.nn.Module) else obj
+
+
 def to_state(obj: Any) -> Any:
     """The saveable value of ``obj``: its state_dict() when it has one."""
-    return obj.state_dict() if is_stateful(obj) else obj
+    return unwrapped(obj).state_dict() if is_stateful(obj) else obj
 
 
 def flatten(state: Mapping[str, Any]) -> FlatState:
@@ -259,6 +267,7 @@ def walk(node: Node, target: Any = None) -> Iterator[tuple[str, dict[str, Any], 
     matched as `unflatten` matches them; also ``("stateful", node, obj)`` before the
     nodes of each object restored with ``load_state_dict``."""
     if is_stateful(target):
+        target = unwrapped(target)
         yield "stateful", node, target
         target = target.state_dict()
     if isinstance(node, list):
@@ -310,7 +319,8 @@ def unflatten(
     caller may load later, once every byte read is in and verified.
     """
     if is_stateful(target):
-        load(target, unflatten(node, read, target.state_dict(), load))
+        inner = unwrapped(target)
+        load(inner, unflatten(node, read, inner.state_dict(), load))
         return target
     if node is None or isinstance(node, bool | int | str | float):
         return node

@@ -66,16 +66,54 @@ class KeepLatest:
 
 @dataclass(frozen=True)
 class KeepEveryNSteps:
-    """Keep every step divisible by ``n``, forever (Orbax's ``keep_period``)."""
+    """Keep every step divisible by ``n``, forever (Orbax's ``keep_period``).
+
+    With ``exact=False``, keep instead the step closest to each multiple of ``n`` (the
+    earlier one of two as close): for saves that do not land on multiples, e.g. saves
+    by time. Each checkpoint belongs to its nearest multiple, so deleting the others
+    never changes which one a multiple keeps. ``max_to_keep`` keeps only the newest
+    that many of these.
+    """
 
     n: int
+    exact: bool = True
+    max_to_keep: int | None = None
 
     def __post_init__(self) -> None:
         check_int("KeepEveryNSteps n", self.n, low=1)
+        check_int("KeepEveryNSteps max_to_keep", self.max_to_keep, low=1, optional=True)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
-        reason = (f"every {self.n} steps",)
-        return {c.step: reason for c in checkpoints if c.step % self.n == 0}
+        if self.exact:
+            chosen = [c.step for c in checkpoints if c.step % self.n == 0]
+            reason = (f"every {self.n} steps",)
+        else:
+            nearest: dict[int, int] = {}  # multiple of n -> the closest step to it
+            for c in checkpoints:  # ascending: on a tie the earlier step stays
+                multiple = (c.step + self.n // 2) // self.n * self.n
+                if multiple not in nearest or abs(c.step - multiple) < abs(
+                    nearest[multiple] - multiple
+                ):
+                    nearest[multiple] = c.step
+            chosen = sorted(nearest.values())
+            reason = (f"closest to every {self.n} steps",)
+        if self.max_to_keep is not None:
+            chosen = chosen[-self.max_to_keep :]
+        return dict.fromkeys(chosen, reason)
+
+
+@dataclass(frozen=True)
+class KeepNewerThan:
+    """Keep every checkpoint committed less than ``secs`` ago."""
+
+    secs: float
+
+    def __post_init__(self) -> None:
+        check_positive_number("KeepNewerThan secs", self.secs)
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        reason = (f"newer than {self.secs:g}s",)
+        return {c.step: reason for c in checkpoints if now - c.time < self.secs}
 
 
 @dataclass(frozen=True)
@@ -107,7 +145,8 @@ class KeepEveryNSeconds:
 class KeepBest:
     """Keep the ``n`` best checkpoints by a metric.
 
-    ``metric`` is a ``"/"``-separated path into the metrics dict (``"eval/loss"``) or a
+    ``metric`` is a key of the metrics dict (``"val/loss"``, as Lightning and W&B log
+    them), else a ``"/"``-separated path into it (``{"eval": {"loss": ...}}``), or a
     function of the metrics. A checkpoint is unranked when it has no metrics, the path is
     missing, or the value is not a finite number (a function may return NaN to say so).
     Unranked checkpoints are all kept when ``keep_without_metrics``; otherwise they only
@@ -148,8 +187,10 @@ class KeepBest:
         """The value ranked on, higher is better whatever the mode; None when unranked."""
         if metrics is None:
             return None
-        if isinstance(self.metric, str):
-            value: Any = metrics
+        if isinstance(self.metric, str) and self.metric in metrics:
+            value: Any = metrics[self.metric]  # a flat key with slashes ("val/loss")
+        elif isinstance(self.metric, str):
+            value = metrics
             for key in filter(None, self.metric.split("/")):
                 if not isinstance(value, Mapping) or key not in value:
                     return None
@@ -274,6 +315,18 @@ def decide_retention(
         keep={step: kept[step] for step in steps if kept.get(step)},
         delete=tuple(step for step in steps if not kept.get(step)),
     )
+
+
+def best_rules_ranking_nothing(
+    policy: RetentionPolicy | None, checkpoints: Collection[CheckpointInfo]
+) -> list[KeepBest]:
+    """The best-N rules of ``policy`` that rank none of ``checkpoints``: a misspelt
+    metric, say, which leaves the other rules to delete what should have been best."""
+    if isinstance(policy, KeepAnyOf):
+        return [r for p in policy.policies for r in best_rules_ranking_nothing(p, checkpoints)]
+    if not isinstance(policy, KeepBest) or not checkpoints:
+        return []
+    return [policy] if all(policy.score(c.metrics) is None for c in checkpoints) else []
 
 
 def _union(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:

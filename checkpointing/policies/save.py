@@ -24,6 +24,7 @@ class SaveContext:
     last_save_time: float | None  # when the save of ``latest_step`` began; None if none
     now: float
     preempted: bool = False  # a preemption signal has been received
+    saving: bool = False  # an async save is still being written
 
 
 @runtime_checkable
@@ -75,6 +76,24 @@ class EveryNSeconds:
 
     def should_save(self, ctx: SaveContext) -> bool:
         return ctx.last_save_time is None or ctx.now - ctx.last_save_time >= self.secs
+
+
+@dataclass(frozen=True)
+class Continuous:
+    """Save whenever no save is being written, and at least ``min_interval_secs`` after
+    the newest save began (Orbax's continuous checkpointing): as fresh a resume point as
+    the disk allows, never waiting for a save in flight."""
+
+    min_interval_secs: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_interval_secs != 0:
+            check_positive_number("Continuous min_interval_secs", self.min_interval_secs)
+
+    def should_save(self, ctx: SaveContext) -> bool:
+        if ctx.saving:
+            return False
+        return ctx.last_save_time is None or ctx.now - ctx.last_save_time >= self.min_interval_secs
 
 
 @dataclass(frozen=True)

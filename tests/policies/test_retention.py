@@ -22,6 +22,7 @@ from checkpointing.policies import (
     KeepEveryNSeconds,
     KeepEveryNSteps,
     KeepLatest,
+    KeepNewerThan,
     KeepSteps,
     RetentionDecision,
     RetentionPolicy,
@@ -79,6 +80,52 @@ class TestKeepEveryNSteps:
     def test_rejects_bad_n(self, n: object) -> None:
         with pytest.raises(InvalidOptionError, match="KeepEveryNSteps"):
             KeepEveryNSteps(n)  # type: ignore[arg-type]
+
+    def test_closest_to_each_multiple(self) -> None:
+        #  nearest multiple:  0 | 100          | 200       | 300     | 400
+        #  steps:             3 | 97 104 149   | 151 198   | 260 340 | 360
+        result = kept(
+            KeepEveryNSteps(100, exact=False), history([3, 97, 104, 149, 151, 198, 260, 340, 360])
+        )
+        assert set(result) == {3, 97, 198, 260, 360}  # 260 and 340 tie for 300: the earlier
+        assert result[97] == ("closest to every 100 steps",)
+
+    def test_own_cap_keeps_the_newest(self) -> None:
+        assert set(kept(KeepEveryNSteps(10, max_to_keep=2), history([10, 20, 25, 30]))) == {
+            20,
+            30,
+        }
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.integers(0, 500), unique=True, max_size=30).map(sorted),
+        st.integers(1, 60),
+        st.booleans(),
+    )
+    def test_deleting_the_others_changes_nothing(
+        self, steps: list[int], n: int, exact: bool
+    ) -> None:
+        rule = KeepEveryNSteps(n, exact=exact)
+        first = kept(rule, history(steps))
+        assert kept(rule, history(sorted(first))) == first
+        if not exact:  # one per multiple, the closest to it
+            nearest = {s: (s + n // 2) // n * n for s in steps}
+            assert len({nearest[s] for s in first}) == len(first) == len(set(nearest.values()))
+            for step in first:
+                rivals = [s for s in steps if nearest[s] == nearest[step]]
+                assert all(abs(s - nearest[s]) >= abs(step - nearest[step]) for s in rivals)
+
+
+class TestKeepNewerThan:
+    def test_keeps_what_is_younger(self) -> None:
+        checkpoints = history([1, 2, 3], times=[0.0, 50.0, 95.0])
+        assert set(KeepNewerThan(50.0).keep(checkpoints, 100.0)) == {3}
+        assert set(KeepNewerThan(51.0).keep(checkpoints, 100.0)) == {2, 3}
+
+    @pytest.mark.parametrize("secs", [0, -1.0, float("nan"), "60"])
+    def test_rejects_bad_secs(self, secs: object) -> None:
+        with pytest.raises(InvalidOptionError, match="KeepNewerThan"):
+            KeepNewerThan(secs)  # type: ignore[arg-type]
 
 
 class TestKeepEveryNSeconds:

@@ -11,6 +11,7 @@ from checkpointing.errors import InvalidOptionError
 from checkpointing.policies import (
     AnyOf,
     AtSteps,
+    Continuous,
     EveryNSeconds,
     EveryNSteps,
     InitialSave,
@@ -44,6 +45,25 @@ class TestEveryNSteps:
     def test_rejects_bad_n(self, n: object) -> None:
         with pytest.raises(InvalidOptionError, match="EveryNSteps"):
             EveryNSteps(n)  # type: ignore[arg-type]
+
+
+class TestContinuous:
+    def test_saves_whenever_no_save_is_being_written(self) -> None:
+        rule = Continuous()
+        assert rule.should_save(ctx(5))
+        assert rule.should_save(ctx(5, latest_step=4, last_save_time=9.0, now=9.0))
+        busy = SaveContext(5, 4, 9.0, 9.0, saving=True)
+        assert not rule.should_save(busy)
+
+    def test_min_interval(self) -> None:
+        rule = Continuous(min_interval_secs=60)
+        assert not rule.should_save(ctx(5, latest_step=4, last_save_time=0.0, now=59.0))
+        assert rule.should_save(ctx(5, latest_step=4, last_save_time=0.0, now=60.0))
+
+    @pytest.mark.parametrize("secs", [-1, float("inf"), "1"])
+    def test_rejects_bad_interval(self, secs: object) -> None:
+        with pytest.raises(InvalidOptionError, match="Continuous"):
+            Continuous(secs)  # type: ignore[arg-type]
 
 
 class TestAtSteps:
