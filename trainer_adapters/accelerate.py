@@ -88,6 +88,8 @@ class AccelerateCheckpointer:
             generators=_data_generators(accelerator),
         )
         self.last_saved: int | None = None
+        # An epoch-end save waits for the next epoch (see `step`): its metrics.
+        self._deferred: Mapping[str, Any] | None = None
 
     @property
     def progress(self) -> Any:
@@ -154,6 +156,7 @@ class AccelerateCheckpointer:
         return self.loop.epochs()
 
     def batches(self, loader: Iterable[T]) -> Iterator[T]:
+        self._save_deferred()  # the epoch before is over, its evaluation included
         return self.loop.batches(loader)
 
     def step(self, *, end_of_epoch: bool | None = None, metrics: Mapping[str, Any] | None = None
@@ -161,21 +164,32 @@ class AccelerateCheckpointer:
         """Call once per batch, after the (possibly skipped) optimizer step: counts the
         batch, saves on the manager's policy at gradient-sync points. Returns True when
         ``total_steps``/``total_epochs`` is reached. ``end_of_epoch`` defaults to
-        Accelerate's end-of-dataloader flag (prepared loaders)."""
+        Accelerate's end-of-dataloader flag (prepared loaders).
+
+        The save of an epoch's last step is made when the next epoch begins (`batches`)
+        or at `finish`: an evaluation loop between epochs moves the global RNG (starting a
+        DataLoader's iterator draws a seed from it), and a resumed run, which skips that
+        evaluation, must continue from the RNG state after it."""
         acc = self.accelerator
         if end_of_epoch is None:
             end_of_epoch = bool(acc.gradient_state.end_of_dataloader)
         done = self.loop.advance(optimizer_stepped=acc.sync_gradients, end_of_epoch=end_of_epoch)
-        if acc.sync_gradients:
+        if acc.sync_gradients and end_of_epoch and not done:
+            self._deferred = metrics or {}
+        elif acc.sync_gradients:
             self.save(metrics=metrics)
         return done
 
     def save(self, *, force: bool = False, metrics: Mapping[str, Any] | None = None) -> bool:
         """Save the current step if the policy (or ``force``) says so. Never between
         gradient-accumulation micro-steps: the gradients there are in no checkpoint."""
-        acc = self.accelerator
+        if not self.accelerator.sync_gradients:
+            return False
+        return self._save(force=force, metrics=metrics)
+
+    def _save(self, *, force: bool, metrics: Mapping[str, Any] | None) -> bool:
         step = self.loop.progress.step
-        if not acc.sync_gradients or step == self.last_saved:
+        if step == self.last_saved:
             return False
         if not (force or self.manager.should_save(step)):  # collective: all agree
             return False
@@ -184,8 +198,14 @@ class AccelerateCheckpointer:
         self.last_saved = step
         return True
 
+    def _save_deferred(self) -> None:
+        if self._deferred is not None:
+            metrics, self._deferred = self._deferred, None
+            self._save(force=False, metrics=metrics or None)
+
     def finish(self) -> None:
         """At the end of the loop: save the last step if it is not saved yet, and wait."""
+        self._save_deferred()
         self.save(force=True)
         self.wait_until_finished()
 

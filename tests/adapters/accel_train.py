@@ -1,13 +1,15 @@
 """A tiny Accelerate training run using `AccelerateCheckpointer` in a plain loop.
 
-    python accel_train.py OUT [--accum N] [--kill-at-batch K] [--interval S]
+    python accel_train.py OUT [--accum N] [--kill-at-batch K] [--interval S] [--eval]
     accelerate launch --multi_gpu --num_processes 2 accel_train.py  (gloo on CPU) OUT ...
 
 Logs every micro-batch it trains on (``OUT/batches_rank<r>.log``: global micro-batch
 number, sample ids) and, at the end, the final parameters and optimizer state
 (``OUT/final_rank<r>.pt``). ``--kill-at-batch K`` SIGKILLs this process after the K-th
 micro-batch of the run (counted from the start of training, not of this process), once
-any save in flight is committed.
+any save in flight is committed. ``--eval`` iterates an evaluation DataLoader after each
+epoch, as Hugging Face's ``examples/by_feature/checkpointing.py`` does: starting its
+iterator draws a seed from the global RNG, which the training's dropout then continues.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--kill-at-batch", type=int, default=None)
     parser.add_argument("--interval", type=int, default=1)
+    parser.add_argument("--eval", action="store_true")
     args = parser.parse_args()
 
     accelerator, model, optimizer, loader, scheduler = tiny_problem(args.accum)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    evaluation = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 6)))
     counter = Counter()
     accelerator.register_for_checkpointing(counter)
 
@@ -80,6 +84,9 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if done:
                 break
+        if args.eval:
+            for _batch in evaluation:
+                pass
     ckpt.finish()
     unwrapped = accelerator.unwrap_model(model)
     torch.save(

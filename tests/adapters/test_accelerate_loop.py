@@ -43,19 +43,21 @@ def train(out: Path, *args: str, procs: int = 1, expect_kill: bool = False) -> N
 # Micro-batches per epoch: 8. Kill points: mid-epoch, exactly at an epoch end, after the
 # last step; several kills in one run; a kill between saves (resume from an older one).
 @pytest.mark.parametrize(
-    ("accum", "interval", "kills"),
+    ("accum", "interval", "kills", "evaluate"),
     [
-        (1, 1, [13]),  # mid-epoch (of the second epoch: its own shuffle)
-        (1, 1, [16]),  # exactly at an epoch end
-        (1, 1, [24]),  # after the last step
-        (1, 3, [7, 13, 20]),  # several kills, each resumed from an older checkpoint
-        (2, 1, [6, 16, 23]),  # gradient accumulation: a kill between micro-steps too
+        (1, 1, [13], False),  # mid-epoch (of the second epoch: its own shuffle)
+        (1, 1, [16], False),  # exactly at an epoch end
+        (1, 1, [24], False),  # after the last step
+        (1, 3, [7, 13, 20], False),  # several kills, each resumed from an older checkpoint
+        (2, 1, [6, 16, 23], False),  # gradient accumulation: a kill between micro-steps too
+        (1, 1, [16, 17], True),  # an evaluation loop after each epoch (the HF example)
     ],
 )
 def test_kill_and_resume_is_bit_exact(
-    tmp_path: Path, reference, accum: int, interval: int, kills: list[int]
+    tmp_path: Path, reference, accum: int, interval: int, kills: list[int], evaluate: bool
 ) -> None:
-    ref = reference("--accum", str(accum))
+    extra = ["--eval"] if evaluate else []
+    ref = reference("--accum", str(accum), *extra)
     for k in kills:
         train(
             tmp_path,
@@ -65,9 +67,10 @@ def test_kill_and_resume_is_bit_exact(
             str(interval),
             "--kill-at-batch",
             str(k),
+            *extra,
             expect_kill=True,
         )
-    train(tmp_path, "--accum", str(accum), "--interval", str(interval))
+    train(tmp_path, "--accum", str(accum), "--interval", str(interval), *extra)
     assert_same_run(ref, tmp_path)
 
 

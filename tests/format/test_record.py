@@ -25,6 +25,7 @@ from checkpointing.format.record import (
     RECORD_NAME,
     FileInfo,
     Record,
+    from_json_value,
     to_json_value,
 )
 
@@ -246,8 +247,13 @@ def test_metrics_numbers_from_tensors_and_numpy_become_python_numbers() -> None:
         (np.array([math.nan]), "nan"),
     ],
 )
-def test_non_finite_metrics_become_strings(value: Any, expected: str) -> None:
-    assert to_json_value({"m": value}, "metrics") == {"m": expected}
+def test_non_finite_metrics_are_tagged_and_come_back(value: Any, expected: str) -> None:
+    stored = to_json_value({"m": value}, "metrics")
+    assert stored == {"m": {"$float": expected}}
+    back = from_json_value(stored)["m"]
+    assert isinstance(back, float) and repr(back) == expected
+    # A user's own strings and dicts are left alone
+    assert from_json_value({"m": "nan", "d": {"$float": "x"}}) == {"m": "nan", "d": {"$float": "x"}}
 
 
 @pytest.mark.parametrize(
@@ -274,9 +280,12 @@ def test_manager_stores_converted_metrics_and_metadata_as_strict_json(tmp_path: 
     metrics = {"loss": torch.tensor(math.nan), "acc": np.float32(0.75), "n": np.int64(4)}
     with CheckpointManager(tmp_path, opts) as mgr:
         mgr.save(3, {"x": torch.ones(1)}, metrics=metrics, metadata={"inf": math.inf})
-        assert mgr.metrics(3) == {"loss": "nan", "acc": 0.75, "n": 4}
+        got = mgr.metrics(3)
+        assert got is not None and math.isnan(got.pop("loss")) and got == {"acc": 0.75, "n": 4}
     on_disk = strict_loads((tmp_path / "step_00000003" / RECORD_NAME).read_bytes())
-    assert on_disk["metrics"] == {"loss": "nan", "acc": 0.75, "n": 4}
-    assert on_disk["metadata"] == {"inf": "inf"}
+    assert on_disk["metrics"] == {"loss": {"$float": "nan"}, "acc": 0.75, "n": 4}
+    assert on_disk["metadata"] == {"inf": {"$float": "inf"}}
     with CheckpointManager(tmp_path, CheckpointManagerOptions(read_only=True)) as reader:
-        assert reader.metrics(3) == {"loss": "nan", "acc": 0.75, "n": 4}
+        got = reader.metrics(3)
+        assert got is not None and math.isnan(got.pop("loss")) and got == {"acc": 0.75, "n": 4}
+        assert reader.metadata(3) == {"inf": math.inf}
