@@ -20,17 +20,22 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from checkpointing import __version__
 from checkpointing.errors import CheckpointError, CheckpointNotFoundError
-from checkpointing.manager import CheckpointManager
 from checkpointing.options import CheckpointManagerOptions
 from checkpointing.policies.retention import REASON_KEEP_ALL
-from checkpointing.restoring import TensorMetadata
+
+# The manager (and torch with it) is imported when a command runs, not for --help.
+if TYPE_CHECKING:
+    from checkpointing.manager import CheckpointManager
+
+
+def _manager(directory: str, options: CheckpointManagerOptions, **kwargs: Any) -> CheckpointManager:
+    from checkpointing.manager import CheckpointManager
+
+    return CheckpointManager(directory, options, **kwargs)
 
 
 def _open(
@@ -38,7 +43,7 @@ def _open(
 ) -> CheckpointManager:
     if args.run is not _watch:  # watching may start before the trainer made it
         _check_exists(directory)
-    return CheckpointManager(
+    return _manager(
         directory,
         CheckpointManagerOptions(read_only=True, **options),
         remote=remote,
@@ -189,6 +194,8 @@ class _Summary(str):
 
 
 def _describe(leaf: Any) -> Any:
+    from checkpointing.restoring import TensorMetadata
+
     if isinstance(leaf, TensorMetadata):
         return {"dtype": leaf.dtype, "shape": list(leaf.shape), "nbytes": leaf.nbytes}
     return leaf
@@ -223,7 +230,7 @@ def _prune(args: argparse.Namespace) -> int:
     _check_exists(args.directory)
     options = CheckpointManagerOptions(**_retention_options(args), read_only=args.dry_run)
     storage_options = _storage_options(args.storage_option)
-    with CheckpointManager(args.directory, options, storage_options=storage_options) as mgr:
+    with _manager(args.directory, options, storage_options=storage_options) as mgr:
         steps = mgr.prune(dry_run=args.dry_run)
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": steps}))
@@ -238,9 +245,7 @@ def _sync(args: argparse.Namespace) -> int:
     options = CheckpointManagerOptions(read_only=args.dry_run)
     with (
         _open(args.source, args) as src,
-        CheckpointManager(
-            args.destination, options, storage_options=_storage_options(pairs)
-        ) as dst,
+        _manager(args.destination, options, storage_options=_storage_options(pairs)) as dst,
     ):
         todo = src.copy_to(dst, dry_run=True)
         total = sum(r.nbytes for r in src.retention_report() if r.step in todo)
@@ -280,6 +285,9 @@ def _export(args: argparse.Namespace) -> int:
         stored = sum(r.nbytes for r in mgr.retention_report() if r.step == step)
     assert restored is not None
     leaves = dict(_leaves(restored[args.item]))
+    import numpy as np
+    import torch
+
     arrays = (torch.Tensor, np.ndarray)
     tensors = {p: torch.as_tensor(t) for p, t in leaves.items() if isinstance(t, arrays)}
     if not tensors:
@@ -303,6 +311,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_array(leaf: Any) -> bool:
+    from checkpointing.restoring import TensorMetadata
+
+    return isinstance(leaf, TensorMetadata)
+
+
 def _leaves(tree: Any, prefix: str = "", *, full: bool = True) -> Iterator[tuple[str, Any]]:
     """Every leaf by its path; unless ``full``, a list of more than 8 plain values is one
     `_Summary` leaf."""
@@ -314,7 +328,7 @@ def _leaves(tree: Any, prefix: str = "", *, full: bool = True) -> Iterator[tuple
         if (
             not full
             and len(tree) > 8
-            and not any(isinstance(v, dict | list | tuple | TensorMetadata) for v in tree)
+            and not any(isinstance(v, dict | list | tuple) or _is_array(v) for v in tree)
         ):
             kinds = "/".join(sorted({type(v).__name__ for v in tree}))
             yield prefix or "<value>", _Summary(f"<{len(tree)} {kinds} values; --full shows them>")

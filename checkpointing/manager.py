@@ -49,8 +49,11 @@ from checkpointing.remote_tier import Mirror, MirrorStatus, NoRemote
 from checkpointing.restoring import Restorer, describe_items
 from checkpointing.saving import Saver, SaveStats
 from checkpointing.storage import open_storage
-from checkpointing.storage.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES
-from checkpointing.storage.cache import StepCache, default_cache_dir
+from checkpointing.storage.cache import (
+    DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES,
+    StepCache,
+    default_cache_dir,
+)
 from checkpointing.storage.transfer import copy_step
 
 logger = logging.getLogger("checkpointing")

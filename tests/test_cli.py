@@ -240,3 +240,16 @@ def test_export_refuses_an_item_without_tensors_and_keeps_other_values(
     with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
         values = json.loads(f.metadata()["checkpointing.values"])
     assert values["param_groups/0/lr"] == 0.25
+
+
+def test_help_and_version_do_not_import_torch() -> None:
+    """`checkpointing --help` took 5-7 s: torch was imported before argparse ran."""
+    for flag in ("--help", "--version"):
+        probe = (
+            "import sys; sys.modules['torch'] = None  # importing it now fails\n"
+            f"from checkpointing.cli import main; main([{flag!r}])"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0 and "checkpointing" in out.stdout, out.stderr

@@ -25,8 +25,7 @@ from typing import Any
 import crafted
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from checkpointing import (
     CheckpointManager,

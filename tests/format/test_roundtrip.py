@@ -19,8 +19,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions, TensorMetadata
 from checkpointing.errors import CorruptCheckpointError, UnsupportedTypeError

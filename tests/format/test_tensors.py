@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from checkpointing.errors import CorruptCheckpointError
 from checkpointing.fastio import writes

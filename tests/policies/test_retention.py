@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from checkpointing.errors import InvalidOptionError
 from checkpointing.options import CheckpointManagerOptions, retention_policy_from_options

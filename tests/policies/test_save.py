@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 from clock import FakeClock, run
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from checkpointing.errors import InvalidOptionError
 from checkpointing.policies import (

@@ -26,8 +26,7 @@ tv_shim.install()
 
 import helios  # noqa: E402
 import torch  # noqa: E402
-from helios import data as hld  # noqa: E402
-from helios import model as hlm  # noqa: E402
+from helios import data as hld, model as hlm  # noqa: E402
 from helios.core import rng  # noqa: E402
 from resume_check import BATCH, EPOCHS, SAMPLES  # noqa: E402
 
