@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import checkpointing
 
 
@@ -33,3 +35,17 @@ def test_errors_and_options_import_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "extra"), [("s3://b/r", "s3fs", "s3"), ("gs://b/r", "gcsfs", "gcs")]
+)
+def test_a_missing_extra_is_named(url: str, module: str, extra: str) -> None:
+    probe = (
+        f"import sys; sys.modules[{module!r}] = None  # not installed\n"
+        "from checkpointing import CheckpointManager, InvalidOptionError\n"
+        f"try:\n    CheckpointManager({url!r})\n"
+        "except InvalidOptionError as e:\n    print(e)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert f"pip install 'torch-checkpoint-manager[{extra}]'" in out.stdout, out.stderr

@@ -29,6 +29,7 @@ from checkpointing.errors import (
     DISK_FULL_ERRNOS,
     CheckpointError,
     DiskFullError,
+    InvalidOptionError,
     RemoteStorageError,
     RemoteUnavailableError,
 )
@@ -38,6 +39,8 @@ from checkpointing.storage.retry import is_transient, retrying
 
 T = TypeVar("T")
 BLOCK_SIZE = 64 << 20  # multipart chunk: few requests per file, bounded memory
+DISTRIBUTION = "torch-checkpoint-manager"  # this package's name on the package index
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # URL scheme -> extra
 RETRY_SECS = 120.0  # how long a failing request is retried once the store has answered
 FIRST_CONTACT_SECS = 10.0  # how long the first request may take to get any answer
 LEASE_SECS = 30.0
@@ -87,7 +90,14 @@ class FsspecStorage(Storage):
     ) -> None:
         self.url = url.rstrip("/")
         options = _client_options(self.url, storage_options or {})
-        self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+        except ImportError as e:  # fsspec names the missing filesystem package
+            extra = _EXTRAS.get(self.url.partition("://")[0])
+            hint = f" (pip install '{DISTRIBUTION}[{extra}]')" if extra else ""
+            raise InvalidOptionError(f"{self.url}: {e}{hint}") from e
+        except ValueError as e:  # "Protocol not known"
+            raise InvalidOptionError(f"{self.url}: {e}") from e
         if hasattr(self.fs, "retries") and "s3" in _protocols(self.fs):
             self.fs.retries = 2  # s3fs's own loop (5, sleeping); `retry` is the policy
         self.root = root.rstrip("/")
