@@ -77,6 +77,12 @@ class CheckpointManager:
     >>> with CheckpointManager("runs/exp1/ckpt", CheckpointManagerOptions(max_to_keep=3)) as mgr:
     ...     mgr.restore(state, missing_ok=True)
     ...     mgr.save(step, state, metrics={"loss": loss})
+
+    ``on_commit(step, directory)`` is called once per step committed by this manager
+    (on the main process of a job, on the save's background thread when async), after
+    retention ran: attach uploads to a model hub or experiment tracker there instead of
+    polling. Keep it quick or hand the work off; its exceptions are logged, never raised
+    into the save.
     """
 
     def __init__(
@@ -91,9 +97,11 @@ class CheckpointManager:
         cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
         clock: Callable[[], float] = time.time,
         coordinator: Coordinator | None = None,
+        on_commit: Callable[[int, str], object] | None = None,
     ) -> None:
         self.options = options = options or CheckpointManagerOptions()
         self._clock = clock
+        self._on_commit = on_commit
         self._coordinator = coordinator or default_coordinator(options.coordination_timeout_secs)
         self._naming: StepNaming = options.step_naming or PrefixNaming(
             options.step_prefix, options.step_format_fixed_length
@@ -337,6 +345,11 @@ class CheckpointManager:
         self._catalog.add(record.step, record, held=held)
         self._pruner.apply(coordinator, held=held)
         self._remote.after_commit(coordinator, held=held)
+        if self._on_commit is not None and coordinator.is_primary:
+            try:
+                self._on_commit(record.step, self.step_directory(record.step))
+            except Exception:
+                logger.exception("the on_commit hook failed for step %d", record.step)
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight is committed; raise its failure, if any.

@@ -236,3 +236,26 @@ def test_wait_for_new_checkpoint_returns_when_one_is_committed(tmp_path: Path) -
         assert wait_for_new_checkpoint(str(tmp_path), timeout=60, poll_interval_secs=0.05) == 3
     finally:
         thread.join()
+
+
+def test_an_on_commit_hook_sees_each_committed_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[int, bool]] = []
+
+    def hook(step: int, directory: str) -> None:
+        seen.append((step, (Path(directory) / "checkpoint.json").is_file()))
+        if step == 2:
+            raise RuntimeError("the tracker is down")
+
+    options = CheckpointManagerOptions(max_to_keep=5)  # async saves: the hook runs behind
+    with (
+        caplog.at_level(logging.ERROR, "checkpointing"),
+        CheckpointManager(tmp_path, options, on_commit=hook) as mgr,
+    ):
+        for step in (1, 2, 3):
+            mgr.save(step, {"x": torch.zeros(4)})
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [1, 2, 3], "a failing hook fails no save"
+    assert seen == [(1, True), (2, True), (3, True)]
+    assert "the on_commit hook failed for step 2" in caplog.text
