@@ -1,5 +1,6 @@
 """Durable save and cold restore: this library against torch.save, safetensors, DCP,
-accelerate and the disk itself, measured in one run with the methods taking turns.
+accelerate, Meta's torch-checkpointing (when installed) and the disk itself, measured in
+one run with the methods taking turns.
 
     .venv/bin/python benchmarks/save_restore.py --size-gb 1 [--rounds 3] [--dir DIR] [--json OUT]
         [--chart SVG]
@@ -147,7 +148,7 @@ def peers(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[Method]:
         accelerator.save_state(str(d))
         fsync_tree(d)
 
-    return [
+    methods = [
         Method("torch.save", torch_save, {
             "torch.load": lambda d: touch_pages(torch.load(d / "ckpt.pt", weights_only=True))
         }),
@@ -161,6 +162,33 @@ def peers(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[Method]:
             "load_state": lambda d: accelerator.load_state(str(d))
         }),
     ]
+    return methods + torch_checkpointing(nested)
+
+
+def torch_checkpointing(nested: Callable[[], dict[str, Any]]) -> list[Method]:
+    """Meta's torch-checkpointing, synchronous (its async saver stages from CUDA): a save
+    and a load in place. Its default O_DIRECT writer fails on this VM's ext4 (EINVAL on
+    unaligned writes), so it writes buffered, fsync'd like the other peers."""
+    try:
+        from torch_checkpointing import CheckpointManager as MetaManager
+        from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+    except ImportError:
+        print("torch-checkpointing is not installed: not measured", file=sys.stderr)
+        return []
+    config = dataclasses.replace(
+        MetaManager.Config.with_sync_save(),
+        storage_config=LocalFileSystemStorageConfig(use_direct_io=False),
+    )
+    manager = MetaManager(config)
+
+    def save(d: Path) -> None:
+        manager.save(str(d / "ckpt"), nested())
+        fsync_tree(d)
+
+    def load(d: Path) -> None:
+        manager.load(str(d / "ckpt"), into=nested())
+
+    return [Method("torch-checkpointing", save, {"load in place": load})]
 
 
 def disk(nbytes: int) -> list[Method]:
