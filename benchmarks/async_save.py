@@ -14,6 +14,11 @@ Every round runs each method once, starting one further along each round:
   DCP          --warm torch.distributed.checkpoint.async_save calls (gloo group of one
                process; default stager): until it returns, then until .result() and an
                fsync of its directory.
+  Meta's torch-checkpointing, when installed (`pip install -e ".[bench]"`): a fresh async
+               manager's first save, then --warm saves; until save() has returned and
+               its lock() is free (its staging thread has copied the state: only then may
+               training change it), then until its future and an fsync. Buffered
+               writes: its O_DIRECT writer fails with EINVAL on ext4 here.
 
 Orbax is not measured: it checkpoints JAX arrays only. Each timed operation starts after
 --settle idle seconds (default: 4 per GB of state, at least 3; see save_restore.py: on VMs
@@ -72,6 +77,7 @@ ASYNC = CheckpointManagerOptions(enable_async_checkpointing=True, max_to_keep=1)
 SYNC = dataclasses.replace(ASYNC, enable_async_checkpointing=False)
 
 FIRST, WARM, SYNC_OP, FLOOR, DCP = "async first", "async warm", "sync", "copy floor", "DCP"
+META_FIRST, META = "torch-checkpointing first", "torch-checkpointing warm"
 
 LIBC = ctypes.CDLL("libc.so.6")
 
@@ -166,6 +172,47 @@ def dcp_async_save(b: SaveBench) -> None:
         shutil.rmtree(d)
 
 
+def meta_async_save(b: SaveBench) -> None:
+    """Meta's torch-checkpointing: staging in this process, writing in its own."""
+    from torch_checkpointing import CheckpointManager as MetaManager
+    from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+
+    config = dataclasses.replace(
+        MetaManager.Config.with_async_save(),
+        storage_config=LocalFileSystemStorageConfig(use_direct_io=False),
+    )
+    manager = MetaManager(config)
+    for i in range(b.warm + 1):
+        d = b.root / f"meta-{i}"
+
+        def start(d: Path = d) -> Callable[[], object]:
+            future = manager.save(str(d), nested(b.state))
+            assert future is not None
+            # save() returns while a thread still copies the state; the training thread
+            # may change it only once `lock()` is free (its documented guard for
+            # optimizer.step()), so that wait is part of what a save costs it.
+            with manager.lock():
+                pass
+
+            def finish() -> None:
+                future.result()
+                fsync_tree(d)
+
+            return finish
+
+        b.measure(META_FIRST if i == 0 else META, start)
+        shutil.rmtree(d)
+    manager.close()
+
+
+def has_meta() -> bool:
+    try:
+        import torch_checkpointing  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def init_gloo() -> None:
     """A process group of one, which dcp.async_save needs."""
     with socket.socket() as s:
@@ -196,6 +243,8 @@ def bench_size(size_gb: float, args: argparse.Namespace, root: Path) -> SaveBenc
         lambda: ours(b, True), lambda: ours(b, False), lambda: copy_floor(b),
         lambda: dcp_async_save(b),
     ]
+    if has_meta():
+        methods.append(lambda: meta_async_save(b))
     for r in range(args.rounds):
         for method in methods[r % len(methods):] + methods[: r % len(methods)]:
             method()
@@ -221,7 +270,12 @@ def report_size(b: SaveBench, label: str) -> tuple[str, list[Check]]:
         ("durable", WARM, "ours async, warm save"),
         ("durable", SYNC_OP, "ours sync"),
         ("durable", DCP, "DCP async_save (+ fsync of its tree)"),
+        ("return", META_FIRST, "torch-checkpointing async, first save"),
+        ("return", META, "torch-checkpointing async, warm save"),
+        ("durable", META, "torch-checkpointing async, warm (+ fsync)"),
     ]:
+        if f"{op} blocking" not in s:  # not installed
+            continue
         spread = Spread.of(s[f"{op} {'blocking' if until == 'return' else 'durable'}"])
         rows.append([
             until, name, f"{spread.median:.3f}", f"{spread.lo:.3f}-{spread.hi:.3f}",
@@ -256,6 +310,12 @@ def report_size(b: SaveBench, label: str) -> tuple[str, list[Check]]:
         (label, "warm async save: peak extra mem (x state)", peak(WARM), "~0 (<= 0.05)",
          peak(WARM) <= 0.05),
     ]
+    if f"{META} blocking" in s:
+        meta = med(f"{META} blocking")
+        checks.append(
+            (label, "torch-checkpointing blocking / ours warm (x faster)", meta / warm,
+             ">= 1.00", meta >= warm)
+        )
     n_tensors = len(list(iter_tensors(nested(b.state))))
     head = (f"== state {label}: {nbytes} bytes, {n_tensors} tensors "
             f"({len(b.state['model'].state_dict())} float32 model tensors + Adam state)")
