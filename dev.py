@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Set-up and entry points for a fresh machine: ``python3 dev.py demo`` / ``python3 dev.py test``.
+"""Set-up and entry points for a fresh machine: ``python3 dev.py demo`` / ``python3 dev.py test``
+(and ``python3 dev.py docs``: the documentation site into ``site/``).
 
 Each command creates ``.venv`` (once), installs the pinned CPU build of torch first (an
 unpinned torch would pull gigabytes of CUDA packages), then this project with its extras,
@@ -94,11 +95,14 @@ def ensure_side_env(name: str) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in ("demo", "test", "docs"):
         print(__doc__)
         return 2
     ensure_env()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_MKDOCS_2_WARNING": "1"}
+    docs = [str(PY), "-m", "mkdocs", "build", "--strict", "--quiet"]  # a broken link fails
+    if argv[0] == "docs":
+        return subprocess.run([*docs, "-d", "site"], cwd=ROOT, env=env).returncode
     if argv[0] == "demo":
         return subprocess.run(
             [str(PY), "examples/demo.py", *argv[1:]], cwd=ROOT, env=env
@@ -107,6 +111,7 @@ def main(argv: list[str]) -> int:
         [str(PY), "-m", "ruff", "check", "."],
         [str(PY), "-m", "mypy", "checkpointing", "trainer_adapters"],
         [str(VENV / "bin" / "lint-imports")],  # the layering in pyproject.toml
+        [*docs, "-d", str(VENV / "site")],  # the documentation site, checked
         [str(PY), "-m", "pytest", *argv[1:]],
     ]
     for cmd in checks:
