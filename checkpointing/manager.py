@@ -301,14 +301,27 @@ class CheckpointManager:
     ) -> bool:
         """Save ``state`` as ``step`` if the save policy (or ``force``) says so.
 
-        ``state`` maps item names to values: modules, optimizers and other objects with
-        ``state_dict()``, tensors, numpy arrays, Python scalars and containers. Returns
-        False when the policy declined. With async checkpointing on, returns once the
-        state is copied; the caller may then mutate it.
+        With async checkpointing on, returns once the state is copied; the caller may
+        then change it.
 
-        A step that already exists raises `StepAlreadyExistsError`. A step below the
-        latest raises `StepOrderError` unless ``force`` is set: a lower step usually
-        means the loop forgot to resume, and saving it would make "latest" lie.
+        Args:
+            step: The training step. Steps only move forward.
+            state: Item names to values: modules, optimizers and other objects with
+                ``state_dict()``, tensors, numpy arrays, Python scalars and containers.
+            metrics: Plain JSON (numbers from tensors and numpy become numbers), ranked
+                by best-N retention and shown by ``checkpointing ls``.
+            metadata: Plain JSON kept with the step, read back by `metadata`.
+            force: Save whatever the policy says, and allow a step below the latest.
+
+        Returns:
+            False when the policy declined, else True.
+
+        Raises:
+            StepAlreadyExistsError: The step already has a checkpoint.
+            StepOrderError: The step is below the latest and ``force`` is not set: a
+                lower step usually means the loop forgot to resume, and saving it would
+                make "latest" lie.
+            ReadOnlyError: The manager is read-only or closed.
         """
         self._check_writable()
         self.check_for_errors()
@@ -396,22 +409,33 @@ class CheckpointManager:
         missing_ok: bool = False,
         all_or_nothing: bool = False,
     ) -> dict[str, Any] | None:
-        """Restore a step (the latest by default).
-
-        With ``target`` (a mapping like the one given to `save`), objects with
-        ``load_state_dict`` are loaded in place, tensors of matching shape and dtype are
-        filled in place, and the tree is returned with the restored items replaced.
-        Without it, the saved items come back as containers of CPU tensors. ``items``
-        restricts the restore to those items and reads only their bytes. With no
-        checkpoint: `CheckpointNotFoundError`, or None if ``missing_ok``. A save of
-        this manager still in flight is waited for when it is the step asked for.
+        """Restore a step (the latest by default), checked before it changes anything.
 
         Files, headers and the target's fit (a module's keys and shapes) are checked
-        before anything is read into the target (`TargetMismatchError`, nothing
-        changed). Damage found while reading raises `PartialRestoreError` if the target
-        was already partly overwritten; with ``all_or_nothing`` the step is read into
-        new memory first (as much again as the items restored) and the target changes
-        only once all of it checked out.
+        before anything is read into the target. A save of this manager still in flight
+        is waited for when it is the step asked for.
+
+        Args:
+            target: A mapping like the one given to `save`: objects with
+                ``load_state_dict`` are loaded in place, tensors of matching shape and
+                dtype are filled in place. Without it, the saved items come back as
+                containers of CPU tensors.
+            step: The step to restore; the latest committed one by default.
+            items: Only these items, reading only their bytes.
+            missing_ok: Return None instead of raising when there is no checkpoint.
+            all_or_nothing: Read the step into new memory first (as much again as the
+                items restored) and change the target only once all of it checked out.
+
+        Returns:
+            The tree, with the restored items in place of the target's; None when there
+            is no checkpoint and ``missing_ok``.
+
+        Raises:
+            CheckpointNotFoundError: There is no such step (or none at all).
+            TargetMismatchError: The target does not fit the step; nothing was changed.
+            CorruptCheckpointError: A file is damaged, found before the target changed.
+            PartialRestoreError: Damage found after part of the target was overwritten
+                (never with ``all_or_nothing``).
         """
         if isinstance(target, int) and not isinstance(target, bool):
             raise InvalidOptionError(
