@@ -78,11 +78,24 @@ class CheckpointManager:
     ...     mgr.restore(state, missing_ok=True)
     ...     mgr.save(step, state, metrics={"loss": loss})
 
-    ``on_commit(step, directory)`` is called once per step committed by this manager
-    (on the main process of a job, on the save's background thread when async), after
-    retention ran: attach uploads to a model hub or experiment tracker there instead of
-    polling. Keep it quick or hand the work off; its exceptions are logged, never raised
-    into the save.
+    Args:
+        directory: A local path, or an fsspec URL (``s3://``, ``gs://``, ...).
+        options: Save and retention policies and the rest (`CheckpointManagerOptions`).
+        remote: Mirror the local directory to this URL in the background
+            (docs/remote.md).
+        remote_retention: The mirror's retention: "same" as local, None to keep every
+            step, or a policy.
+        storage_options: Options for the fsspec filesystem (credentials, endpoint).
+        cache_dir: Where steps of an object store are cached for restores
+            (``$XDG_CACHE_HOME/checkpointing/steps`` by default).
+        cache_max_bytes: The cache's bound; least recently used steps go first.
+        clock: Wall-clock seconds, for time-based policies (tests pass a fake one).
+        coordinator: How the processes of a job agree; detected under torch.distributed.
+        on_commit: Called as ``on_commit(step, directory)`` once per step this manager
+            committed (on the main process of a job, on the save's background thread
+            when async), after retention ran: attach uploads to a model hub or an
+            experiment tracker there instead of polling. Keep it quick or hand the work
+            off; its exceptions are logged, never raised into the save.
     """
 
     def __init__(
