@@ -675,9 +675,24 @@ def checkpoints_iterator(
     storage_options: dict[str, Any] | None = None,
     step_naming: StepNaming | None = None,
 ) -> Iterator[int]:
-    """Follow ``directory`` (local or remote) read-only: yield each new committed step
-    under a reader lease; see `CheckpointManager.iter_new_checkpoints`. Steps named
-    ``step_<n>``, ``<n>`` or ``checkpoint_<n>`` are found unless ``step_naming`` is given."""
+    """Follow ``directory`` read-only: yield each new committed step, under a reader
+    lease that keeps the writer's retention from deleting it while the loop body runs.
+
+    Args:
+        directory: A local path or an fsspec URL, as the writer opened it.
+        min_interval_secs: At least this long between two yields.
+        timeout: End after this many seconds without a new step (None: never).
+        timeout_fn: At a timeout, keep waiting while it returns False.
+        poll_interval_secs: Seconds between listings.
+        every_step: Yield every new step in order; by default only the newest of
+            those that appeared since the last yield (Orbax's semantics).
+        storage_options: Options for the fsspec filesystem.
+        step_naming: The writer's folder naming; by default folders named
+            ``step_<n>``, ``<n>`` and ``checkpoint_<n>`` are all found.
+
+    Yields:
+        Committed step numbers, ascending.
+    """
     options = CheckpointManagerOptions(read_only=True, step_naming=step_naming)
     with CheckpointManager(directory, options, storage_options=storage_options) as manager:
         yield from follow.iter_new_checkpoints(
@@ -699,9 +714,21 @@ def wait_for_new_checkpoint(
     storage_options: dict[str, Any] | None = None,
     step_naming: StepNaming | None = None,
 ) -> int | None:
-    """Wait until ``directory`` holds a committed step newer than ``until_step`` (any
-    step, if None); return the newest, or None after ``timeout`` seconds (Orbax's
-    function of the same name returns -1)."""
+    """Wait until ``directory`` holds a committed step newer than ``until_step``.
+
+    Args:
+        directory: A local path or an fsspec URL.
+        until_step: Wait for a step above this one (any step, if None).
+        timeout: Give up after this many seconds (None: never).
+        poll_interval_secs: Seconds between listings.
+        storage_options: Options for the fsspec filesystem.
+        step_naming: The writer's folder naming (found by default, as by
+            `checkpoints_iterator`).
+
+    Returns:
+        The newest committed step, or None after ``timeout`` (Orbax's function of the
+        same name returns -1).
+    """
     options = CheckpointManagerOptions(read_only=True, step_naming=step_naming)
     deadline = None if timeout is None else time.monotonic() + timeout
     with CheckpointManager(directory, options, storage_options=storage_options) as manager:

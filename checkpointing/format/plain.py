@@ -17,11 +17,17 @@ from checkpointing.format.tensors import PADDING_KEY
 
 
 def load_file(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of one data file (e.g. ``step_00000100/model.safetensors``) by name,
-    without the padding entries.
+    """The tensors of one data file by name, without the padding entries.
 
     Dtypes that safetensors lacks (complex128, float4, ...) and numpy arrays come back as
     their ``uint8`` bytes here; `CheckpointManager.restore` gives them their real dtype.
+
+    Args:
+        path: A data file, e.g. ``step_00000100/model.safetensors``.
+        device: Where the tensors are created.
+
+    Returns:
+        Tensor names (a module's ``state_dict`` keys) to tensors.
     """
     with safe_open(os.fspath(path), framework="pt", device=device) as f:
         padding = set(((f.metadata() or {}).get(PADDING_KEY) or "").split(","))
