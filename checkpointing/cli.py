@@ -194,9 +194,7 @@ class _Summary(str):
 
 
 def _describe(leaf: Any) -> Any:
-    from checkpointing.restoring import TensorMetadata
-
-    if isinstance(leaf, TensorMetadata):
+    if _is_array(leaf):
         return {"dtype": leaf.dtype, "shape": list(leaf.shape), "nbytes": leaf.nbytes}
     return leaf
 
