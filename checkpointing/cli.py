@@ -275,8 +275,8 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
+    if not args.hf and (args.config or args.max_shard_size):
+        raise CheckpointError("--config and --max-shard-size go with --hf")
     with _open(args.directory, args) as mgr:
         step = mgr.latest_step() if args.step is None else args.step
         restored = mgr.restore(step=step, items=[args.item])
@@ -299,6 +299,10 @@ def _export(args: argparse.Namespace) -> int:
         raise CheckpointError(
             f"item {args.item!r} expands to {wanted} bytes from {stored} stored; not exported"
         )
+    if args.hf:
+        return _export_hf(args, tensors, len(values))
+    from safetensors.torch import save_file
+
     try:  # copies: safetensors refuses tensors that share memory, or are not contiguous
         metadata = {"checkpointing.values": json.dumps(values, default=repr)} if values else None
         save_file({p: t.contiguous().clone() for p, t in tensors.items()}, args.output, metadata)
@@ -306,6 +310,43 @@ def _export(args: argparse.Namespace) -> int:
         raise CheckpointError(f"cannot export {args.item!r} as safetensors: {e}") from e
     kept = f", and {len(values)} other values in its metadata" if values else ""
     print(f"wrote {len(tensors)} tensors of {args.item!r} to {args.output}{kept}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace, tensors: dict[str, Any], n_values: int) -> int:
+    """The Hugging Face layout: ``model.safetensors``, or shards and their index when the
+    weights exceed ``--max-shard-size``, written by huggingface_hub itself so that
+    ``from_pretrained`` reads it as its own (tied weights stored once, ``format: pt``)."""
+    try:
+        from huggingface_hub import save_torch_state_dict
+    except ImportError as e:
+        from checkpointing.storage.remote import DISTRIBUTION
+
+        raise CheckpointError(
+            f"--hf needs huggingface_hub: pip install '{DISTRIBUTION}[hf]'"
+        ) from e
+    config = None
+    if args.config is not None:
+        try:
+            config = Path(args.config).read_bytes()
+            json.loads(config)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"--config {args.config}: not a readable JSON file ({e})") from e
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"--hf writes a directory; {output} is a file")
+    # A nested item's paths become the dotted names a state_dict uses.
+    state = {name.replace("/", "."): t for name, t in tensors.items()}
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        save_torch_state_dict(state, output, max_shard_size=args.max_shard_size or "5GB")
+    except (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"cannot export {args.item!r} in the Hugging Face layout: {e}") from e
+    if config is not None:
+        (output / "config.json").write_bytes(config)
+    files = sorted(p.name for p in output.glob("model*.safetensors*"))
+    left = f"; {n_values} values that are not tensors left out" if n_values else ""
+    print(f"wrote {len(tensors)} tensors of {args.item!r} to {output}: {', '.join(files)}{left}")
     return 0
 
 
@@ -426,6 +467,13 @@ def _parser() -> argparse.ArgumentParser:
     export = command("export", _export, "write one item as a plain safetensors file")
     export.add_argument("--step", type=int, help="default: the latest")
     export.add_argument("--item", required=True)
+    export.add_argument(
+        "--hf",
+        action="store_true",
+        help="OUTPUT is a directory in the Hugging Face layout (from_pretrained loads it)",
+    )
+    export.add_argument("--max-shard-size", help="with --hf: e.g. 500MB (default: 5GB)")
+    export.add_argument("--config", metavar="FILE", help="with --hf: copied as config.json")
     export.add_argument("output")
     return parser
 

@@ -158,6 +158,52 @@ def test_export_writes_plain_safetensors(ckpt: Path, tmp_path: Path) -> None:
     assert set(load_file(target)) == {"weight", "bias"}
 
 
+def test_export_hf_is_loaded_by_from_pretrained(tmp_path: Path) -> None:
+    """A tiny GPT-2 (tied embeddings) exported in shards with an index loads with
+    transformers' own ``from_pretrained``, every weight equal and still tied."""
+    import transformers  # the [hf] extra
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    with CheckpointManager(tmp_path / "ckpt") as m:
+        m.save(7, {"model": model, "extra": {"epoch": 1}})
+    config.save_pretrained(tmp_path / "cfg")
+    target = tmp_path / "hf"
+    out = run(
+        "export", str(tmp_path / "ckpt"), "--item", "model", "--hf", str(target),
+        "--config", str(tmp_path / "cfg" / "config.json"), "--max-shard-size", "10KB",
+    )
+    assert out.returncode == 0, out.stderr
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((target / name).is_file() for name in shards)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(target)
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+def test_export_hf_user_errors(ckpt: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    for args, message in (
+        (["--config", "c.json", str(target)], "go with --hf"),
+        (["--hf", "--config", str(tmp_path / "none.json"), str(target)], "not a readable JSON"),
+        (["--hf", "--max-shard-size", "lots", str(target)], "Hugging Face layout"),
+    ):
+        out = run("export", str(ckpt), "--item", "model", *args)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+    (tmp_path / "file").write_text("x")
+    out = run("export", str(ckpt), "--item", "model", "--hf", str(tmp_path / "file"))
+    assert out.returncode == 2 and "is a file" in out.stderr
+    single = run("export", str(ckpt), "--item", "model", "--hf", str(target))
+    assert single.returncode == 0, single.stderr
+    assert set(load_file(target / "model.safetensors")) == {"weight", "bias"}
+
+
 def test_user_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     out = run("inspect", str(tmp_path / "missing"))
     assert out.returncode == 2
