@@ -96,6 +96,10 @@ class CheckpointManager:
             when async), after retention ran: attach uploads to a model hub or an
             experiment tracker there instead of polling. Keep it quick or hand the work
             off; its exceptions are logged, never raised into the save.
+
+    Raises:
+        DirectoryLockedError: Another manager is writing to ``directory`` (open it
+            with ``read_only=True`` to only read).
     """
 
     def __init__(
@@ -205,6 +209,7 @@ class CheckpointManager:
 
     @property
     def directory(self) -> str:
+        """The path or URL of the managed directory, as opened."""
         return self._storage.url
 
     def reload(self) -> None:
@@ -225,39 +230,81 @@ class CheckpointManager:
         self._remote.load(scan[1])
 
     def all_steps(self) -> list[int]:
-        """Committed steps, ascending, of both tiers when mirrored (from the cache; see
-        `reload`). In a distributed job an async save's changes show once it is waited
-        for (the next `save`, `wait_until_finished`, ...), on every process alike."""
+        """Committed steps of both tiers when mirrored, from the cache (see `reload`).
+
+        In a distributed job an async save's changes show once it is waited for (the
+        next `save`, `wait_until_finished`, ...), on every process alike.
+
+        Returns:
+            Step numbers, ascending.
+        """
         return sorted({*self._catalog.listed(), *self._remote.listed()})
 
     def latest_step(self) -> int | None:
-        """The newest committed step of either tier, or None (from the cache)."""
+        """The newest committed step of either tier, from the cache (see `reload`).
+
+        Returns:
+            The step, or None when there is no checkpoint.
+        """
         steps = self.all_steps()
         return steps[-1] if steps else None
 
     def unreadable_steps(self) -> dict[int, str]:
         """Steps whose folder holds a commit record that cannot be used: damaged, of a
-        newer format, or of another step. They are never listed, restored or deleted by
-        retention; restoring the latest raises while one of them is newer than it."""
+        newer format, or of another step.
+
+        They are never listed, restored or deleted by retention; restoring the latest
+        raises while one of them is newer than it (`delete` it, or restore an older
+        step by number).
+
+        Returns:
+            Each such step with why it cannot be read.
+        """
         return {step: str(error) for step, error in sorted(self._catalog.unreadable.items())}
 
     def metrics(self, step: int) -> dict[str, Any] | None:
-        """The metrics saved with ``step``, updated by those recorded for it later."""
+        """The metrics saved with ``step``, updated by those recorded for it later
+        (`record_metrics`).
+
+        Args:
+            step: A committed step.
+
+        Returns:
+            The metrics, or None when the step has none.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not committed.
+        """
         saved = self._record(step).metrics
         if self._catalog.record(step) is None:
             return self._remote.metrics(step, saved)
         return self._catalog.metrics(step, saved)
 
     def metadata(self, step: int | None = None) -> dict[str, Any] | None:
-        """The ``metadata`` given to `save` for ``step`` (the latest by default)."""
+        """The ``metadata`` given to `save` for a step.
+
+        Args:
+            step: A committed step; the latest by default.
+
+        Returns:
+            The metadata, or None when the save was given none.
+
+        Raises:
+            CheckpointNotFoundError: There is no such step (or none at all).
+        """
         metadata: dict[str, Any] | None = from_json_value(
             self._record(self._resolve(step)).metadata
         )
         return metadata
 
     def best_step(self) -> int | None:
-        """The best committed step by ``best_fn``/``best_metric``; None without a best rule
-        or when no step has the metric. Between equal scores the newer step wins."""
+        """The best committed step by the options' ``best_fn``/``best_metric``.
+
+        Between equal scores the newer step wins.
+
+        Returns:
+            The step; None without a best rule, or when no step has the metric.
+        """
         metric = self.options.best_fn or self.options.best_metric
         if metric is None:
             return None
@@ -270,11 +317,29 @@ class CheckpointManager:
         return max(scored)[1] if scored else None
 
     def item_metadata(self, step: int | None = None) -> dict[str, Any]:
-        """Items of a step with arrays described by `TensorMetadata`, reading no tensor data."""
+        """Describe the items of a step from its commit record, reading no tensor data.
+
+        Args:
+            step: A committed step; the latest by default.
+
+        Returns:
+            Item names to their trees as `restore` returns them, each array replaced by
+            its `TensorMetadata` (a `PerRank` item: a list of trees, one per rank).
+
+        Raises:
+            CheckpointNotFoundError: There is no such step (or none at all).
+        """
         return describe_items(self._record(self._resolve(step)))
 
     def step_directory(self, step: int) -> str:
-        """The path or URL of a step's directory."""
+        """The path or URL of a step's directory, for tools that read it directly.
+
+        Args:
+            step: A step: its folder as found, or as this manager names new ones.
+
+        Returns:
+            `directory` joined with the step's folder name.
+        """
         return f"{self.directory}/{self._catalog.folder(step)}"
 
     # ------------------------------------------------------------------ saving
@@ -286,6 +351,12 @@ class CheckpointManager:
         In a distributed job this is collective: every process gets the primary's answer
         (its clock decides time-based saves), or yes once a preemption signal reached
         any process.
+
+        Args:
+            step: The step the training loop is at.
+
+        Returns:
+            True when the step is due.
         """
         if self.options.read_only:
             return False
@@ -295,10 +366,17 @@ class CheckpointManager:
         return self._saver.should_save(step, latest, began)
 
     def reached_preemption(self, step: int) -> bool:
-        """True once a preemption signal arrived (at any process of a distributed job,
-        where this is collective): save ``step`` and exit the loop.
+        """Whether a preemption signal arrived: then save ``step`` and exit the loop.
 
-        Stays True; `should_save` says yes once for the signal, then follows its policy.
+        In a distributed job this is collective, and True once any process got the
+        signal. It stays True; `should_save` says yes once for the signal, then follows
+        its policy.
+
+        Args:
+            step: The step the training loop is at; unused (kept for Orbax's signature).
+
+        Returns:
+            True once a signal arrived.
         """
         del step  # same answer for every step; kept for Orbax's signature
         return self._saver.reached_preemption()
@@ -335,6 +413,8 @@ class CheckpointManager:
                 lower step usually means the loop forgot to resume, and saving it would
                 make "latest" lie.
             ReadOnlyError: The manager is read-only or closed.
+            DiskFullError: The storage ran out of space; the save was rolled back. An
+                async save's failure is raised by the next call that waits for it.
         """
         self._check_writable()
         self.check_for_errors()
@@ -380,8 +460,13 @@ class CheckpointManager:
     def wait_until_finished(self) -> None:
         """Block until the save in flight is committed; raise its failure, if any.
 
-        Mirrored, then bring the remote tier in line now, and raise `RemoteBehindError`
-        if it still lacks steps (they are safe locally; see `mirror_status`).
+        Mirrored, then bring the remote tier in line now.
+
+        Raises:
+            CheckpointError: The save in flight failed (`DiskFullError`, say); its step
+                was not committed.
+            RemoteBehindError: Mirrored, the remote still lacks steps (they are safe
+                locally; see `mirror_status`).
         """
         self._join()
         self._remote.wait()
@@ -395,20 +480,39 @@ class CheckpointManager:
             self._remote.release_held()
 
     def check_for_errors(self) -> None:
-        """Raise the failure of a finished background save, without waiting. (A mirror's
-        upload failures never reach the training loop: see `mirror_status`.)"""
+        """Raise the failure of a finished background save, without waiting.
+
+        A mirror's upload failures never reach the training loop: see `mirror_status`.
+
+        Raises:
+            CheckpointError: The background save failed (`DiskFullError`, say); its step
+                was not committed.
+        """
         self._saver.raise_error()
 
     def is_saving_in_progress(self) -> bool:
+        """Whether a background save of this manager is still being written.
+
+        Returns:
+            True until the save in flight has committed or failed.
+        """
         return self._saver.busy
 
     def mirror_status(self) -> MirrorStatus | None:
-        """Where the remote tier stands: the steps it lacks, its last error (None when
-        not mirrored). Uploads run in the background and retry until the remote answers."""
+        """Where the remote tier stands. Uploads run in the background and retry until
+        the remote answers.
+
+        Returns:
+            The remote's steps, those it lacks, its last error; None when not mirrored.
+        """
         return self._remote.status()
 
     def last_save_stats(self) -> SaveStats | None:
-        """Timings of the newest committed save of this manager."""
+        """Timings of the newest committed save of this manager.
+
+        Returns:
+            Its `SaveStats`; None before this manager committed a save.
+        """
         return self._saver.last_stats
 
     # --------------------------------------------------------------- restoring
@@ -449,6 +553,11 @@ class CheckpointManager:
             CorruptCheckpointError: A file is damaged, found before the target changed.
             PartialRestoreError: Damage found after part of the target was overwritten
                 (never with ``all_or_nothing``).
+            ItemNotFoundError: An item asked for is not in the step.
+            UnsupportedFormatError: The step was written by a newer version of the
+                library (upgrade), or in a retired format.
+            RemoteUnavailableError: Mirrored, no local step, and the remote tier could not
+                be listed: its newest step may be the one to resume from.
         """
         if isinstance(target, int) and not isinstance(target, bool):
             raise InvalidOptionError(
@@ -490,9 +599,16 @@ class CheckpointManager:
                 return self._restorer.restore(fresh, target, items, all_or_nothing=all_or_nothing)
 
     def verify(self, step: int | None = None) -> None:
-        """Check every file of a step (the latest by default) against its record.
+        """Check every file of a step against its commit record (sizes and checksums),
+        without restoring it.
 
-        Raises `CorruptCheckpointError` naming the first bad file.
+        Args:
+            step: A committed step; the latest by default.
+
+        Raises:
+            CorruptCheckpointError: A file is missing or damaged; the message names the
+                first one.
+            CheckpointNotFoundError: There is no such step (or none at all).
         """
         self._restorer.verify(self._record(self._resolve(step)))
 
@@ -502,8 +618,15 @@ class CheckpointManager:
     def reading(self, step: int) -> Iterator[bool]:
         """Keep the training job's retention away from ``step`` during the block.
 
-        Yields whether the step still exists once the lease is held (it may have been
-        deleted just before). Works on read-only managers: leases are theirs to write.
+        A reader lease, for evaluation jobs. Works on read-only managers: leases are
+        theirs to write.
+
+        Args:
+            step: The step about to be read.
+
+        Yields:
+            Whether the step still exists once the lease is held (it may have been
+            deleted just before).
         """
         with leases.lease(self._storage, step):
             yield self._storage.exists(
@@ -511,17 +634,40 @@ class CheckpointManager:
             ) and not leases.being_deleted(self._storage, step, time.time())
 
     def leased_steps(self) -> set[int]:
-        """Steps that evaluation jobs hold a live reader lease on."""
+        """Steps that evaluation jobs hold a live reader lease on (`reading`).
+
+        Returns:
+            The leased steps; retention does not delete them.
+        """
         return leases.leased_steps(self._storage, time.time())
 
     def iter_new_checkpoints(self, **kwargs: Any) -> Iterator[int]:
-        """New committed steps as they appear; see `checkpointing.checkpoints_iterator`."""
+        """New committed steps as they appear, each under a reader lease while the loop
+        body runs: `checkpoints_iterator` for a manager already open.
+
+        Args:
+            **kwargs: ``min_interval_secs``, ``timeout``, ``timeout_fn``,
+                ``poll_interval_secs`` and ``every_step``, as for `checkpoints_iterator`.
+
+        Returns:
+            An iterator of committed step numbers, ascending.
+        """
         return follow.iter_new_checkpoints(self, **kwargs)
 
     def record_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Store metrics for ``step`` beside it (not in its commit record), e.g. from a
-        separate evaluation job; best-N retention uses them after the writer's next
-        `reload` or save. Allowed on read-only managers."""
+        separate evaluation job.
+
+        Best-N retention uses them after the writer's next `reload` or save. Allowed on
+        read-only managers.
+
+        Args:
+            step: A committed step.
+            metrics: Plain JSON, merged over the metrics recorded for the step before.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not committed (or was deleted meanwhile).
+        """
         if step == self._saver.pending_step:
             self._join()  # this manager is still saving it
         self._record(step)
@@ -531,7 +677,15 @@ class CheckpointManager:
 
     def delete(self, step: int) -> None:
         """Delete a committed step (from both tiers, when mirrored), or an unreadable one
-        (`unreadable_steps`)."""
+        (`unreadable_steps`). Collective in a distributed job.
+
+        Args:
+            step: The step to delete.
+
+        Raises:
+            CheckpointNotFoundError: There is no such step.
+            ReadOnlyError: The manager is read-only or closed.
+        """
         self._check_writable()
         self._join()
         primary = self._coordinator.is_primary
@@ -551,25 +705,53 @@ class CheckpointManager:
         self._coordinator.barrier(f"delete step {step}")
 
     def protect(self, step: int) -> None:
-        """Pin ``step`` so that retention never deletes it (persisted in the directory)."""
+        """Pin ``step`` so that retention never deletes it (persisted in the directory).
+
+        Args:
+            step: A committed step.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not committed.
+            ReadOnlyError: The manager is read-only or closed.
+        """
         self._check_writable()
         self._record(step)
         self._catalog.set_protected(step, True)
         self._remote.set_protected(step, True)
 
     def unprotect(self, step: int) -> None:
-        """Undo `protect`; the step is subject to retention at the next save."""
+        """Undo `protect`; the step is subject to retention at the next save.
+
+        Args:
+            step: A protected step (any other is left as it is).
+
+        Raises:
+            ReadOnlyError: The manager is read-only or closed.
+        """
         self._check_writable()
         self._catalog.set_protected(step, False)
         self._remote.set_protected(step, False)
 
     def retention_report(self) -> list[StepReport]:
-        """For every committed step: kept or not, and by which rule(s)."""
+        """What retention would decide now, deleting nothing.
+
+        Returns:
+            A `StepReport` for every committed step: kept or not, and by which rule(s).
+        """
         return self._pruner.report()
 
     def prune(self, *, dry_run: bool = False) -> list[int]:
-        """Apply retention now (it also runs after every save); return the steps deleted,
-        or that would be with ``dry_run``."""
+        """Apply retention now (it also runs after every save).
+
+        Args:
+            dry_run: Only say what would be deleted.
+
+        Returns:
+            The steps deleted (or that would be), ascending.
+
+        Raises:
+            ReadOnlyError: The manager is read-only or closed (not with ``dry_run``).
+        """
         if dry_run:
             return list(self._pruner.decide(self.leased_steps()).delete)
         self._check_writable()
@@ -583,11 +765,26 @@ class CheckpointManager:
         dry_run: bool = False,
         progress: Callable[[int], object] = lambda n: None,
     ) -> list[int]:
-        """Copy the committed steps that ``other`` lacks into it, each commit record last
-        (e.g. local disk to a bucket), then carry this directory's protections and the
-        metrics evaluation jobs recorded over to the steps both have; return the steps
-        copied (or that would be, with ``dry_run``). Nothing is deleted or unprotected
-        in ``other``."""
+        """Copy the committed steps that ``other`` lacks into it (e.g. local disk to a
+        bucket), each commit record last.
+
+        Then carry this directory's protections, and the metrics evaluation jobs
+        recorded, over to the steps both have. Nothing is deleted or unprotected in
+        ``other``.
+
+        Args:
+            other: The manager of the destination directory, open for writing.
+            dry_run: Only say what would be copied.
+            progress: Called with the byte count of each chunk as it is copied.
+
+        Returns:
+            The steps copied (or that would be), ascending.
+
+        Raises:
+            ReadOnlyError: ``other`` is read-only or closed.
+            CorruptCheckpointError: A source file is damaged; that step is not committed
+                in ``other``.
+        """
         todo = {s: r for s, r in self._catalog.records.items() if s not in other._catalog.records}
         if dry_run:
             return sorted(todo)

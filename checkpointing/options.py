@@ -39,46 +39,60 @@ from checkpointing.preemption import DEFAULT_SIGNALS
 class CheckpointManagerOptions:
     """Configuration of a `CheckpointManager`. All fields are optional.
 
-    Save policy (a save happens when any configured rule says so):
-      save_interval_steps: save when ``step % n == 0``. When no save rule at all is
-        configured, every ``save()`` call saves (as if this were 1).
-      save_on_steps: explicit steps to save at.
-      save_interval_secs: save when this long has passed since the last committed save
-        (seconds or timedelta; stored as seconds).
-      save_on_initial: save the first step seen when the directory has no checkpoint.
-      save_on_preemption: install a SIGTERM/SIGUSR1 handler (chained to any existing
-        one); after a signal, ``should_save`` says yes and ``reached_preemption`` is True.
-      save_policy: a policy object used instead of the step, time and initial-save
-        fields (``save_on_preemption`` still applies).
+    A save happens when any configured save rule says so. A checkpoint survives if any
+    retention rule keeps it; deletion runs after a commit.
 
-    Retention (a checkpoint survives if any rule keeps it; deletion runs after a commit):
-      max_to_keep: keep the newest N (or, with a best rule, the best N). None keeps all.
-      keep_period: with max_to_keep, also keep every step divisible by this forever.
-      keep_time_interval: with max_to_keep, also keep one checkpoint per interval
-        (seconds or timedelta; stored as seconds).
-      best_fn / best_metric / best_mode: rank checkpoints by their metrics.
-      keep_checkpoints_without_metrics: with a best rule, never delete unranked ones.
-      always_keep_latest: never delete the newest checkpoint (the resume point). False
-        reproduces Orbax, which may delete it when it ranks outside the best N.
-      retention_policy: a policy object used instead of the retention fields.
+    Attributes:
+        save_interval_steps: Save when ``step % n == 0``. When no save rule at all is
+            configured, every ``save()`` call saves (as if this were 1).
+        save_on_steps: Explicit steps to save at.
+        save_interval_secs: Save when this long has passed since the last committed
+            save (seconds or timedelta; stored as seconds).
+        save_on_initial: Save the first step seen when the directory has no checkpoint.
+        save_on_preemption: Install a handler of ``preemption_signals`` (chained to any
+            existing one); after a signal, ``should_save`` says yes and
+            ``reached_preemption`` is True.
+        preemption_signals: The signals that mean preemption (SIGTERM and SIGUSR1).
+        save_policy: A policy object used instead of the step, time and initial-save
+            fields (``save_on_preemption`` still applies).
+        max_to_keep: Keep the newest N (or, with a best rule, the best N). None keeps
+            all.
+        keep_period: With max_to_keep, also keep every step divisible by this forever.
+        keep_time_interval: With max_to_keep, also keep one checkpoint per interval
+            (seconds or timedelta; stored as seconds).
+        best_fn: A best rule: rank checkpoints by this function of their metrics.
+        best_metric: A best rule: rank checkpoints by this metric (a key, or a
+            ``"/"``-separated path into nested metrics); set this or ``best_fn``.
+        best_mode: Whether the best rule's highest ("max") or lowest ("min") value is
+            best.
+        keep_checkpoints_without_metrics: With a best rule, never delete unranked ones.
+        always_keep_latest: Never delete the newest checkpoint (the resume point). False
+            reproduces Orbax, which may delete it when it ranks outside the best N.
+        retention_policy: A policy object used instead of the retention fields.
+        step_prefix: Step directory names are ``<prefix>_<step>`` (``step_00000100``);
+            None names them by the bare number.
+        step_format_fixed_length: The digits the step is zero-padded to in new names
+            (None: no padding).
+        step_naming: A `StepNaming` object used instead of the two fields above.
+        create: Create the directory if missing.
+        cleanup_tmp_directories: Remove leftovers of crashed saves at start-up.
+        read_only: Never write, delete or lock (evaluation jobs).
+        verify_checksums: Check every file's checksum on restore (sizes are always
+            checked).
+        enable_async_checkpointing: ``save()`` returns after a snapshot; writing happens
+            in the background.
+        async_timeout_secs: Fail a background save that takes longer than this.
+        coordination_timeout_secs: In a torch.distributed job, how long a process waits
+            for the others at a collective step (save, restore) before failing with an
+            error that names the missing ranks.
+        writer_lease_secs: On an object store, the writer's lease (its lock) lasts this
+            long unrenewed; it is renewed every third of it. A writer that died keeps a
+            new one waiting at most this long; one cut off from the store for longer may
+            be taken over (it then stops writing, with `DirectoryLockedError`).
 
-    Layout and behaviour:
-      step_prefix / step_format_fixed_length: step directory names, ``step_00000100``.
-      step_naming: a `StepNaming` object used instead of the two fields above.
-      create: create the directory if missing.
-      cleanup_tmp_directories: remove leftovers of crashed saves at start-up.
-      read_only: never write, delete or lock (evaluation jobs).
-      verify_checksums: check every file's checksum on restore (sizes are always checked).
-      enable_async_checkpointing: ``save()`` returns after a snapshot; writing happens in
-        the background.
-      async_timeout_secs: fail a background save that takes longer than this.
-      coordination_timeout_secs: in a torch.distributed job, how long a process waits
-        for the others at a collective step (save, restore) before failing with an
-        error that names the missing ranks.
-      writer_lease_secs: on an object store, the writer's lease (its lock) lasts this
-        long unrenewed; it is renewed every third of it. A writer that died keeps a
-        new one waiting at most this long; one cut off from the store for longer may
-        be taken over (it then stops writing, with `DirectoryLockedError`).
+    Raises:
+        InvalidOptionError: A field has a value that cannot work (the message names
+            it); raised at construction, before any file is touched.
     """
 
     save_interval_steps: int | None = None
@@ -169,6 +183,7 @@ class CheckpointManagerOptions:
 
     @property
     def has_best_rule(self) -> bool:
+        """Whether ``best_fn`` or ``best_metric`` is set (retention ranks by metrics)."""
         return self.best_fn is not None or self.best_metric is not None
 
 
