@@ -92,7 +92,7 @@ def test_replaces_model_checkpoint(tmp_path: Path) -> None:
     trainer = make_trainer(ckpt, ModelCheckpoint(dirpath=tmp_path / "lightning"))
     with pytest.raises(ValueError, match="also has ModelCheckpoint: remove it"):
         trainer.fit(Model(), Data())
-    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("step_*"))
+    assert not (tmp_path / "ckpt").exists()  # refused before the manager opened
 
 
 class _OddState(Model):
