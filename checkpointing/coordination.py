@@ -19,13 +19,24 @@ T = TypeVar("T")
 
 @runtime_checkable
 class Coordinator(Protocol):
+    """How the processes of a job agree: pass one as ``CheckpointManager(...,
+    coordinator=...)`` where the default (`TorchDistributed` under torch.distributed,
+    else `SingleProcess`) does not fit.
+
+    Every process calls the collectives (``barrier``, ``broadcast``, ``all_gather``) in
+    the same order. An implementation raises `CoordinationError` from them when the
+    other processes do not arrive in time, rather than hang.
+    """
+
     @property
     def rank(self) -> int:
         """This process's index, 0 to ``world_size - 1``."""
         ...
 
     @property
-    def world_size(self) -> int: ...
+    def world_size(self) -> int:
+        """The number of processes in the job."""
+        ...
 
     @property
     def primary(self) -> int:
@@ -33,22 +44,56 @@ class Coordinator(Protocol):
         ...
 
     @property
-    def is_primary(self) -> bool: ...
+    def is_primary(self) -> bool:
+        """Whether this process is the ``primary`` one."""
+        ...
 
     def barrier(self, name: str) -> None:
-        """Wait until every process reached the barrier called ``name``."""
+        """Wait until every process reached the barrier called ``name``.
+
+        Args:
+            name: What the processes wait for, for error messages.
+
+        Raises:
+            CoordinationError: The others did not arrive in time.
+        """
         ...
 
     def broadcast(self, value: T) -> T:
-        """The primary's ``value``, on every process."""
+        """The primary's ``value``, on every process.
+
+        Args:
+            value: The primary's value to share; the others' are ignored.
+
+        Returns:
+            The primary's value.
+
+        Raises:
+            CoordinationError: The others did not arrive in time.
+        """
         ...
 
     def all_gather(self, value: T) -> list[T]:
-        """Every process's ``value``, in rank order, on every process."""
+        """Every process's ``value``, on every process.
+
+        Args:
+            value: This process's value.
+
+        Returns:
+            The values of all processes, in rank order.
+
+        Raises:
+            CoordinationError: The others did not arrive in time.
+        """
         ...
 
     def background(self) -> Coordinator:
-        """A coordinator of the same processes for the background save thread."""
+        """A coordinator of the same processes for the background save thread.
+
+        Returns:
+            One whose collectives never interleave with this one's (a coordinator of a
+            single process may return itself).
+        """
         ...
 
 
@@ -61,15 +106,18 @@ class SingleProcess:
     is_primary = True
 
     def barrier(self, name: str) -> None:
-        pass
+        """Return at once (see `Coordinator.barrier`)."""
 
     def broadcast(self, value: T) -> T:
+        """``value`` itself (see `Coordinator.broadcast`)."""
         return value
 
     def all_gather(self, value: T) -> list[T]:
+        """``[value]`` (see `Coordinator.all_gather`)."""
         return [value]
 
     def background(self) -> SingleProcess:
+        """This coordinator itself (see `Coordinator.background`)."""
         return self
 
 
@@ -79,6 +127,9 @@ class PerRank(Generic[T]):
     every rank saves and restores its own value, instead of the primary's alone.
 
     >>> mgr.save(step, {"model": model, "rng": PerRank(rng_states())})
+
+    Attributes:
+        value: This process's value: anything a state item may be.
     """
 
     value: T

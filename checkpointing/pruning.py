@@ -34,7 +34,17 @@ logger = logging.getLogger("checkpointing")
 
 @dataclasses.dataclass(frozen=True)
 class StepReport:
-    """One line of `CheckpointManager.retention_report`."""
+    """One line of `CheckpointManager.retention_report`.
+
+    Attributes:
+        step: The step.
+        kept: Whether retention keeps it.
+        reasons: The rules that keep it (``"latest 3"``, ``"protected"``, ...); empty
+            when it is not kept.
+        committed_at: When it was committed, in seconds of the manager's clock.
+        nbytes: The size of its files.
+        metrics: Its metrics as saved, updated by those recorded since; None if none.
+    """
 
     step: int
     kept: bool

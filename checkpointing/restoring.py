@@ -51,7 +51,14 @@ from checkpointing.storage.cache import StepCache
 
 @dataclasses.dataclass(frozen=True)
 class TensorMetadata:
-    """What `CheckpointManager.item_metadata` reports for an array, without reading it."""
+    """What `CheckpointManager.item_metadata` reports for an array, without reading it.
+
+    Attributes:
+        shape: The array's shape.
+        dtype: The dtype as saved: a torch dtype's name (``"bfloat16"``), or a numpy
+            array's dtype string (``"<f4"``).
+        nbytes: The size of its data.
+    """
 
     shape: tuple[int, ...]
     dtype: str

@@ -46,6 +46,12 @@ class SaveStats:
 
     ``blocking_secs`` is what the training thread waited (snapshot, or the whole save
     when synchronous); ``background_secs`` is the write, commit and retention after it.
+
+    Attributes:
+        step: The step saved.
+        blocking_secs: Seconds the training thread waited.
+        background_secs: Seconds of the write, commit and retention in the background.
+        nbytes: The size of the step's files, all processes' together.
     """
 
     step: int

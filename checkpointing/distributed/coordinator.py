@@ -32,9 +32,11 @@ class _Channel:
 
     @property
     def is_primary(self) -> bool:
+        """Whether this process is the ``primary`` one."""
         return self.rank == self.primary
 
     def barrier(self, name: str) -> None:
+        """A monitored gloo barrier (see `Coordinator.barrier`)."""
         # monitored_barrier (gloo only) names the ranks that did not arrive.
         timeout = datetime.timedelta(seconds=self.timeout_secs)
         self._collective(
@@ -43,6 +45,7 @@ class _Channel:
         )
 
     def broadcast(self, value: T) -> T:
+        """The primary's picklable ``value`` (see `Coordinator.broadcast`)."""
         box = [value]
         self._collective(
             "broadcast",
@@ -51,11 +54,13 @@ class _Channel:
         return box[0]
 
     def all_gather(self, value: T) -> list[T]:
+        """Every process's picklable ``value`` (see `Coordinator.all_gather`)."""
         out: list[Any] = [None] * self.world_size
         self._collective("all_gather", lambda: dist.all_gather_object(out, value, self.group))
         return out
 
     def background(self) -> Coordinator:
+        """This channel itself (see `Coordinator.background`)."""
         return self
 
     def _collective(self, what: str, call: Callable[[], object]) -> None:
@@ -75,6 +80,15 @@ class TorchDistributed(_Channel):
 
     Building it is a collective call: every process builds one, in the same order as
     its other collectives (the manager does this in its constructor).
+
+    Args:
+        timeout_secs: How long a collective waits for the other processes before
+            raising `CoordinationError` (instead of the job's timeout, often 30 minutes).
+        primary: The rank that writes commit records and applies retention.
+
+    Raises:
+        InvalidOptionError: No process group is initialized, or ``primary`` is not a
+            rank of the job.
     """
 
     def __init__(self, *, timeout_secs: float = 600.0, primary: int = 0) -> None:
@@ -96,6 +110,7 @@ class TorchDistributed(_Channel):
         self._background = _Channel(rank, world_size, primary, timeout_secs, background)
 
     def background(self) -> Coordinator:
+        """A coordinator over a gloo group of its own (see `Coordinator.background`)."""
         return self._background
 
 

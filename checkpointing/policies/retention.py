@@ -29,7 +29,13 @@ REASON_KEEP_ALL = "max_to_keep=None"
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint as retention sees it. Hashable although metrics are a dict."""
+    """A committed checkpoint as retention sees it. Hashable although metrics are a dict.
+
+    Attributes:
+        step: The step.
+        time: When it was committed, in seconds of the manager's clock.
+        metrics: Its metrics (possibly nested), with those recorded since; None if none.
+    """
 
     step: int
     time: float  # commit time, clock seconds
@@ -38,21 +44,38 @@ class CheckpointInfo:
 
 @runtime_checkable
 class RetentionPolicy(Protocol):
-    """Anything with this ``keep`` method can decide what survives."""
+    """Anything with this ``keep`` method can decide what survives.
+
+    Pass one as ``CheckpointManagerOptions(retention_policy=...)``. On top of what it
+    keeps, the manager keeps protected steps, steps being read or written, and the
+    newest one (``always_keep_latest``).
+    """
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
-        """Return ``{step: reasons}`` for the checkpoints this rule keeps.
+        """Choose the checkpoints this rule keeps, with the reasons shown by
+        ``retention_report`` and ``checkpointing ls``.
 
-        ``checkpoints`` are sorted by step, ascending. A step that is absent, or maps to
-        no reason, is not kept by this rule. ``now`` is the manager's clock, for rules
-        that depend on age.
+        Decide from the arguments alone, so that deciding again from the survivors
+        deletes nothing more.
+
+        Args:
+            checkpoints: The committed checkpoints, sorted by step, ascending.
+            now: The manager's clock, for rules that depend on age.
+
+        Returns:
+            ``{step: reasons}``. A step that is absent, or maps to no reason, is not
+            kept by this rule; a step not among ``checkpoints`` is an error.
         """
         ...
 
 
 @dataclass(frozen=True)
 class KeepLatest:
-    """Keep the ``n`` newest checkpoints."""
+    """Keep the ``n`` newest checkpoints.
+
+    Attributes:
+        n: How many; 0 keeps none by this rule.
+    """
 
     n: int
 
@@ -60,6 +83,7 @@ class KeepLatest:
         check_int("KeepLatest n", self.n, low=0)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        """The newest ``n`` (see `RetentionPolicy.keep`)."""
         kept = checkpoints[max(0, len(checkpoints) - self.n) :]
         return {c.step: (f"latest {self.n}",) for c in kept}
 
@@ -73,6 +97,11 @@ class KeepEveryNSteps:
     by time. Each checkpoint belongs to its nearest multiple, so deleting the others
     never changes which one a multiple keeps. ``max_to_keep`` keeps only the newest
     that many of these.
+
+    Attributes:
+        n: The interval in steps, at least 1.
+        exact: Keep only exact multiples of ``n``; False keeps the closest step to each.
+        max_to_keep: Keep only the newest this many of the chosen steps (None: all).
     """
 
     n: int
@@ -84,6 +113,8 @@ class KeepEveryNSteps:
         check_int("KeepEveryNSteps max_to_keep", self.max_to_keep, low=1, optional=True)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        """The steps at (or closest to) each multiple of ``n`` (see
+        `RetentionPolicy.keep`)."""
         if self.exact:
             chosen = [c.step for c in checkpoints if c.step % self.n == 0]
             reason = (f"every {self.n} steps",)
@@ -104,7 +135,11 @@ class KeepEveryNSteps:
 
 @dataclass(frozen=True)
 class KeepNewerThan:
-    """Keep every checkpoint committed less than ``secs`` ago."""
+    """Keep every checkpoint committed less than ``secs`` ago.
+
+    Attributes:
+        secs: The age limit, in seconds of the manager's clock.
+    """
 
     secs: float
 
@@ -112,6 +147,7 @@ class KeepNewerThan:
         check_positive_number("KeepNewerThan secs", self.secs)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        """The checkpoints younger than ``secs`` at ``now`` (see `RetentionPolicy.keep`)."""
         reason = (f"newer than {self.secs:g}s",)
         return {c.step: reason for c in checkpoints if now - c.time < self.secs}
 
@@ -123,6 +159,9 @@ class KeepEveryNSeconds:
     Walking oldest first, the oldest checkpoint is kept, then each one committed at least
     ``secs`` after the previously kept one. The walk depends only on checkpoints it keeps,
     so deleting the others never changes it.
+
+    Attributes:
+        secs: The interval, in seconds of commit time.
     """
 
     secs: float
@@ -131,6 +170,7 @@ class KeepEveryNSeconds:
         check_positive_number("KeepEveryNSeconds secs", self.secs)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        """About one checkpoint per ``secs`` (see `RetentionPolicy.keep`)."""
         reason = (f"one per {self.secs:g}s",)
         kept: dict[int, tuple[str, ...]] = {}
         last_time: float | None = None
@@ -152,6 +192,12 @@ class KeepBest:
     Unranked checkpoints are all kept when ``keep_without_metrics``; otherwise they only
     fill the slots the ranked ones leave free, newest first, as Orbax does. Between equal
     scores the newer step wins.
+
+    Attributes:
+        n: How many of the best to keep.
+        metric: A key or ``"/"``-separated path into the metrics, or a function of them.
+        mode: Whether the highest ("max") or the lowest ("min") value is best.
+        keep_without_metrics: Keep every unranked checkpoint.
     """
 
     n: int
@@ -184,7 +230,14 @@ class KeepBest:
         return f"best {self.n} by {name} ({self.mode})"
 
     def score(self, metrics: Mapping[str, Any] | None) -> float | None:
-        """The value ranked on, higher is better whatever the mode; None when unranked."""
+        """The value a checkpoint is ranked on.
+
+        Args:
+            metrics: A checkpoint's metrics, or None when it has none.
+
+        Returns:
+            The value, higher is better whatever the mode; None when unranked.
+        """
         if metrics is None:
             return None
         if isinstance(self.metric, str) and self.metric in metrics:
@@ -208,6 +261,7 @@ class KeepBest:
         return number if self.mode == "max" else -number
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        """The ``n`` best, and the unranked as configured (see `RetentionPolicy.keep`)."""
         ranked: list[tuple[float, int]] = []
         unranked: list[int] = []
         for c in checkpoints:
@@ -230,7 +284,11 @@ class KeepBest:
 
 @dataclass(frozen=True)
 class KeepSteps:
-    """Keep exactly these steps (milestones worth keeping whatever else happens)."""
+    """Keep exactly these steps (milestones worth keeping whatever else happens).
+
+    Attributes:
+        steps: The steps (ints >= 0), stored as a frozenset.
+    """
 
     steps: Collection[int]
 
@@ -238,12 +296,20 @@ class KeepSteps:
         object.__setattr__(self, "steps", check_steps("KeepSteps steps", self.steps))
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        """Those of ``steps`` that are among the checkpoints (see `RetentionPolicy.keep`)."""
         return {c.step: ("listed steps",) for c in checkpoints if c.step in self.steps}
 
 
 @dataclass(frozen=True, init=False)
 class KeepAnyOf:
-    """Keep what any of the rules keeps, with all of their reasons."""
+    """Keep what any of the rules keeps, with all of their reasons.
+
+    Args:
+        *policies: The rules, at least one.
+
+    Attributes:
+        policies: The rules, in the order given.
+    """
 
     policies: tuple[RetentionPolicy, ...]
 
@@ -252,6 +318,7 @@ class KeepAnyOf:
         object.__setattr__(self, "policies", policies)
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> Reasons:
+        """The union of what ``policies`` keep (see `RetentionPolicy.keep`)."""
         merged: dict[int, tuple[str, ...]] = {}
         for policy in self.policies:
             for step, reasons in policy.keep(checkpoints, now).items():
