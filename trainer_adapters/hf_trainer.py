@@ -163,7 +163,6 @@ class CheckpointCallback(TrainerCallback):
                 "start training with CheckpointCallback.train(trainer), not trainer.train(): "
                 "only it resumes from the manager's checkpoints"
             )
-        _check_arguments(args)
         step = self._resume_step
         if step is None:
             return
@@ -248,7 +247,7 @@ class CheckpointCallback(TrainerCallback):
             raise CorruptCheckpointError(f"{where}: not a Trainer checkpoint of this adapter")
         try:
             state = json.loads(saved["state"])
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise CorruptCheckpointError(f"{where}: the TrainerState is not JSON: {e}") from e
         fields = {f.name for f in dataclasses.fields(TrainerState)}
         if not isinstance(state, dict) or not state.keys() <= fields:
