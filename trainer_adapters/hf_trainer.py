@@ -116,8 +116,21 @@ class CheckpointCallback(TrainerCallback):
 
     def train(self, trainer: Trainer, **train_kwargs: Any) -> TrainOutput:
         """``trainer.train(**train_kwargs)``, resumed from the manager's newest checkpoint
-        (local or remote) when there is one; adds this callback to ``trainer`` unless it
-        was given in ``callbacks=`` (give it there to order it among yours)."""
+        (local or remote) when there is one.
+
+        Args:
+            trainer: The Trainer; this callback is added to it unless it was given in
+                ``callbacks=`` (give it there to order it among yours).
+            **train_kwargs: For ``trainer.train`` (not ``resume_from_checkpoint``).
+
+        Returns:
+            What ``trainer.train`` returns.
+
+        Raises:
+            ValueError: The Trainer's own checkpointing is on, or several processes.
+            CorruptCheckpointError: The checkpoint's TrainerState is not one this adapter
+                wrote.
+        """
         if "resume_from_checkpoint" in train_kwargs:
             raise TypeError(
                 "CheckpointCallback.train resumes from the manager's newest checkpoint; "
