@@ -42,19 +42,21 @@ class SnapshotBuffers:
             for blob in members:
                 key = (group, blob.key)
                 buffers[key] = arena[blob.key] if arena else self.buffer(key, blob.tensor)
-        stream = None
+        streams: dict[torch.device, torch.cuda.Stream] = {}
         out = []
         for blob in blobs:
             src, buf = blob.tensor, buffers[blob.group, blob.key]
             if src.device.type == "cuda":  # into pinned memory, on a side stream
-                stream = stream or torch.cuda.Stream(device=src.device)  # type: ignore[no-untyped-call]
-                stream.wait_stream(torch.cuda.current_stream(src.device))
+                stream = streams.get(src.device)
+                if stream is None:  # after the work queued so far, once per device
+                    stream = streams[src.device] = torch.cuda.Stream(device=src.device)  # type: ignore[no-untyped-call]
+                    stream.wait_stream(torch.cuda.current_stream(src.device))
                 with torch.cuda.stream(stream):
                     buf.copy_(src, non_blocking=True)
             else:
                 buf.copy_(src)
             out.append(Blob(blob.group, blob.key, buf, blob.nodes))  # not replace(): slower
-        if stream is not None:
+        for stream in streams.values():
             stream.synchronize()
         return out
 
