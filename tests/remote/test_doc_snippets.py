@@ -63,8 +63,52 @@ def compute_loss(model, batch):
     return torch.nn.functional.mse_loss(model(x), y)
 """
 
+LIGHTNING = """
+import torch
+import lightning.pytorch as pl
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+class Data(pl.LightningDataModule):
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 2))
+        return torch.utils.data.DataLoader(data, batch_size=2, shuffle=True)
+
+model, datamodule = Net(), Data()
+"""
+
+HF_TRAINER = """
+import torch
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+    def forward(self, x, labels):
+        return {"loss": torch.nn.functional.mse_loss(self.net(x), labels)}
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return {"x": torch.ones(4) * i, "labels": torch.zeros(2)}
+
+model, train_dataset = Model(), Data()
+"""
+
 # A snippet that imports one of these adapters gets its trainer's objects instead.
-PRELUDES = {"trainer_adapters.accelerate": ACCELERATE}
+PRELUDES = {
+    "trainer_adapters.accelerate": ACCELERATE,
+    "trainer_adapters.lightning": LIGHTNING,
+    "trainer_adapters.hf_trainer": HF_TRAINER,
+}
 # Trainer libraries whose pins clash with this environment: their sections run in the
 # library's own environment (tests/adapters/<dir>/test_doc_snippet.py).
 SIDE_ENVIRONMENTS = {"trainer_adapters.robo_orchard", "trainer_adapters.helios"}
@@ -100,7 +144,7 @@ def _imports(snippet: str) -> set[str]:
 def test_the_pages_have_snippets_to_run() -> None:
     names = [name for name, _ in programs()]
     assert {"README.md", "remote.md", "distributed.md", "retention.md"} <= set(names)
-    assert any(name.startswith("adapters.md") for name in names)
+    assert sum(name.startswith("adapters.md") for name in names) == 3  # Accelerate, Lightning, HF
 
 
 @pytest.mark.timeout(600)
