@@ -27,6 +27,7 @@ from checkpointing.catalog import StepCatalog
 from checkpointing.coordination import Coordinator
 from checkpointing.distributed.coordinator import default_coordinator
 from checkpointing.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidOptionError,
@@ -48,7 +49,7 @@ from checkpointing.pruning import Pruner, StepReport
 from checkpointing.remote_tier import Mirror, MirrorStatus, NoRemote
 from checkpointing.restoring import Restorer, describe_items
 from checkpointing.saving import Saver, SaveStats
-from checkpointing.storage import open_storage
+from checkpointing.storage import LocalStorage, open_storage
 from checkpointing.storage.cache import (
     DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES,
     StepCache,
@@ -139,6 +140,13 @@ class CheckpointManager:
             self._storage, self._naming, primary=primary, read_only=options.read_only
         )
         self._remote: NoRemote = NoRemote()
+        local = isinstance(self._storage, LocalStorage)
+        if options.incremental and not options.read_only and (remote is not None or not local):
+            raise InvalidOptionError(
+                "incremental=True saves to a local directory without a remote mirror: a "
+                "step refers to files of earlier steps, which this version does not yet "
+                "follow through object stores and mirrors"
+            )
         if remote is not None:
             self._remote = Mirror(
                 remote,
@@ -193,6 +201,9 @@ class CheckpointManager:
                 if options.save_on_preemption
                 else None,
                 on_commit=self._committed,
+                incremental=(lambda step: self._catalog.record(step) is not None)
+                if options.incremental
+                else None,
             )
             self.reload()
             if not options.read_only:
@@ -685,6 +696,8 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: There is no such step.
             ReadOnlyError: The manager is read-only or closed.
+            CheckpointError: An incremental save of another step reads tensors from
+                this one's files; delete that step first.
         """
         self._check_writable()
         self._join()
@@ -692,6 +705,12 @@ class CheckpointManager:
         catalog = self._catalog
         if step not in catalog.unreadable:
             self._record(step)
+        readers = sorted(s for s, r in catalog.records.items() if step in r.references)
+        if readers:
+            raise CheckpointError(
+                f"step {step} holds tensors that step(s) {readers} read (incremental saves); "
+                f"delete those first, or keep it"
+            )
         with catalog.lock:
             if step in catalog.records or step in catalog.unreadable:
                 if primary:
@@ -789,7 +808,8 @@ class CheckpointManager:
         if dry_run:
             return sorted(todo)
         other._check_writable()
-        for step, record in todo.items():
+        self._check_references_copy(todo, other)
+        for step, record in sorted(todo.items()):
             names = (self._catalog.folder(step), other._naming.name(step))
             copy_step(self._storage, other._storage, names, record, progress)
             other._catalog.add(step, record)
@@ -798,6 +818,25 @@ class CheckpointManager:
             theirs.set_protected(step, True)
         theirs.carry_metrics(self._catalog)
         return sorted(todo)
+
+    def _check_references_copy(self, todo: Mapping[int, Record], other: CheckpointManager) -> None:
+        """Incremental steps go only where the files they read go too: into a local
+        directory, whose step of that number is the one copied or has those very files."""
+        for step, record in sorted(todo.items()):
+            if record.references and not isinstance(other._storage, LocalStorage):
+                raise CheckpointError(
+                    f"step {step} is an incremental save (it reads files of steps "
+                    f"{sorted(record.references)}), which this version copies only to local "
+                    f"directories; nothing was copied"
+                )
+            for origin, files in record.references.items():
+                theirs = todo.get(origin) or other._catalog.record(origin)
+                if theirs is None or any(theirs.files.get(n) != i for n, i in files.items()):
+                    raise CheckpointError(
+                        f"step {step} reads files of step {origin}, which {other.directory} "
+                        f"lacks or holds otherwise, and this directory cannot copy; "
+                        f"nothing was copied"
+                    )
 
     # --------------------------------------------------------------- lifecycle
 

@@ -82,6 +82,11 @@ class CheckpointManagerOptions:
         enable_async_checkpointing: ``save()`` returns after a snapshot; writing happens
             in the background.
         async_timeout_secs: Fail a background save that takes longer than this.
+        incremental: Write only the tensors that changed since this process's previous
+            save; the step refers to the earlier step's file for the others (a frozen
+            base model is stored once), and retention keeps a step while a kept step
+            reads from it. The first save of a process is complete. Local directories
+            without a mirror only (docs/format.md).
         coordination_timeout_secs: In a torch.distributed job, how long a process waits
             for the others at a collective step (save, restore) before failing with an
             error that names the missing ranks.
@@ -122,6 +127,7 @@ class CheckpointManagerOptions:
     verify_checksums: bool = True
     enable_async_checkpointing: bool = True
     async_timeout_secs: float | None = None
+    incremental: bool = False
     coordination_timeout_secs: float = 600.0
     writer_lease_secs: float = 30.0
 

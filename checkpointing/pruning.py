@@ -102,6 +102,7 @@ class Pruner:
             protected=catalog.protected,
             in_progress={*catalog.being_read, *leased},
             always_keep_latest=self._always_keep_latest,
+            references={step: set(r.references) for step, r in records.items()},
         )
 
     def report(self) -> list[StepReport]:

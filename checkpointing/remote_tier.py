@@ -186,6 +186,7 @@ class Mirror(NoRemote):
         self._deletes: set[int] = set()
         self._protections: dict[int, bool] = {}  # changes the remote has not seen yet
         self._skipped: frozenset[int] = frozenset()  # remote retention deletes them
+        self._warned_incremental: set[int] = set()  # steps not uploaded: incremental
         self._error: str | None = None
         self._failing_since: float | None = None
         self._synced_at: float | None = None
@@ -379,6 +380,14 @@ class Mirror(NoRemote):
         }
         self._skipped = frozenset(set(self._pruner.decide(extra=ranked).delete) & todo.keys())
         for step in sorted(todo.keys() - self._skipped, reverse=True):
+            if todo[step].references:  # of an earlier run with incremental=True
+                if step not in self._warned_incremental:
+                    self._warned_incremental.add(step)
+                    logger.error(
+                        "step %d is an incremental save, which mirrors do not carry yet: "
+                        "it stays local only", step
+                    )
+                continue
             with local.reading(step):  # the local retention keeps it meanwhile
                 if step not in local.records:
                     continue

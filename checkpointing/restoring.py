@@ -37,6 +37,7 @@ from checkpointing.errors import (
     ItemNotFoundError,
     PartialRestoreError,
     TargetMismatchError,
+    UnsupportedFormatError,
 )
 from checkpointing.format import tree
 from checkpointing.format.reader import StepReader
@@ -123,17 +124,27 @@ class Restorer:
         nodes = {n: self._item_node(record, n) for n in names}
         targets = {n: _unwrap(None if target is None else target.get(n)) for n in names}
         needed = set().union(*map(tree.files_of, nodes.values()))
-        where = f"{self._storage.url}/{self._catalog.folder(step)}"
+        referenced = {s for node in nodes.values() for s in tree.references_of(node)}
         with self._located(record, needed) as (local, downloaded):
             files = LocalStorage(local.parent, create=False)
+            folders = {s: self._referenced_folder(record, s) for s in referenced}
+            folders[step] = local.name
+
+            def open_file(of_step: int, filename: str) -> BinaryIO:
+                return files.open_read(f"{folders[of_step]}/{filename}")
+
             with StepReader(
                 record,
-                lambda filename: files.open_read(f"{local.name}/{filename}"),
-                verify=self._verify and not needed <= downloaded,
-                where=where,
+                open_file,
+                verify=self._verify and not (needed <= downloaded and not referenced),
+                where=lambda of_step: f"{self._storage.url}/{self._catalog.folder(of_step)}",
             ) as reader:
                 restored = restore_items(
-                    nodes, targets, reader, all_or_nothing=all_or_nothing, where=where
+                    nodes,
+                    targets,
+                    reader,
+                    all_or_nothing=all_or_nothing,
+                    where=f"{self._storage.url}/{self._catalog.folder(step)}",
                 )
         return restored if target is None else {**target, **restored}
 
@@ -162,6 +173,17 @@ class Restorer:
         with self._cache.holding(storage, folder, record, needed) as held:
             yield held
 
+    def _referenced_folder(self, record: Record, origin: int) -> str:
+        """The folder of a step whose files hold tensors of ``record`` (an incremental
+        save): a step of this local directory."""
+        if not isinstance(self._storage, LocalStorage) or self._catalog.record(record.step) is None:
+            raise UnsupportedFormatError(
+                f"step {record.step} is an incremental save (it reads tensors of step "
+                f"{origin}), which is restored from the local directory that holds both; "
+                f"copy the directory to local disk to restore it"
+            )
+        return self._catalog.folder(origin)
+
     def _item_node(self, record: Record, name: str) -> tree.Node:
         """An item's tree; of a `PerRank` item, this process's own."""
         node = record.items[name]
@@ -184,9 +206,15 @@ class Restorer:
             storage, folder = self._remote.location(step)
         else:
             storage, folder = self._storage, self._catalog.folder(step)
-        for filename, info in record.files.items():
-            path = f"{folder}/{filename}"
-            check_file(functools.partial(storage.open_read, path), info, f"{storage.url}/{path}")
+        listed = [(folder, record.files)] + [
+            (self._referenced_folder(record, origin), files)
+            for origin, files in sorted(record.references.items())
+        ]
+        for of_folder, files in listed:
+            for filename, info in files.items():
+                path = f"{of_folder}/{filename}"
+                where = f"{storage.url}/{path}"
+                check_file(functools.partial(storage.open_read, path), info, where)
 
 
 def check_file(open_file: Callable[[], BinaryIO], info: FileInfo, where: str) -> None:

@@ -60,6 +60,20 @@ class SaveStats:
     nbytes: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """Where the bytes of a blob (by group and key) were last stored: what an
+    incremental save refers to when the blob has not changed since."""
+
+    step: int
+    file: str
+    key: str
+    checksum: str
+    nbytes: int
+    dtype: str
+    info: FileInfo  # of the file, as its step's record lists it
+
+
 @dataclasses.dataclass
 class SaveJob:
     step: int
@@ -70,6 +84,10 @@ class SaveJob:
     chunks: dict[str, list[dict[str, Any]]]  # nodes of the DTensor shards it writes, by key
     metrics: dict[str, Any] | None
     metadata: dict[str, Any] | None
+    # An incremental save: where each blob's bytes were last stored, and whether that
+    # step is still committed; blobs unchanged since are not written again.
+    stored: dict[tuple[str, str], Stored] | None = None
+    present: Callable[[int], bool] = lambda step: False
 
 
 # (the committed record, the coordinator of the thread that committed it, and whether the
@@ -93,7 +111,10 @@ class Saver:
         async_timeout_secs: float | None,
         preemption_signals: tuple[int, ...] | None,
         on_commit: OnCommit,
+        incremental: Callable[[int], bool] | None = None,
     ) -> None:
+        """``incremental``: save incrementally (`SaveJob.stored`); it says whether a
+        step is still committed, so that a save refers only to files that exist."""
         self._storage = storage
         self._naming = naming
         self._coordinator = coordinator
@@ -112,6 +133,8 @@ class Saver:
         self._preemption = PreemptionWatcher()
         self._preemption_saved = False  # a save happened after the signal
         self._preempted_anywhere = False  # a signal reached some process of the job
+        self._present = incremental
+        self._stored: dict[tuple[str, str], Stored] = {}  # of this process's saves
         if preemption_signals is not None:
             self._preemption.install(preemption_signals)
 
@@ -201,6 +224,8 @@ class Saver:
             metrics=None if metrics is None else to_json_value(metrics, "metrics"),
             metadata=None if metadata is None else to_json_value(metadata, "metadata"),
         )
+        if self._present is not None:
+            job.stored, job.present = self._stored, self._present
         self._saves += 1
         join()
         self._preemption_saved = self._preemption.triggered or self._preempted_anywhere
@@ -227,6 +252,8 @@ class Saver:
         """Write and commit, then ``on_commit`` (on the background thread if async)."""
         t1 = time.perf_counter()
         record = write_step(job, self._storage, self._naming, coordinator, self._clock, abandoned)
+        if job.stored is not None:
+            self._stored = {**job.stored, **_stored_by(job.flat.blobs, record)}
         held = blocking is not None and coordinator.world_size > 1
         self._on_commit(record, coordinator, held)
         done = time.perf_counter()
@@ -285,14 +312,17 @@ def write_step(
     writer = storage.begin(naming.name(job.step), job.token)
     try:
         files: dict[str, FileInfo] = {}
+        references: dict[int, dict[str, FileInfo]] = {}
         error: Exception | None = None
         try:
+            if job.stored is not None:
+                references = _reuse_unchanged(job, storage.parallelism)
             files = _write_files(job, writer, storage.parallelism)
         except Exception as e:
             if coordinator.world_size == 1:
                 raise
             error = e  # the others must hear of it, or they would wait for us
-        mine = (describe(error), files, job.per_rank, job.chunks)
+        mine = (describe(error), files, job.per_rank, job.chunks, references)
         reports = [mine]
         if coordinator.world_size > 1:
             coordinator.barrier(f"step {job.step} written")  # names missing ranks
@@ -302,8 +332,12 @@ def write_step(
                 raise error
             if failed:
                 raise CheckpointError(f"step {job.step} was not saved: {'; '.join(failed)}")
-            files = {k: v for _, written, _, _ in reports for k, v in written.items()}
-        per_rank = [nodes for _, _, nodes, _ in reports]
+            files = {k: v for _, written, _, _, _ in reports for k, v in written.items()}
+            references = {}
+            for *_, theirs in reports:
+                for origin, listed in theirs.items():
+                    references.setdefault(origin, {}).update(listed)
+        per_rank = [nodes for _, _, nodes, _, _ in reports]
         items = {n: {"per_rank": [nodes[n] for nodes in per_rank]} for n in job.per_rank}
         if job.flat.sharded and coordinator.is_primary:
             from checkpointing.distributed import sharded
@@ -314,7 +348,7 @@ def write_step(
                 for tag, body, _ in tree.walk(node)
                 if tag == "dtensor"
             }
-            sharded.merge(dtensors, [chunks for _, _, _, chunks in reports])
+            sharded.merge(dtensors, [chunks for _, _, _, chunks, _ in reports])
         record = Record(
             step=job.step,
             created_at=job.started,
@@ -323,6 +357,7 @@ def write_step(
             files=dict(sorted(files.items())),
             metrics=job.metrics,
             metadata=job.metadata,
+            references=references,
         )
         committed: Exception | None = None
         if coordinator.is_primary:
@@ -352,6 +387,55 @@ def write_step(
             e.add_note(f"(while saving step {job.step} to {storage.url})")
         raise
     return record
+
+
+def _reuse_unchanged(job: SaveJob, parallelism: int) -> dict[int, dict[str, FileInfo]]:
+    """Point the tree nodes of every blob whose bytes are those last stored (same size,
+    dtype and xxh3-64 digest, in a step still committed) at that step's file instead,
+    and drop the blob from what is written; return the files so referred to, by step.
+    References go to the step that holds the bytes, never through another reference.
+    Sharded tensors' chunks are always written."""
+    assert job.stored is not None
+    stored = job.stored
+
+    def unchanged(blob: tree.Blob) -> Stored | None:
+        was = stored.get((blob.group, blob.key))
+        if (
+            was is None
+            or blob.group.startswith(tree.NAMED)
+            or was.nbytes != blob.nbytes
+            or was.dtype != str(blob.tensor.dtype)
+            or not job.present(was.step)
+        ):
+            return None
+        tensor = blob.tensor if blob.tensor.is_cpu else blob.tensor.cpu()
+        return was if tensors.digest(tensors.byte_view(tensor)) == was.checksum else None
+
+    references: dict[int, dict[str, FileInfo]] = {}
+    kept = []
+    for blob, was in zip(job.flat.blobs, parallel_map(unchanged, job.flat.blobs, parallelism),
+                         strict=True):
+        if was is None:
+            kept.append(blob)
+            continue
+        for node in blob.nodes:
+            node.update(file=was.file, key=was.key, checksum=was.checksum, step=was.step)
+        references.setdefault(was.step, {})[was.file] = was.info
+    job.flat.blobs = kept
+    return references
+
+
+def _stored_by(blobs: list[tree.Blob], record: Record) -> dict[tuple[str, str], Stored]:
+    """Where ``record``'s step stored ``blobs`` (its written ones)."""
+    out = {}
+    for blob in blobs:
+        node = blob.nodes[0]
+        if not blob.group.startswith(tree.NAMED) and node.get("file") in record.files:
+            out[blob.group, blob.key] = Stored(
+                record.step, node["file"], node["key"], node["checksum"], blob.nbytes,
+                str(blob.tensor.dtype), record.files[node["file"]],
+            )
+    return out
 
 
 def _write_files(job: SaveJob, writer: StepWriter, parallelism: int) -> dict[str, FileInfo]:

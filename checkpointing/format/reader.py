@@ -16,6 +16,8 @@ from checkpointing.format.schema import numpy_dtype, valid_text
 from checkpointing.format.tensors import byte_view, digest, parse_dtype
 from checkpointing.format.verify import Entry, read_header, read_into
 
+FileRef = tuple[int, str]  # a data file: (its step, its name in the step's folder)
+
 
 class StepReader:
     """Reads tensors of a step, each file opened once and only when needed.
@@ -33,15 +35,23 @@ class StepReader:
     """
 
     def __init__(
-        self, record: Record, open_file: Callable[[str], BinaryIO], *, verify: bool, where: str
+        self,
+        record: Record,
+        open_file: Callable[[int, str], BinaryIO],
+        *,
+        verify: bool,
+        where: Callable[[int], str],
     ) -> None:
+        """``open_file(step, name)`` opens a data file of ``record``'s step or of a step
+        it references (`Record.references`); ``where(step)`` names that step's folder in
+        error messages."""
         self._record = record
         self._open_file = open_file
         self._verify = verify
         self._where = where
-        self._files: dict[str, tuple[BinaryIO, dict[str, Entry]]] = {}
-        self._maps: dict[str, mmap.mmap | None] = {}
-        self._memo: dict[tuple[str, str], torch.Tensor] = {}
+        self._files: dict[FileRef, tuple[BinaryIO, dict[str, Entry]]] = {}
+        self._maps: dict[FileRef, mmap.mmap | None] = {}
+        self._memo: dict[tuple[FileRef, str], torch.Tensor] = {}
         self._reads = ParallelReads()
         self.touched = False  # whether bytes were read into a caller's tensor (``dest``)
 
@@ -73,7 +83,7 @@ class StepReader:
                 self.settle()
                 if not valid_text(raw.numpy(), dtype):
                     raise CorruptCheckpointError(
-                        f"{self._path(body['file'])}: {body['key']!r} holds invalid text"
+                        f"{self._path(self._ref(body))}: {body['key']!r} holds invalid text"
                     )
             return raw.numpy().view(dtype).reshape(body["shape"])
         return self._tensor(body, dest)
@@ -92,7 +102,7 @@ class StepReader:
             end = last + 1 if math.prod(body["shape"]) else body["offset"]  # empty: its offset
             if end * itemsize > size:
                 raise CorruptCheckpointError(
-                    f"{self._path(body['file'])}: tensor view {body['key']!r} reaches past "
+                    f"{self._path(self._ref(body))}: tensor view {body['key']!r} reaches past "
                     f"the {size} bytes of its storage"
                 )
             return
@@ -100,7 +110,7 @@ class StepReader:
             nbytes = math.prod(body["shape"]) * parse_dtype(body["dtype"]).itemsize
         if nbytes != size:
             raise CorruptCheckpointError(
-                f"{self._path(body['file'])}: tensor {body['key']!r} holds {size} bytes, "
+                f"{self._path(self._ref(body))}: tensor {body['key']!r} holds {size} bytes, "
                 f"its record says {nbytes}"
             )
 
@@ -132,19 +142,20 @@ class StepReader:
         dtype: torch.dtype,
         shape: tuple[int, ...],
     ) -> torch.Tensor:
-        memo_key = (body["file"], body["key"])
+        ref = self._ref(body)
+        memo_key = (ref, body["key"])
         if dest is None and memo_key in self._memo:
             known = self._memo[memo_key]
             if (known.dtype, tuple(known.shape)) != (dtype, shape):  # a crafted record
                 raise CorruptCheckpointError(
-                    f"{self._path(body['file'])}: tensor {body['key']!r} is read both as "
+                    f"{self._path(self._ref(body))}: tensor {body['key']!r} is read both as "
                     f"{known.dtype}{list(known.shape)} and as {dtype}{list(shape)}"
                 )
             return known
         self.touched |= dest is not None
-        f, _ = self._open(body["file"])
+        f, _ = self._open(ref)
         entry = self._entry(body)
-        path = self._path(body["file"])
+        path = self._path(ref)
         fd = getattr(f, "direct", lambda: None)()  # a local file with direct I/O
         if fd is not None:
             target = torch.empty(shape, dtype=dtype) if dest is None else dest
@@ -155,7 +166,7 @@ class StepReader:
             if dest is None:
                 self._memo[memo_key] = target
             return target
-        out = None if dest is not None else self._mapped(body["file"], f, entry, dtype, shape)
+        out = None if dest is not None else self._mapped(ref, f, entry, dtype, shape)
         if out is not None:
             data = byte_view(out)
         else:
@@ -180,12 +191,12 @@ class StepReader:
     def _check(self, data: memoryview, body: dict[str, Any]) -> None:
         if self._verify and digest(data) != body["checksum"]:
             raise CorruptCheckpointError(
-                f"{self._path(body['file'])}: checksum mismatch in tensor {body['key']!r}; "
+                f"{self._path(self._ref(body))}: checksum mismatch in tensor {body['key']!r}; "
                 f"the file is corrupt. Restore another step (all_steps()) or a copy."
             )
 
     def _mapped(
-        self, filename: str, f: BinaryIO, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]
+        self, ref: FileRef, f: BinaryIO, entry: Entry, dtype: torch.dtype, shape: tuple[int, ...]
     ) -> torch.Tensor | None:
         """A tensor over a private (copy-on-write) mapping of a local file without direct
         I/O (tmpfs), or None.
@@ -198,16 +209,16 @@ class StepReader:
         storage, and
         tensors whose offset is not a multiple of their element size, are read instead.
         """
-        if filename not in self._maps:
+        if ref not in self._maps:
             try:
                 fd = f.fileno()
             except (OSError, AttributeError, ValueError):  # not a file on disk
-                self._maps[filename] = None
+                self._maps[ref] = None
             else:
                 mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
                 mapped.madvise(mmap.MADV_SEQUENTIAL)
-                self._maps[filename] = mapped
-        whole = self._maps[filename]
+                self._maps[ref] = mapped
+        whole = self._maps[ref]
         size = entry.end - entry.start
         if (
             whole is None
@@ -227,24 +238,31 @@ class StepReader:
         return flat.view(shape)
 
     def _entry(self, body: dict[str, Any]) -> Entry:
-        _, entries = self._open(body["file"])
+        _, entries = self._open(self._ref(body))
         try:
             return entries[body["key"]]
         except KeyError:
             raise CorruptCheckpointError(
-                f"{self._path(body['file'])}: tensor {body['key']!r} is missing"
+                f"{self._path(self._ref(body))}: tensor {body['key']!r} is missing"
             ) from None
 
-    def _open(self, filename: str) -> tuple[BinaryIO, dict[str, Entry]]:
-        if filename not in self._files:
-            info = self._record.files.get(filename)
+    def _ref(self, body: dict[str, Any]) -> FileRef:
+        """Which step's file an array node reads: its own, or an earlier step's."""
+        return body.get("step", self._record.step), body["file"]
+
+    def _open(self, ref: FileRef) -> tuple[BinaryIO, dict[str, Entry]]:
+        if ref not in self._files:
+            step, filename = ref
+            record = self._record
+            files = record.files if step == record.step else record.references.get(step, {})
+            info = files.get(filename)
             if info is None:
-                raise CorruptCheckpointError(f"{self._path(filename)} is not in the commit record")
+                raise CorruptCheckpointError(f"{self._path(ref)} is not in the commit record")
             try:
-                f = self._open_file(filename)
+                f = self._open_file(step, filename)
             except FileNotFoundError as e:
                 raise CorruptCheckpointError(
-                    f"{self._path(filename)} is missing; the checkpoint is incomplete"
+                    f"{self._path(ref)} is missing; the checkpoint is incomplete"
                 ) from e
             try:
                 # Direct reads first: asked for later, the header's read would have
@@ -253,19 +271,20 @@ class StepReader:
                 size = f.seek(0, 2)
                 if size != info.size:
                     raise CorruptCheckpointError(
-                        f"{self._path(filename)}: size {size} bytes, the commit record says "
+                        f"{self._path(ref)}: size {size} bytes, the commit record says "
                         f"{info.size}; the file is truncated or corrupt"
                     )
-                head, entries = read_header(f, self._path(filename), size)
+                head, entries = read_header(f, self._path(ref), size)
                 if self._verify and digest(head) != info.header_checksum:
                     raise CorruptCheckpointError(
-                        f"{self._path(filename)}: header checksum mismatch"
+                        f"{self._path(ref)}: header checksum mismatch"
                     )
             except BaseException:
                 f.close()
                 raise
-            self._files[filename] = (f, entries)
-        return self._files[filename]
+            self._files[ref] = (f, entries)
+        return self._files[ref]
 
-    def _path(self, filename: str) -> str:
-        return f"{self._where}/{filename}"
+    def _path(self, ref: FileRef) -> str:
+        step, filename = ref
+        return f"{self._where(step)}/{filename}"

@@ -29,7 +29,10 @@ from checkpointing.format import schema
 
 RECORD_NAME = "checkpoint.json"
 FORMAT_NAME = "checkpointing"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest this library reads
+# Version 3 adds references to files of earlier steps (an incremental save); a record
+# without them is written as version 2, which readers of that version still read.
+PLAIN_VERSION = 2
 # A record holds structure, not tensors; parsing it costs memory by its size and by its
 # number of lists and objects, so both are bounded (a legit record of 64 MiB, some
 # 400,000 tensors, has under 2 million).
@@ -54,14 +57,17 @@ class Record:
     files: dict[str, FileInfo]
     metrics: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    version: int = FORMAT_VERSION
+    # step -> its files that hold tensors of this one (an incremental save): the tree's
+    # array nodes with a "step" field read from them
+    references: dict[int, dict[str, FileInfo]] = dataclasses.field(default_factory=dict)
+    version: int = PLAIN_VERSION
 
     def to_json(self) -> bytes:
         """The record's bytes, checksum first; `InvalidOptionError` if they would be too
         large to read back."""
         body = {
             "format": FORMAT_NAME,
-            "version": self.version,
+            "version": FORMAT_VERSION if self.references else self.version,
             "step": self.step,
             "created_at": self.created_at,
             "committed_at": self.committed_at,
@@ -72,6 +78,11 @@ class Record:
             "files": {name: dataclasses.asdict(info) for name, info in self.files.items()},
             "items": self.items,
         }
+        if self.references:
+            body["references"] = {
+                str(step): {name: dataclasses.asdict(info) for name, info in files.items()}
+                for step, files in sorted(self.references.items())
+            }
         rest = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         data = b'{"checksum":"%s",%s' % (xxhash.xxh3_64_hexdigest(rest).encode(), rest[1:])
         if len(data) > MAX_RECORD_BYTES or _containers(data) > MAX_CONTAINERS:
@@ -106,6 +117,10 @@ class Record:
             files={name: FileInfo(**info) for name, info in body["files"].items()},
             metrics=body.get("metrics"),
             metadata=body.get("metadata"),
+            references={
+                int(step): {name: FileInfo(**info) for name, info in files.items()}
+                for step, files in body.get("references", {}).items()
+            },
             version=version,
         )
 

@@ -81,9 +81,23 @@ def _check_body(body: Any, version: int) -> None:
     folders = {name.rpartition("/")[0] for name in files} - {""}
     clash = sorted(folders & set(files))
     _require(not clash, "files", f"{clash[:1]} is a file and a folder")
+    references = body.get("references", {})
+    _require(version >= 3 or "references" not in body, "references", "not in this version")
+    _require(isinstance(references, dict), "references", "not an object")
+    for step, listed in references.items():
+        path = f"references/{step}"
+        _require(
+            step.isascii() and step.isdigit() and str(int(step)) == step
+            and int(step) < body["step"],
+            path,
+            "not an earlier step",
+        )
+        _require(isinstance(listed, dict) and bool(listed), path, "not an object of files")
+        for name, info in listed.items():
+            _check_file(name, info, version, f"{path}/{name}")
     items = body.get("items")
     _require(isinstance(items, dict), "items", "not an object")
-    checker = _TreeChecker(files, version)
+    checker = _TreeChecker(files, version, references)
     for name, node in items.items():
         path = f"items/{name}"
         if isinstance(node, dict) and len(node) == 1 and "per_rank" in node:
@@ -95,8 +109,8 @@ def _check_body(body: Any, version: int) -> None:
             checker.node(node, path, 0)
 
 
-def _check_file(name: str, info: Any, version: int) -> None:
-    path = f"files/{name}"
+def _check_file(name: str, info: Any, version: int, path: str | None = None) -> None:
+    path = path or f"files/{name}"
     _require(is_safe_name(name), path, "not a plain file name inside the step")
     _require(isinstance(info, dict), path, "not an object")
     _require(set(info) == {"size", "header_checksum", "checksum"}, path, "wrong fields")
@@ -111,12 +125,15 @@ def _check_file(name: str, info: Any, version: int) -> None:
 class _TreeChecker:
     """Checks item trees (format.tree) against the record's list of files."""
 
-    def __init__(self, files: Mapping[str, Any], version: int) -> None:
+    def __init__(
+        self, files: Mapping[str, Any], version: int, references: Mapping[str, Any]
+    ) -> None:
         self._files = files
         self._version = version
-        # (file, key) -> whether a DTensor chunk reads it: a chunk's bytes belong to it
-        # alone, so no claim of the record can make a restore allocate them twice
-        self._entries: dict[tuple[str, str], bool] = {}
+        self._references = references
+        # (step, file, key) -> whether a DTensor chunk reads it: a chunk's bytes belong to
+        # it alone, so no claim of the record can make a restore allocate them twice
+        self._entries: dict[tuple[int | None, str, str], bool] = {}
 
     def node(self, node: Any, path: str, depth: int) -> None:
         _require(depth <= MAX_DEPTH, path, f"nested deeper than {MAX_DEPTH} levels")
@@ -215,17 +232,24 @@ class _TreeChecker:
         _shape(body.get("shape"), f"{path}/shape")
 
     def _stored(self, body: Any, path: str, *, chunk: bool = False) -> None:
-        """The fields saying where bytes lie: ``file``, ``key``, ``checksum``."""
+        """The fields saying where bytes lie: ``file``, ``key``, ``checksum``, and
+        ``step`` when the file is one of an earlier step (`Record.references`)."""
         _require(isinstance(body, dict), path, "not an object")
         name = body.get("file")
+        step = body.get("step")
+        if step is None:
+            files = self._files
+        else:
+            _require(not chunk and _is_int(step), f"{path}/step", "not a referenced step")
+            files = self._references.get(str(step), {})
         _require(
-            isinstance(name, str) and name in self._files,
+            isinstance(name, str) and name in files,
             f"{path}/file",
             "not a file of the record",
         )
         _require(isinstance(body.get("key"), str), f"{path}/key", "not a str")
         _require(_is_digest(body.get("checksum")), f"{path}/checksum", "not an xxh3-64 digest")
-        entry = (name, body["key"])
+        entry = (step, name, body["key"])
         seen = self._entries.get(entry)
         _require(seen is None or not (chunk or seen), path, "reads a DTensor chunk's bytes")
         self._entries[entry] = chunk

@@ -289,15 +289,25 @@ def walk(node: Node, target: Any = None) -> Iterator[tuple[str, dict[str, Any], 
 
 
 def files_of(node: Node) -> set[str]:
-    """The data files that the arrays of a tree live in (a sharded tensor: those of all
-    its chunks)."""
+    """The data files of its own step that the arrays of a tree live in (a sharded
+    tensor: those of all its chunks)."""
     files: set[str] = set()
     for _, body, _ in walk(node):
         if "chunks" in body:
             files.update(chunk["file"] for chunk in body["chunks"])
-        elif "file" in body:  # not in a retired format's dtensor node (refused on reading)
+        elif "file" in body and "step" not in body:  # (a retired dtensor node has none)
             files.add(body["file"])
     return files
+
+
+def references_of(node: Node) -> dict[int, set[str]]:
+    """The files of earlier steps that arrays of a tree live in (an incremental save),
+    by step."""
+    found: dict[int, set[str]] = {}
+    for _, body, _ in walk(node):
+        if "step" in body:
+            found.setdefault(body["step"], set()).add(body["file"])
+    return found
 
 
 ReadArray = Callable[[str, dict[str, Any], "torch.Tensor | None"], Any]

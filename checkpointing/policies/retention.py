@@ -25,6 +25,7 @@ REASON_PROTECTED = "protected"
 REASON_IN_PROGRESS = "in progress"
 REASON_NO_METRICS = "no metrics"
 REASON_KEEP_ALL = "max_to_keep=None"
+REASON_REFERENCED = "holds tensors of step"  # "... of step 300": an incremental save
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,7 @@ def decide_retention(
     protected: Collection[int] = (),
     in_progress: Collection[int] = (),
     always_keep_latest: bool = True,
+    references: Mapping[int, Collection[int]] | None = None,
 ) -> RetentionDecision:
     """Decide which of ``checkpoints`` survive.
 
@@ -349,7 +351,9 @@ def decide_retention(
     when ``always_keep_latest`` (it is the resume point; False reproduces Orbax, which
     deletes it when it ranks outside the best N), and ``protected`` (pinned by the user) and
     ``in_progress`` (being written or read) steps are never deleted. Steps in those two
-    that are not among ``checkpoints`` are ignored.
+    that are not among ``checkpoints`` are ignored. ``references`` maps a step to the
+    steps whose files hold some of its tensors (an incremental save): a surviving step
+    keeps those too, and theirs in turn.
     """
     ordered = sorted(checkpoints, key=lambda c: c.step)
     steps = [c.step for c in ordered]
@@ -378,6 +382,17 @@ def decide_retention(
     for extra, reason in ((protected, REASON_PROTECTED), (in_progress, REASON_IN_PROGRESS)):
         for step in present.intersection(extra):
             add(step, (reason,))
+    refs = {step: present.intersection(origins) for step, origins in (references or {}).items()}
+    surviving = {step for step in steps if kept.get(step)}
+    todo = list(surviving)
+    while todo:  # a surviving step's references survive, and theirs in turn
+        new = refs.get(todo.pop(), set()) - surviving
+        surviving |= new
+        todo += new
+    for step in steps:
+        if step in surviving:
+            for origin in sorted(refs.get(step, ())):
+                add(origin, (f"{REASON_REFERENCED} {step}",))
     return RetentionDecision(
         keep={step: kept[step] for step in steps if kept.get(step)},
         delete=tuple(step for step in steps if not kept.get(step)),

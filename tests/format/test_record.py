@@ -22,6 +22,7 @@ from checkpointing.errors import (
 from checkpointing.format.record import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    PLAIN_VERSION,
     RECORD_NAME,
     FileInfo,
     Record,
@@ -89,7 +90,8 @@ def test_record_json_round_trip(record: Record) -> None:
 def test_record_json_is_strict_and_self_describing() -> None:
     body = strict_loads(sample_record().to_json())
     assert body["format"] == FORMAT_NAME
-    assert body["version"] == FORMAT_VERSION
+    assert body["version"] == PLAIN_VERSION  # readers of version 2 read what has no references
+    assert "references" not in body
     assert body["checksum_algorithm"] == "xxh3_64"
     assert body["torch_version"] == torch.__version__
     assert body["files"]["model.safetensors"] == {
@@ -97,6 +99,59 @@ def test_record_json_is_strict_and_self_describing() -> None:
         "header_checksum": DIGEST,
         "checksum": DIGEST,
     }
+
+
+def incremental_record(**overrides: Any) -> Record:
+    """Step 7 reads tensor ``b`` from step 3's ``model.safetensors`` (an incremental save)."""
+    old = {"dtype": "float32", "shape": [4], "file": "model.safetensors", "key": "b",
+           "checksum": DIGEST, "step": 3}
+    record = sample_record()
+    items = {**record.items, "frozen": {"dict": [["b", {"tensor": old}]]}}
+    info = FileInfo(256, header_checksum=DIGEST, checksum=DIGEST)
+    return sample_record(items=items, references={3: {"model.safetensors": info}}, **overrides)
+
+
+def test_references_round_trip_as_version_3() -> None:
+    record = incremental_record()
+    body = strict_loads(record.to_json())
+    assert body["version"] == FORMAT_VERSION == 3
+    assert body["references"] == {"3": {"model.safetensors": {
+        "size": 256, "header_checksum": DIGEST, "checksum": DIGEST}}}
+    again = Record.from_json(record.to_json(), WHERE)
+    assert again.references == record.references and again.items == record.items
+
+
+def test_crafted_references_are_refused() -> None:
+    body = json.loads(incremental_record().to_json())
+    del body["checksum"]
+
+    def parsed(**changes: Any) -> Record:
+        return Record.from_json(signed({**body, **changes}), WHERE)
+
+    parsed()  # the unchanged body is fine
+    refs = body["references"]
+    frozen = body["items"]["frozen"]
+    node = frozen["dict"][0][1]["tensor"]
+    for changes, where in [
+        ({"references": {"7": refs["3"]}}, "references/7"),  # not earlier than the step
+        ({"references": {"9": refs["3"]}}, "references/9"),  # later
+        ({"references": {"03": refs["3"]}}, "references/03"),
+        ({"references": {"-1": refs["3"]}}, "references/-1"),
+        ({"references": {"3": {}}}, "references/3"),
+        ({"references": {"3": {"../x.safetensors": refs["3"]["model.safetensors"]}}},
+         "references/3/../x.safetensors"),
+        ({"references": []}, "references"),
+        ({"version": 2}, "references"),  # a version-2 record has none
+        ({"items": {"frozen": {"dict": [["b", {"tensor": {**node, "step": 4}}]]}}},
+         "items/frozen"),  # a step it does not list
+        ({"items": {"frozen": {"dict": [["b", {"tensor": {**node, "step": "3"}}]]}}},
+         "items/frozen"),
+        ({"items": {"frozen": {"dict": [["b", {"tensor": {**node, "file": "o.safetensors"}}]]}}},
+         "items/frozen"),  # a file of step 3 it does not list
+    ]:
+        with pytest.raises(CorruptCheckpointError, match="malformed") as info:
+            parsed(**changes)
+        assert where in str(info.value), (changes, str(info.value))
 
 
 def test_int_dict_keys_in_items_survive_as_pairs() -> None:

@@ -353,6 +353,49 @@ class TestDecideRetention:
         later = decide_retention(cps, YoungerThan(60), now=155.0, always_keep_latest=False)
         assert later.delete == (1, 2, 3)
 
+    def test_a_kept_step_keeps_the_steps_holding_its_tensors(self) -> None:
+        # 300 reads tensors of 100 and 200; 200 reads some of 100 (e.g. an older origin).
+        refs = {200: {100}, 300: {100, 200}, 400: {300}}
+        decision = decide_retention(history([100, 200, 300, 400]), KeepLatest(1), now=0.0,
+                                    references=refs)
+        assert decision.keep == {
+            400: ("latest 1", "latest"),
+            300: ("holds tensors of step 400",),
+            200: ("holds tensors of step 300",),
+            100: ("holds tensors of step 200", "holds tensors of step 300"),
+        }
+        assert decision.delete == ()
+        alone = decide_retention(history([100, 200, 300]), KeepLatest(1), now=0.0,
+                                 references={300: {200}, 999: {100}})
+        assert alone.delete == (100,)  # 999 is no checkpoint: its references count for nothing
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 30), min_size=1, max_size=12, unique=True),
+    st.integers(0, 4),
+    st.data(),
+)
+def test_references_close_over_what_survives(steps: list[int], n: int, data: Any) -> None:
+    """What survives is exactly the policy's choice plus everything it reads, transitively."""
+    steps.sort()
+    refs = {
+        s: set(data.draw(st.lists(st.sampled_from(steps[:i]), max_size=3))) if i else set()
+        for i, s in enumerate(steps)
+    }
+    with_refs = decide_retention(history(steps), KeepLatest(n), now=0.0, references=refs)
+    plain = decide_retention(history(steps), KeepLatest(n), now=0.0)
+    expected, todo = set(plain.keep), list(plain.keep)
+    while todo:
+        for origin in refs[todo.pop()] - expected:
+            expected.add(origin)
+            todo.append(origin)
+    assert set(with_refs.keep) == expected
+    assert set(with_refs.delete) == set(steps) - expected
+    for step in with_refs.keep:
+        assert refs[step] <= set(with_refs.keep)
+
+
 
 def orbax_survivors(
     steps: Sequence[int],
