@@ -133,10 +133,16 @@ class Pruner:
                 catalog.refresh_evaluator_metrics()
                 leased = leases.leased_steps(self._storage, time.time())  # leases: wall time
                 with catalog.lock:
-                    for step in self.decide(leased).delete:
+                    # Newest first: a step goes before the steps whose files it reads
+                    # (incremental saves), so no crash can leave it without them.
+                    still_read: set[int] = set()
+                    for step in sorted(self.decide(leased).delete, reverse=True):
+                        if step in still_read:
+                            continue
                         with leases.deleting(self._storage, step) as free:
                             if not free:
                                 logger.info("step %d kept: an evaluation job leased it", step)
+                                still_read |= _read_by(step, catalog.records)
                                 continue
                             logger.info("retention deletes step %d", step)
                             self._storage.delete(catalog.folder(step), RECORD_NAME)
@@ -153,3 +159,15 @@ class Pruner:
         if error is not None:
             raise error
         return deleted
+
+
+def _read_by(step: int, records: Mapping[int, Record]) -> set[int]:
+    """The steps whose files ``step`` reads, directly or through them."""
+    found: set[int] = set()
+    todo = [step]
+    while todo:
+        record = records.get(todo.pop())
+        for origin in set(record.references) - found if record else ():
+            found.add(origin)
+            todo.append(origin)
+    return found

@@ -39,6 +39,8 @@ from checkpointing import (
 )
 
 CRASH_OPTIONS = CheckpointManagerOptions(enable_async_checkpointing=False, max_to_keep=3)
+# Incremental saves: the frozen item is written once, then read from that step's files.
+INCREMENTAL = dataclasses.replace(CRASH_OPTIONS, incremental=True)
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
 READ_ONLY = CheckpointManagerOptions(enable_async_checkpointing=False, read_only=True)
 KILLS = 36
@@ -48,8 +50,9 @@ RECORD = "checkpoint.json"
 # ------------------------------------------------------------------ state and checks
 
 
-def make_state(step: int) -> dict[str, Any]:
-    """~5 MB across a model, its AdamW state and loose tensors, all derived from ``step``.
+def make_state(step: int, frozen: bool = False) -> dict[str, Any]:
+    """~5 MB across a model, its AdamW state and loose tensors, all derived from ``step``
+    (and with ``frozen``, ~2 MB more that are the same at every step).
 
     Only seeded sampling and elementwise ops, so every process gets the same bits.
     """
@@ -73,7 +76,11 @@ def make_state(step: int) -> dict[str, Any]:
         "half": torch.randn(8192, generator=gen).to(torch.bfloat16),
         "tag": f"step-{step}",
     }
-    return {"model": model, "optimizer": optimizer, "extra": extra}
+    state = {"model": model, "optimizer": optimizer, "extra": extra}
+    if frozen:
+        base = torch.Generator().manual_seed(12345)
+        state["frozen"] = {"base": torch.randn(512, 1024, generator=base)}
+    return state
 
 
 def expected_restore(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,10 +133,10 @@ def _emit(line: str) -> None:
     os.write(1, f"{line}\n".encode())  # one write per line: atomic on a pipe
 
 
-def _save_forever(directory: Path, first_step: int) -> None:
-    with CheckpointManager(directory, CRASH_OPTIONS) as mgr:
+def _save_forever(directory: Path, first_step: int, incremental: bool) -> None:
+    with CheckpointManager(directory, INCREMENTAL if incremental else CRASH_OPTIONS) as mgr:
         for step in itertools.count(first_step):
-            state = make_state(step)
+            state = make_state(step, frozen=incremental)
             _emit(f"saving {step}")
             mgr.save(step, state)
             _emit(f"saved {step}")
@@ -144,7 +151,9 @@ def _zygote_main() -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                _save_forever(Path(command["directory"]), command["first_step"])
+                _save_forever(
+                    Path(command["directory"]), command["first_step"], command["incremental"]
+                )
             except BaseException:
                 traceback.print_exc()
                 sys.stderr.flush()
@@ -206,10 +215,10 @@ class Zygote:
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode()
 
-    def start(self, directory: Path, first_step: int) -> ChildRun:
-        self._stdin.write(
-            json.dumps({"directory": str(directory), "first_step": first_step}).encode() + b"\n"
-        )
+    def start(self, directory: Path, first_step: int, incremental: bool = False) -> ChildRun:
+        command = {"directory": str(directory), "first_step": first_step}
+        command["incremental"] = incremental
+        self._stdin.write(json.dumps(command).encode() + b"\n")
         self._stdin.flush()
         word, pid = self._readline(60).split()
         assert word == "pid", word
@@ -267,10 +276,13 @@ def zygote(tmp_path: Path) -> Iterator[Zygote]:
 # ------------------------------------------------------------------------- the tests
 
 
-def _check_after_crash(directory: Path, run: ChildRun) -> tuple[int, str]:
-    """Open a writer on the crashed directory and check it; return (latest step, phase)."""
+def _check_after_crash(
+    directory: Path, run: ChildRun, incremental: bool = False
+) -> tuple[int, str]:
+    """Open a writer on the crashed directory and check it; return (latest step, phase).
+    Incremental: every listed step restores (none lost a step it reads from)."""
     leftovers = tmp_entries(directory)
-    mgr = CheckpointManager(directory, CRASH_OPTIONS)
+    mgr = CheckpointManager(directory, INCREMENTAL if incremental else CRASH_OPTIONS)
     try:
         assert tmp_entries(directory) == [], f"start-up left {tmp_entries(directory)}"
         steps = mgr.all_steps()
@@ -285,14 +297,15 @@ def _check_after_crash(directory: Path, run: ChildRun) -> tuple[int, str]:
         assert run.saved is None or latest >= run.saved, (
             f"latest {latest} is older than step {run.saved}, whose save() had returned"
         )
-        assert_same(mgr.restore(), expected_restore(make_state(latest)))
+        for step in steps if incremental else [latest]:
+            assert_same(mgr.restore(step=step), expected_restore(make_state(step, incremental)))
     finally:
         mgr.close()
     if any("-deleting-" in n for n in leftovers):
         phase = "retention delete"
     elif leftovers:
         phase = "writing files / commit"
-    elif len(steps) > 3:
+    elif len(steps) > 3 + incremental:  # + the step holding the frozen item
         phase = "after commit, before retention"
     elif run.saved == run.started:
         phase = "between saves"
@@ -303,36 +316,38 @@ def _check_after_crash(directory: Path, run: ChildRun) -> tuple[int, str]:
     return latest, phase
 
 
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "incremental"])
 def test_sigkill_at_random_moments_leaves_only_complete_steps(
-    tmp_path: Path, zygote: Zygote
+    tmp_path: Path, zygote: Zygote, incremental: bool
 ) -> None:
     directory = tmp_path / "ckpt"
     rng = random.Random(20240611)
     make_state(0)  # pay the first optimizer's lazy imports while the helper process does
 
     # An undisturbed run measures a typical save duration (it includes retention deletes).
-    zygote.start(directory, 0)
+    zygote.start(directory, 0, incremental)
     durations: list[float] = []
     while len(durations) < 5:
         word, _ = zygote.next_event()
         if word == "saved":
             assert zygote.run is not None
             durations.append(time.monotonic() - zygote.run.saving_at)
-    typical = sorted(durations)[len(durations) // 2]
+    # Incremental: each child's first save is complete, like the first of this run.
+    typical = durations[0] if incremental else sorted(durations)[len(durations) // 2]
     run = zygote.kill()
-    latest, _ = _check_after_crash(directory, run)
+    latest, _ = _check_after_crash(directory, run, incremental)
 
     # Kill delays stratified over [0, 1.3] save durations: before, during and after a save.
     fractions = [(i + rng.random()) * 1.3 / KILLS for i in range(KILLS)]
     rng.shuffle(fractions)
     phases: Counter[str] = Counter()
     for fraction in fractions:
-        zygote.start(directory, latest + 1)
+        zygote.start(directory, latest + 1, incremental)
         while zygote.next_event()[0] != "saving":
             pass
         time.sleep(fraction * typical)
         run = zygote.kill()
-        latest, phase = _check_after_crash(directory, run)
+        latest, phase = _check_after_crash(directory, run, incremental)
         phases[phase] += 1
     print(f"typical save {typical * 1e3:.1f} ms; kills by phase: {dict(phases)}")
     assert phases["writing files / commit"] >= 3, f"too few kills landed mid-save: {phases}"
