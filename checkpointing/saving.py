@@ -224,10 +224,10 @@ class Saver:
             metrics=None if metrics is None else to_json_value(metrics, "metrics"),
             metadata=None if metadata is None else to_json_value(metadata, "metadata"),
         )
-        if self._present is not None:
-            job.stored, job.present = self._stored, self._present
         self._saves += 1
         join()
+        if self._present is not None:  # where the save just joined stored its blobs
+            job.stored, job.present = self._stored, self._present
         self._preemption_saved = self._preemption.triggered or self._preempted_anywhere
         if not self._async:
             self._persist(job, self._coordinator, t0)
