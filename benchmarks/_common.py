@@ -196,17 +196,21 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(d)
 
 
+def transformer(params: int, layers: int = 16, seed: int = 0) -> Transformer:
+    """A float32 model of about ``params`` parameters. About 80% of them sit in the
+    blocks (d a multiple of 64); the embedding's vocabulary takes the rest."""
+    torch.manual_seed(seed)
+    d = max(64, math.isqrt(int(0.8 * params / (12 * layers))) // 64 * 64)
+    vocab = max(1, (params - layers * (12 * d * d + 13 * d) - 2 * d) // d)
+    return Transformer(vocab, d, layers)
+
+
 def transformer_with_adam(
     nbytes: int, layers: int = 16, seed: int = 0
 ) -> tuple[Transformer, torch.optim.Adam]:
     """A float32 model plus materialized Adam state (exp_avg, exp_avg_sq) of about
-    ``nbytes`` in all: 12 bytes per parameter. About 80% of the parameters sit in the
-    blocks (d a multiple of 64); the embedding's vocabulary takes the rest."""
-    torch.manual_seed(seed)
-    params = nbytes // 12
-    d = max(64, math.isqrt(int(0.8 * params / (12 * layers))) // 64 * 64)
-    vocab = max(1, (params - layers * (12 * d * d + 13 * d) - 2 * d) // d)
-    model = Transformer(vocab, d, layers)
+    ``nbytes`` in all: 12 bytes per parameter."""
+    model = transformer(nbytes // 12, layers, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3

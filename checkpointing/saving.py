@@ -315,9 +315,7 @@ def write_step(
         references: dict[int, dict[str, FileInfo]] = {}
         error: Exception | None = None
         try:
-            if job.stored is not None:
-                references = _reuse_unchanged(job, storage.parallelism)
-            files = _write_files(job, writer, storage.parallelism)
+            files, references = _write_files(job, writer, storage.parallelism)
         except Exception as e:
             if coordinator.world_size == 1:
                 raise
@@ -389,12 +387,14 @@ def write_step(
     return record
 
 
-def _reuse_unchanged(job: SaveJob, parallelism: int) -> dict[int, dict[str, FileInfo]]:
+def _drop_unchanged(
+    job: SaveJob, blobs: list[tree.Blob], parallelism: int
+) -> tuple[list[tree.Blob], dict[int, dict[str, FileInfo]]]:
     """Point the tree nodes of every blob whose bytes are those last stored (same size,
-    dtype and xxh3-64 digest, in a step still committed) at that step's file instead,
-    and drop the blob from what is written; return the files so referred to, by step.
-    References go to the step that holds the bytes, never through another reference.
-    Sharded tensors' chunks are always written."""
+    dtype and xxh3-64 digest, in a step still committed) at that step's file instead;
+    return the blobs left to write and the files so referred to, by step. References go
+    to the step that holds the bytes, never through another reference. Sharded tensors'
+    chunks are always written."""
     assert job.stored is not None
     stored = job.stored
 
@@ -412,17 +412,15 @@ def _reuse_unchanged(job: SaveJob, parallelism: int) -> dict[int, dict[str, File
         return was if tensors.digest(tensors.byte_view(tensor)) == was.checksum else None
 
     references: dict[int, dict[str, FileInfo]] = {}
-    kept = []
-    for blob, was in zip(job.flat.blobs, parallel_map(unchanged, job.flat.blobs, parallelism),
-                         strict=True):
+    changed = []
+    for blob, was in zip(blobs, parallel_map(unchanged, blobs, parallelism), strict=True):
         if was is None:
-            kept.append(blob)
+            changed.append(blob)
             continue
         for node in blob.nodes:
             node.update(file=was.file, key=was.key, checksum=was.checksum, step=was.step)
         references.setdefault(was.step, {})[was.file] = was.info
-    job.flat.blobs = kept
-    return references
+    return changed, references
 
 
 def _stored_by(blobs: list[tree.Blob], record: Record) -> dict[tuple[str, str], Stored]:
@@ -430,7 +428,11 @@ def _stored_by(blobs: list[tree.Blob], record: Record) -> dict[tuple[str, str], 
     out = {}
     for blob in blobs:
         node = blob.nodes[0]
-        if not blob.group.startswith(tree.NAMED) and node.get("file") in record.files:
+        if (
+            not blob.group.startswith(tree.NAMED)
+            and "step" not in node  # not a reference: written by this step
+            and node.get("file") in record.files
+        ):
             out[blob.group, blob.key] = Stored(
                 record.step, node["file"], node["key"], node["checksum"], blob.nbytes,
                 str(blob.tensor.dtype), record.files[node["file"]],
@@ -438,14 +440,32 @@ def _stored_by(blobs: list[tree.Blob], record: Record) -> dict[tuple[str, str], 
     return out
 
 
-def _write_files(job: SaveJob, writer: StepWriter, parallelism: int) -> dict[str, FileInfo]:
+def _write_files(
+    job: SaveJob, writer: StepWriter, parallelism: int
+) -> tuple[dict[str, FileInfo], dict[int, dict[str, FileInfo]]]:
+    """Write a file per group of blobs; return the files, and those of earlier steps
+    that an incremental save refers to. Files are written side by side, so one file's
+    unchanged tensors are hashed while another's changed ones are written."""
     groups = _group_by_file(job.flat)
-    written = parallel_map(
-        lambda name: writer.write(name, lambda f: tensors.write_file(f, groups[name], name)),
-        list(groups),
-        parallelism,
-    )
-    return dict(zip(groups, written, strict=True))
+
+    def write(name: str) -> tuple[FileInfo | None, dict[int, dict[str, FileInfo]]]:
+        blobs = groups[name]
+        references: dict[int, dict[str, FileInfo]] = {}
+        if job.stored is not None:
+            blobs, references = _drop_unchanged(job, blobs, parallelism)
+        if not blobs:  # all of it is in earlier steps' files
+            return None, references
+        return writer.write(name, lambda f: tensors.write_file(f, blobs, name)), references
+
+    files: dict[str, FileInfo] = {}
+    references: dict[int, dict[str, FileInfo]] = {}
+    for name, (info, theirs) in zip(groups, parallel_map(write, list(groups), parallelism),
+                                    strict=True):
+        if info is not None:
+            files[name] = info
+        for origin, listed in theirs.items():
+            references.setdefault(origin, {}).update(listed)
+    return files, references
 
 
 def _group_by_file(flat: tree.FlatState) -> dict[str, list[tree.Blob]]:
