@@ -280,8 +280,10 @@ def _export(args: argparse.Namespace) -> int:
     with _open(args.directory, args) as mgr:
         step = mgr.latest_step() if args.step is None else args.step
         restored = mgr.restore(step=step, items=[args.item])
-        stored = sum(r.nbytes for r in mgr.retention_report() if r.step == step)
-    assert restored is not None
+        assert restored is not None and step is not None
+        report = {r.step: r for r in mgr.retention_report()}
+        # its own files and those of the steps it reads (an incremental save)
+        stored = sum(report[s].nbytes for s in {step, *report[step].reads} & report.keys())
     leaves = dict(_leaves(restored[args.item]))
     import numpy as np
     import torch

@@ -44,6 +44,8 @@ class StepReport:
         committed_at: When it was committed, in seconds of the manager's clock.
         nbytes: The size of its files.
         metrics: Its metrics as saved, updated by those recorded since; None if none.
+        reads: The steps whose files hold some of its tensors (an incremental save);
+            ``nbytes`` counts its own files only.
     """
 
     step: int
@@ -52,6 +54,7 @@ class StepReport:
     committed_at: float
     nbytes: int
     metrics: dict[str, Any] | None  # saved with the step, updated by those recorded since
+    reads: tuple[int, ...] = ()
 
 
 class Pruner:
@@ -116,6 +119,7 @@ class Pruner:
                 committed_at=record.committed_at,
                 nbytes=sum(f.size for f in record.files.values()),
                 metrics=self._catalog.metrics(step, record.metrics),
+                reads=tuple(sorted(record.references)),
             )
             for step, record in self._catalog.listed().items()
         ]
