@@ -90,11 +90,10 @@ def _trainer(tmp_path: Path, callback: Any, **arguments: Any) -> Any:
     args = TrainingArguments(
         output_dir=str(tmp_path / "hf"),
         per_device_train_batch_size=4,
-        max_steps=2,
         report_to=[],
         disable_tqdm=True,
         use_cpu=True,
-        **{"save_strategy": "no", **arguments},
+        **{"save_strategy": "no", "max_steps": 2, **arguments},
     )
     return Trainer(model=Tiny(), args=args, train_dataset=Samples(8, 0), callbacks=[callback])
 
@@ -116,6 +115,25 @@ def test_train_saves_and_resumes_in_process(tmp_path: Path, callback: Any) -> No
     assert callback.train(again).global_step == 2
     assert all(torch.equal(a, b) for a, b in zip(
         trainer.model.parameters(), again.model.parameters(), strict=True))
+
+
+def test_a_remote_mirror_gets_the_steps(tmp_path: Path) -> None:
+    """Manager arguments pass through: a mirror (here a local URL) receives the steps, and
+    a fresh machine resumes from it."""
+    from trainer_adapters.hf_trainer import CheckpointCallback
+
+    mirror = (tmp_path / "mirror").as_uri()
+    options = CheckpointManagerOptions(max_to_keep=1)
+    first = CheckpointCallback(tmp_path / "ckpt", options, remote=mirror)
+    first.train(_trainer(tmp_path, first))
+    first.close()
+    with CheckpointManager(tmp_path / "mirror", CheckpointManagerOptions(read_only=True)) as m:
+        assert m.all_steps() == [2]
+    elsewhere = CheckpointCallback(tmp_path / "fresh-node", options, remote=mirror)
+    trainer = _trainer(tmp_path, elsewhere, max_steps=3)
+    assert elsewhere.train(trainer).global_step == 3
+    assert elsewhere.manager.all_steps() == [3]
+    elsewhere.close()
 
 
 def test_the_trainers_own_checkpoints_are_refused(tmp_path: Path, callback: Any) -> None:

@@ -84,6 +84,20 @@ def test_resume_in_process_and_retention(tmp_path: Path) -> None:
         assert torch.equal(weights["state_dict"][name], value), name
 
 
+def test_a_remote_mirror_gets_the_steps(tmp_path: Path) -> None:
+    """Manager arguments pass through: a mirror (here a local URL) receives each kept
+    step, and a fresh machine resumes from it."""
+    mirror = (tmp_path / "mirror").as_uri()
+    options = CheckpointManagerOptions(max_to_keep=2)
+    ckpt = ManagedCheckpoint(tmp_path / "ckpt", options, remote=mirror)
+    make_trainer(ckpt, max_epochs=1).fit(Model(), Data())
+    with CheckpointManager(tmp_path / "mirror", CheckpointManagerOptions(read_only=True)) as m:
+        assert m.all_steps() == [PER_EPOCH - 1, PER_EPOCH]
+    elsewhere = ManagedCheckpoint(tmp_path / "fresh-node", options, remote=mirror)
+    make_trainer(elsewhere, max_epochs=2).fit(Model(), Data())
+    assert elsewhere.restored_step == PER_EPOCH and elsewhere.last_saved == 2 * PER_EPOCH
+
+
 def test_replaces_model_checkpoint(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
