@@ -34,12 +34,14 @@ def ensure_env() -> None:
     if not PY.exists():
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / ".installed"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
+    constraints = ROOT / "dev-constraints.txt"  # tested versions: no resolver backtracking
+    inputs = (ROOT / "pyproject.toml").read_bytes() + constraints.read_bytes() + TORCH.encode()
+    want = hashlib.sha256(inputs).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return
     pip = (PY, "-m", "pip", "install", "--disable-pip-version-check", "-q")
     _run(*pip, TORCH)
-    _run(*pip, "-e", ".[all,test]")
+    _run(*pip, "-c", constraints, "-e", ".[all,test]")
     stamp.write_text(want)
 
 
