@@ -244,3 +244,64 @@ def touch_pages(obj: Any) -> int:
         if t.numel():
             total += int(t.detach().reshape(-1).view(torch.uint8)[::PAGE].sum())
     return total
+
+
+def nested(state: dict[str, Any]) -> dict[str, Any]:
+    """``{"model": model, ...}`` as plain dicts of state_dicts, the form the peers take
+    (DCP's pinned stager cannot copy a module's OrderedDict: its deepcopy has no rule for
+    the class object that OrderedDict reduces to)."""
+    return {name: dict(obj.state_dict()) for name, obj in state.items()}
+
+
+# ---------------------------------------------------------------- peers
+
+
+def init_gloo() -> None:
+    """A process group of one, which DCP's async_save plans through."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def has_meta() -> bool:
+    """Whether Meta's torch-checkpointing is installed (``pip install -e ".[bench]"``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch_checkpointing") is not None
+
+
+def meta_manager(asynchronous: bool) -> Any:
+    """A manager of Meta's torch-checkpointing (ImportError when it is not installed).
+    Buffered writes, fsync'd like the other peers': its default O_DIRECT writer fails on
+    ext4 (EINVAL on unaligned writes)."""
+    from torch_checkpointing import CheckpointManager as MetaManager
+    from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+
+    config = MetaManager.Config.with_async_save() if asynchronous else (
+        MetaManager.Config.with_sync_save()
+    )
+    storage = LocalFileSystemStorageConfig(use_direct_io=False)
+    return MetaManager(dataclasses.replace(config, storage_config=storage))
+
+
+def meta_async_start(manager: Any, directory: Path, state: dict[str, Any]) -> Callable[[], None]:
+    """Start an async save of torch-checkpointing; return when the training thread may
+    change the state again, with the function that waits until it is durable. Its
+    save() returns while a thread still copies the state; training may change it only
+    once ``lock()`` is free (its documented guard for optimizer.step()), so that wait is
+    part of what a save costs."""
+    future = manager.save(str(directory), state)
+    assert future is not None
+    with manager.lock():
+        pass
+
+    def finish() -> None:
+        future.result()
+        fsync_tree(directory)
+
+    return finish

@@ -42,7 +42,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -68,7 +67,12 @@ from _common import (
     default_settle,
     format_table,
     fsync_tree,
+    has_meta,
+    init_gloo,
     iter_tensors,
+    meta_async_start,
+    meta_manager,
+    nested,
     state_nbytes,
     transformer_with_adam,
 )
@@ -91,10 +95,6 @@ def release_free_memory() -> None:
     already counted in RSS, and the peak-memory figures would undercount it."""
     gc.collect()
     LIBC.malloc_trim(0)
-
-
-def nested(state: dict[str, Any]) -> dict[str, Any]:
-    return {name: obj.state_dict() for name, obj in state.items()}
 
 
 # ------------------------------------------------------------ part 1: one save
@@ -174,53 +174,16 @@ def dcp_async_save(b: SaveBench) -> None:
 
 def meta_async_save(b: SaveBench) -> None:
     """Meta's torch-checkpointing: staging in this process, writing in its own."""
-    from torch_checkpointing import CheckpointManager as MetaManager
-    from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
-
-    config = dataclasses.replace(
-        MetaManager.Config.with_async_save(),
-        storage_config=LocalFileSystemStorageConfig(use_direct_io=False),
-    )
-    manager = MetaManager(config)
+    manager = meta_manager(asynchronous=True)
     for i in range(b.warm + 1):
         d = b.root / f"meta-{i}"
 
         def start(d: Path = d) -> Callable[[], object]:
-            future = manager.save(str(d), nested(b.state))
-            assert future is not None
-            # save() returns while a thread still copies the state; the training thread
-            # may change it only once `lock()` is free (its documented guard for
-            # optimizer.step()), so that wait is part of what a save costs it.
-            with manager.lock():
-                pass
-
-            def finish() -> None:
-                future.result()
-                fsync_tree(d)
-
-            return finish
+            return meta_async_start(manager, d, nested(b.state))
 
         b.measure(META_FIRST if i == 0 else META, start)
         shutil.rmtree(d)
     manager.close()
-
-
-def has_meta() -> bool:
-    try:
-        import torch_checkpointing  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def init_gloo() -> None:
-    """A process group of one, which dcp.async_save needs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-    )
 
 
 def warm_up(root: Path) -> None:

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,11 +39,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import GB, Spread, format_table, fsync_tree, iter_tensors, transformer_with_adam
+from _common import (
+    GB,
+    Spread,
+    format_table,
+    fsync_tree,
+    has_meta,
+    init_gloo,
+    iter_tensors,
+    meta_async_start,
+    meta_manager,
+    nested,
+    transformer_with_adam,
+)
 
 from checkpointing import CheckpointManager, CheckpointManagerOptions
 
@@ -72,12 +82,6 @@ class Bench:
         t2 = time.perf_counter()
         self.samples[f"{op} blocking"].append(t1 - t0)
         self.samples[f"{op} durable"].append(t2 - t0)
-
-
-def nested(state: dict[str, Any]) -> dict[str, Any]:
-    """Plain dicts: DCP's pinned stager cannot copy a module's OrderedDict state_dict
-    (its deepcopy has no rule for the class object that OrderedDict reduces to)."""
-    return {name: dict(obj.state_dict()) for name, obj in state.items()}
 
 
 def pinned_floor(b: Bench) -> None:
@@ -159,40 +163,16 @@ def dcp(b: Bench, pinned: bool) -> None:
 
 
 def meta(b: Bench) -> None:
-    from torch_checkpointing import CheckpointManager as MetaManager
-    from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
-
-    config = dataclasses.replace(  # its O_DIRECT writer fails with EINVAL on ext4
-        MetaManager.Config.with_async_save(),
-        storage_config=LocalFileSystemStorageConfig(use_direct_io=False),
-    )
-    manager = MetaManager(config)
+    manager = meta_manager(asynchronous=True)
     for i in range(b.warm + 1):
         d = b.root / f"meta-{i}"
 
         def start(d: Path = d) -> Callable[[], object]:
-            future = manager.save(str(d), nested(b.state))
-            assert future is not None
-            with manager.lock():  # its guard: training may change the state after it
-                pass
-
-            def finish() -> None:
-                future.result()
-                fsync_tree(d)
-
-            return finish
+            return meta_async_start(manager, d, nested(b.state))
 
         b.measure(META_FIRST if i == 0 else META, start)
         shutil.rmtree(d)
     manager.close()
-
-
-def has_meta() -> bool:
-    try:
-        import torch_checkpointing  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def gpu_state(size_gb: float) -> dict[str, Any]:
@@ -203,14 +183,6 @@ def gpu_state(size_gb: float) -> dict[str, Any]:
             if k != "step":
                 per_param[k] = v.cuda()
     return {"model": model, "optimizer": optimizer}
-
-
-def init_gloo() -> None:
-    """A process group of one, which DCP's async_save plans through."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def main() -> int:

@@ -60,6 +60,7 @@ from _common import (
     format_table,
     fsync_tree,
     make_cold,
+    meta_manager,
     state_nbytes,
     timed,
     touch_pages,
@@ -167,19 +168,12 @@ def peers(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[Method]:
 
 def torch_checkpointing(nested: Callable[[], dict[str, Any]]) -> list[Method]:
     """Meta's torch-checkpointing, synchronous (its async saver stages from CUDA): a save
-    and a load in place. Its default O_DIRECT writer fails on this VM's ext4 (EINVAL on
-    unaligned writes), so it writes buffered, fsync'd like the other peers."""
+    and a load in place (buffered writes, see `meta_manager`)."""
     try:
-        from torch_checkpointing import CheckpointManager as MetaManager
-        from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+        manager = meta_manager(asynchronous=False)
     except ImportError:
         print("torch-checkpointing is not installed: not measured", file=sys.stderr)
         return []
-    config = dataclasses.replace(
-        MetaManager.Config.with_sync_save(),
-        storage_config=LocalFileSystemStorageConfig(use_direct_io=False),
-    )
-    manager = MetaManager(config)
 
     def save(d: Path) -> None:
         manager.save(str(d / "ckpt"), nested())

@@ -124,7 +124,15 @@ class Restorer:
         nodes = {n: self._item_node(record, n) for n in names}
         targets = {n: _unwrap(None if target is None else target.get(n)) for n in names}
         needed = set().union(*map(tree.files_of, nodes.values()))
-        referenced = {s for node in nodes.values() for s in tree.references_of(node)}
+        referenced = (  # an incremental save's: files of earlier steps
+            {s for node in nodes.values() for s in tree.references_of(node)}
+            if record.references
+            else set()
+        )
+
+        def where(of_step: int) -> str:
+            return f"{self._storage.url}/{self._catalog.folder(of_step)}"
+
         with self._located(record, needed) as (local, downloaded):
             files = LocalStorage(local.parent, create=False)
             folders = {s: self._referenced_folder(record, s) for s in referenced}
@@ -137,14 +145,14 @@ class Restorer:
                 record,
                 open_file,
                 verify=self._verify and not (needed <= downloaded and not referenced),
-                where=lambda of_step: f"{self._storage.url}/{self._catalog.folder(of_step)}",
+                where=where,
             ) as reader:
                 restored = restore_items(
                     nodes,
                     targets,
                     reader,
                     all_or_nothing=all_or_nothing,
-                    where=f"{self._storage.url}/{self._catalog.folder(step)}",
+                    where=where(step),
                 )
         return restored if target is None else {**target, **restored}
 
