@@ -12,7 +12,10 @@ save thread; the two get separate channels so that they never interleave.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar, runtime_checkable
+
+import torch
 
 T = TypeVar("T")
 
@@ -93,6 +96,25 @@ class Coordinator(Protocol):
         Returns:
             One whose collectives never interleave with this one's (a coordinator of a
             single process may return itself).
+        """
+        ...
+
+
+@runtime_checkable
+class TensorChannel(Coordinator, Protocol):
+    """A coordinator that also broadcasts tensors: with one, the processes of a job
+    restore replicated state reading it once between them (`distributed.replicated`).
+    `TorchDistributed` is one."""
+
+    def broadcast_tensors(self, tensors: Sequence[tuple[torch.Tensor, int]]) -> None:
+        """Broadcast each tensor from the rank paired with it, in place, on every process.
+
+        Args:
+            tensors: (tensor, source rank) pairs, the same on every process (each
+                process's own tensors of the same shapes and dtypes).
+
+        Raises:
+            CoordinationError: The others did not arrive in time.
         """
         ...
 

@@ -30,8 +30,9 @@ from typing import Any, BinaryIO
 import torch
 
 from checkpointing.catalog import StepCatalog
-from checkpointing.coordination import Coordinator, PerRank
+from checkpointing.coordination import Coordinator, PerRank, TensorChannel
 from checkpointing.distributed import sharded
+from checkpointing.distributed.replicated import SharedReads
 from checkpointing.errors import (
     CorruptCheckpointError,
     ItemNotFoundError,
@@ -153,8 +154,20 @@ class Restorer:
                     reader,
                     all_or_nothing=all_or_nothing,
                     where=where(step),
+                    share=self._share(record, nodes, reader),
                 )
         return restored if target is None else {**target, **restored}
+
+    def _share(
+        self, record: Record, nodes: Mapping[str, tree.Node], reader: StepReader
+    ) -> SharedReads | None:
+        """In a job of several processes, the reads of the replicated items split among
+        them (`distributed.replicated`); not for `PerRank` items, each process's own."""
+        channel = self._coordinator
+        if not (isinstance(channel, TensorChannel) and channel.world_size > 1):
+            return None
+        replicated = [node for n, node in nodes.items() if not _per_rank(record.items[n])]
+        return SharedReads(channel, reader, record.step, replicated)
 
     @contextlib.contextmanager
     def _located(self, record: Record, needed: set[str]) -> Iterator[tuple[Path, set[str]]]:
@@ -195,7 +208,7 @@ class Restorer:
     def _item_node(self, record: Record, name: str) -> tree.Node:
         """An item's tree; of a `PerRank` item, this process's own."""
         node = record.items[name]
-        if not (isinstance(node, dict) and "per_rank" in node):
+        if not _per_rank(node):
             return node
         saved_by, world = len(node["per_rank"]), self._coordinator.world_size
         if saved_by != world:
@@ -243,6 +256,11 @@ def check_file(open_file: Callable[[], BinaryIO], info: FileInfo, where: str) ->
         raise CorruptCheckpointError(f"{where}: checksum mismatch; the file is corrupt")
 
 
+def _per_rank(node: tree.Node) -> bool:
+    """Whether an item's node holds each process's own state (a `PerRank` item)."""
+    return isinstance(node, dict) and "per_rank" in node
+
+
 def _unwrap(value: Any) -> Any:
     return value.value if isinstance(value, PerRank) else value
 
@@ -254,22 +272,33 @@ def restore_items(
     *,
     all_or_nothing: bool,
     where: str,
+    share: SharedReads | None = None,
 ) -> dict[str, Any]:
-    """Rebuild each item of ``nodes`` into its target (or anew where it is None)."""
-    check_before_reading(nodes, targets, reader, where)
+    """Rebuild each item of ``nodes`` into its target (or anew where it is None); with
+    ``share``, every process of the job does so together, each reading a share of the
+    replicated tensors."""
+
+    def check() -> None:
+        check_before_reading(nodes, targets, reader, where)
+
+    settle = reader.settle if share is None else share.settle
+    if share is None:
+        check()
+    else:
+        share.agree(check)
     staged: dict[int, Any] = {}
     if all_or_nothing:
         for name, node in nodes.items():
             for tag, body, dest in tree.walk(node, targets[name]):
                 if tag != "stateful" and id(body) not in staged:
                     into = dest if isinstance(dest, torch.Tensor) else None  # as unflatten
-                    staged[id(body)] = _read(reader, tag, body, into, fresh=True)
-        reader.settle()
+                    staged[id(body)] = _read(reader, share, tag, body, into, fresh=True)
+        settle()
 
     def read(tag: str, body: dict[str, Any], dest: torch.Tensor | None) -> Any:
         if all_or_nothing:
             return _place(tag, body, staged[id(body)], dest)
-        return _read(reader, tag, body, dest, fresh=False)
+        return _read(reader, share, tag, body, dest, fresh=False)
 
     loads: list[tuple[Any, Any]] = []  # load_state_dict once all is read and verified
     try:
@@ -277,7 +306,7 @@ def restore_items(
             name: tree.unflatten(node, read, targets[name], lambda *load: loads.append(load))
             for name, node in nodes.items()
         }
-        reader.settle()
+        settle()
     except CorruptCheckpointError as e:
         if not reader.touched:
             raise
@@ -301,9 +330,17 @@ def restore_items(
 
 
 def _read(
-    reader: StepReader, tag: str, body: dict[str, Any], dest: torch.Tensor | None, *, fresh: bool
+    reader: StepReader,
+    share: SharedReads | None,
+    tag: str,
+    body: dict[str, Any],
+    dest: torch.Tensor | None,
+    *,
+    fresh: bool,
 ) -> Any:
     """An array node's value, read into ``dest`` where it fits, unless ``fresh``."""
+    if share is not None and tag == "tensor":
+        return share.read(body, None if fresh else dest)
     if tag == "dtensor":
 
         def read_chunk(chunk: dict[str, Any], into: torch.Tensor | None) -> torch.Tensor:

@@ -358,17 +358,22 @@ def write_step(
             references=references,
         )
         committed: Exception | None = None
+        text = record.to_json()
         if coordinator.is_primary:
             try:
                 if abandoned():
                     raise CheckpointError(f"save of step {job.step} abandoned after its timeout")
-                writer.commit(RECORD_NAME, record.to_json())
+                writer.commit(RECORD_NAME, text)
             except Exception as e:
                 committed = e
         if coordinator.world_size > 1:
-            failure = coordinator.broadcast(describe(committed))
+            # The others' trees lack what the primary alone wrote (replicated tensors'
+            # files and checksums, the merged shards): they take the committed record.
+            failure, text = coordinator.broadcast((describe(committed), text))
             if failure is not None and committed is None:
                 raise CheckpointError(f"the primary could not commit step {job.step}: {failure}")
+            if not coordinator.is_primary:
+                record = Record.from_json(text, f"the record of step {job.step}")
         if committed is not None:
             raise committed
     except BaseException as e:

@@ -10,9 +10,10 @@ with the training thread's.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from checkpointing.coordination import Coordinator, SingleProcess
@@ -58,6 +59,19 @@ class _Channel:
         out: list[Any] = [None] * self.world_size
         self._collective("all_gather", lambda: dist.all_gather_object(out, value, self.group))
         return out
+
+    def broadcast_tensors(self, tensors: Sequence[tuple[torch.Tensor, int]]) -> None:
+        """Each tensor from its source rank (see `TensorChannel.broadcast_tensors`); CPU
+        tensors, all in flight at once."""
+
+        def run() -> None:
+            works = [
+                dist.broadcast(t, src=src, group=self.group, async_op=True) for t, src in tensors
+            ]
+            for work in works:
+                work.wait()
+
+        self._collective(f"broadcast of {len(tensors)} tensors", run)
 
     def background(self) -> Coordinator:
         """This channel itself (see `Coordinator.background`)."""

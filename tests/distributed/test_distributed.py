@@ -17,7 +17,7 @@ from checkpointing import CheckpointManager, CheckpointManagerOptions
 from checkpointing.errors import CorruptCheckpointError, ItemNotFoundError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from worker import commit_record, full_weights
+from worker import commit_record, full_weights, replicated_state
 
 WORKER = Path(__file__).with_name("worker.py")
 
@@ -135,6 +135,46 @@ def test_corrupt_shard_is_detected(tmp_path: Path) -> None:
         pytest.raises(CorruptCheckpointError, match=r"rank1\.safetensors: checksum mismatch"),
     ):
         mgr.restore()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_replicated_state_is_read_once_between_the_ranks(tmp_path: Path, world: int) -> None:
+    """Each rank reads a share of the large replicated tensors and gets the rest by
+    broadcast: the bytes read add up to about one copy of the state, not one per rank."""
+    ranks = launch(world, "replicated", tmp_path / "ckpt", tmp_path)
+    state = replicated_state()
+    model = sum(t.nbytes for t in state["model"].values()) - state["model"]["tied"].nbytes
+    total = model + state["opt"]["m"].nbytes
+    own = 300_000 * 4  # each rank's PerRank item, read by that rank alone
+    for r, seen in enumerate(ranks):
+        assert seen["in_place"] and seen["anew"] and seen["tied"] and seen["all_or_nothing"]
+        assert seen["own"] == [float(r)]
+        # read into in place where shape and dtype fit; the float64 target is replaced
+        assert seen["filled"] == [k for k in state["model"] if k != "w3"]
+        assert seen["differing"]
+    largest = max(t.nbytes for t in state["model"].values())
+    for key in ("read_in_place", "read_anew"):
+        reads = [seen[key] for seen in ranks]
+        shared = sum(reads) - world * own * (key == "read_in_place")
+        assert total <= shared < total + world * (1 << 20), (key, reads)  # + small ones
+        assert all(n - own < total / world + largest for n in reads), (key, reads)
+    # ranks that restore different items do not exchange: each reads what it restores
+    assert ranks[0]["read_differing"] >= model
+    assert all(seen["read_differing"] >= total for seen in ranks[1:])
+    # one rank's target does not fit: it says why, every other names it, none hangs
+    for r, seen in enumerate(ranks):
+        if r == 1:
+            assert seen["mismatch"].startswith("TargetMismatchError: ")
+            assert "rank 1 failed" not in seen["mismatch"]
+        else:
+            assert seen["mismatch"].startswith(
+                "TargetMismatchError: rank 1 failed this restore before reading"
+            )
+    # damage in one rank's share: that rank finds it, every other rank fails naming it
+    errors = [seen["corrupt"] for seen in ranks]
+    assert all("opt.safetensors: checksum mismatch in tensor 'm'" in e for e in errors)
+    assert all(e.startswith(("CorruptCheckpointError", "PartialRestoreError")) for e in errors)
+    assert sum("failed this restore reading its share" in e for e in errors) == world - 1
 
 
 def test_killed_rank_fails_the_others_and_leaves_no_checkpoint(tmp_path: Path) -> None:

@@ -230,6 +230,102 @@ def killed(directory: str, rank: int, world: int) -> dict[str, Any]:
     return result
 
 
+def replicated_state() -> dict[str, Any]:
+    """The same on every rank: tensors above and below the size read by one process
+    (1 MiB), tied ones, bfloat16 and int64 ones, an optimizer's state."""
+    g = torch.Generator().manual_seed(3)
+    big = [torch.randn(300_000, generator=g) for _ in range(5)]
+    model = {f"w{i}": t for i, t in enumerate(big)}
+    model["tied"] = big[0]
+    model["bf16"] = torch.randn(700, 1024, generator=g).to(torch.bfloat16)
+    model["ids"] = torch.arange(200_000)
+    model["small"] = torch.randn(10, generator=g)
+    return {"model": model, "opt": {"m": torch.randn(400, 1000, generator=g), "lr": 0.1}}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return bool(a == b)
+
+
+def replicated(directory: str, rank: int, world: int) -> dict[str, Any]:
+    """Replicated state restored by every rank, in place and anew: the bytes each rank
+    reads (direct reads: os.preadv), and what every rank ends up with."""
+    state = replicated_state()
+    nbytes = 0
+    real_preadv = os.preadv
+
+    def counting(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+        nonlocal nbytes
+        n = real_preadv(fd, buffers, offset, *flags)
+        nbytes += n
+        return n
+
+    def counted(call: Any) -> tuple[Any, int]:
+        nonlocal nbytes
+        nbytes = 0
+        os.preadv = counting
+        try:
+            return call(), nbytes
+        finally:
+            os.preadv = real_preadv
+
+    def zeros() -> dict[str, Any]:
+        model = {k: torch.zeros_like(v) for k, v in state["model"].items()}
+        model["w1"] = torch.zeros(300_000, 1).squeeze(1)[::1]  # a view of the right shape
+        model["w2"] = torch.zeros(2, 300_000)[1]  # contiguous, not the storage's start
+        model["w3"] = torch.zeros(300_000, dtype=torch.float64)  # another dtype: replaced
+        return {"model": model, "opt": {"m": torch.zeros(1000, 400).t(), "lr": 0.0}}
+
+    out: dict[str, Any] = {}
+    sync = CheckpointManagerOptions(enable_async_checkpointing=False)
+    with CheckpointManager(directory, sync) as mgr:
+        mgr.save(1, {**state, "own": PerRank(torch.full((300_000,), float(rank)))})
+        target = {**zeros(), "own": torch.zeros(300_000)}
+        restored, out["read_in_place"] = counted(lambda: mgr.restore(target))
+        out["in_place"] = _same(restored["model"], state["model"]) and _same(
+            restored["opt"], state["opt"]
+        )
+        out["filled"] = [k for k, v in target["model"].items() if restored["model"][k] is v]
+        out["own"] = restored["own"].unique().tolist()
+        restored, out["read_anew"] = counted(lambda: mgr.restore(items=["model", "opt"]))
+        out["anew"] = _same(restored, state)
+        out["tied"] = restored["model"]["tied"] is restored["model"]["w0"]
+        target = zeros()
+        restored, _ = counted(lambda: mgr.restore(target, all_or_nothing=True))
+        out["all_or_nothing"] = _same(restored["model"], state["model"])
+        # processes restoring different items each read everything they restore
+        items = ["model"] if rank == 0 else ["model", "opt"]
+        restored, out["read_differing"] = counted(lambda: mgr.restore(items=items))
+        out["differing"] = _same(restored["model"], state["model"])
+        # a target that fits everywhere but on rank 1: every rank fails, none hangs
+        module = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros_like(v), requires_grad=False)
+             for k, v in state["model"].items()}
+        )
+        if rank == 1:
+            module["w0"] = nn.Parameter(torch.zeros(3))
+        try:
+            mgr.restore({"model": module}, items=["model"])
+        except CheckpointError as e:
+            out["mismatch"] = f"{type(e).__name__}: {e}"
+        # damage found by the rank reading it fails every rank's restore
+        if rank == 0:
+            damaged = Path(directory, "step_00000001", "opt.safetensors")
+            data = bytearray(damaged.read_bytes())
+            data[-1] ^= 1
+            damaged.write_bytes(data)
+        dist.barrier()
+        try:
+            mgr.restore(zeros())
+        except CheckpointError as e:
+            out["corrupt"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def main() -> None:
     scenario, directory, out = sys.argv[1:4]
     dist.init_process_group("gloo")
