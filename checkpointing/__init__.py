@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 # module -> the public names it provides
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "checkpointing.coordination": ("Coordinator", "PerRank", "SingleProcess"),
+    "checkpointing.coordination": ("Coordinator", "PerRank", "SingleProcess", "TensorChannel"),
     "checkpointing.distributed": ("TorchDistributed",),
     "checkpointing.errors": (
         "CheckpointError",
@@ -87,6 +87,7 @@ if TYPE_CHECKING:
         Coordinator as Coordinator,
         PerRank as PerRank,
         SingleProcess as SingleProcess,
+        TensorChannel as TensorChannel,
     )
     from checkpointing.distributed import (
         TorchDistributed as TorchDistributed,
