@@ -12,7 +12,7 @@ save thread; the two get separate channels so that they never interleave.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -106,12 +106,14 @@ class TensorChannel(Coordinator, Protocol):
     restore replicated state reading it once between them (`distributed.replicated`).
     `TorchDistributed` is one."""
 
-    def broadcast_tensors(self, tensors: Sequence[tuple[torch.Tensor, int]]) -> None:
+    def broadcast_tensors(self, tensors: Iterable[tuple[torch.Tensor, int]]) -> None:
         """Broadcast each tensor from the rank paired with it, in place, on every process.
 
         Args:
             tensors: (tensor, source rank) pairs, the same on every process (each
-                process's own tensors of the same shapes and dtypes).
+                process's own tensors of the same shapes and dtypes). Taken one at a
+                time: a source's tensor may be ready only when the iterator yields it,
+                and the earlier ones may be on their way meanwhile.
 
         Raises:
             CoordinationError: The others did not arrive in time.

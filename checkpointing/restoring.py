@@ -308,7 +308,7 @@ def restore_items(
         }
         settle()
     except CorruptCheckpointError as e:
-        if not reader.touched:
+        if not (reader.touched or (share is not None and share.touched)):
             raise
         raise PartialRestoreError(
             f"{e}. The target was partly overwritten with this step's values before the "
@@ -339,8 +339,10 @@ def _read(
     fresh: bool,
 ) -> Any:
     """An array node's value, read into ``dest`` where it fits, unless ``fresh``."""
-    if share is not None and tag == "tensor":
-        return share.read(body, None if fresh else dest)
+    if share is not None:
+        if share.shares(tag, body):
+            return share.read(body, None if fresh else dest)
+        return share.alone(lambda: _read(reader, None, tag, body, dest, fresh=fresh))
     if tag == "dtensor":
 
         def read_chunk(chunk: dict[str, Any], into: torch.Tensor | None) -> torch.Tensor:

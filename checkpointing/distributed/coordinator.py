@@ -10,7 +10,7 @@ with the training thread's.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -60,9 +60,9 @@ class _Channel:
         self._collective("all_gather", lambda: dist.all_gather_object(out, value, self.group))
         return out
 
-    def broadcast_tensors(self, tensors: Sequence[tuple[torch.Tensor, int]]) -> None:
+    def broadcast_tensors(self, tensors: Iterable[tuple[torch.Tensor, int]]) -> None:
         """Each tensor from its source rank (see `TensorChannel.broadcast_tensors`); CPU
-        tensors, all in flight at once."""
+        tensors, each in flight from when it is yielded."""
 
         def run() -> None:
             works = [
@@ -71,7 +71,7 @@ class _Channel:
             for work in works:
                 work.wait()
 
-        self._collective(f"broadcast of {len(tensors)} tensors", run)
+        self._collective("broadcast of tensors", run)
 
     def background(self) -> Coordinator:
         """This channel itself (see `Coordinator.background`)."""

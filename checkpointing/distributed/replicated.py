@@ -18,8 +18,10 @@ tensors.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -42,11 +44,16 @@ def plan(nodes: Iterable[tree.Node], step: int, world_size: int) -> dict[TensorK
     contiguous runs, in the order the record lists them, of about ``1 / world_size`` of
     their bytes each."""
     sizes: dict[TensorKey, int] = {}
+    other: set[TensorKey] = set()  # also read as views, arrays, shards: by everyone
     for node in nodes:
         for tag, body, _ in tree.walk(node):
             nbytes = _nbytes(tag, body)
             if nbytes >= SHARED_MIN_BYTES:
                 sizes.setdefault(_key(body, step), nbytes)
+            elif not nbytes:
+                bodies = body["chunks"] if tag == "dtensor" and "chunks" in body else [body]
+                other.update(_key(b, step) for b in bodies if "key" in b)
+    sizes = {key: n for key, n in sizes.items() if key not in other}
     total = sum(sizes.values())
     owners, start = {}, 0
     for key, nbytes in sizes.items():
@@ -60,6 +67,8 @@ class SharedReads:
 
     Every process calls `agree`, then `read` for the same array nodes in the same order,
     then `settle`: the last two stand in for the reader's own ``read`` and ``settle``.
+    Broadcasts overlap the reads: a tensor is sent as soon as its owner has it verified,
+    while the owner's later tensors are still arriving from the disk.
     """
 
     def __init__(
@@ -70,8 +79,11 @@ class SharedReads:
         self._step = step
         self._owners = plan(nodes, step, channel.world_size)
         self._buffers: dict[TensorKey, torch.Tensor] = {}
-        self._pending: list[tuple[torch.Tensor, int]] = []  # (buffer, owner) to broadcast
+        # (buffer, owner, set once the owner's bytes are in and verified), to broadcast
+        self._pending: list[tuple[torch.Tensor, int, threading.Event]] = []
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination, buffer)
+        self.touched = False  # whether a broadcast or copy went into a caller's tensor
+        self._error: Exception | None = None  # of a read of this process's own
 
     def agree(self, check: Callable[[], None]) -> None:
         """Run ``check`` (what is checked before reading) on every process; raise what
@@ -83,24 +95,42 @@ class SharedReads:
         if len({f for _, f in gathered}) > 1:
             self._owners = {}
 
+    def shares(self, tag: str, body: dict[str, Any]) -> bool:
+        """Whether an array node is read by one process for all (through `read`)."""
+        return tag == "tensor" and _key(body, self._step) in self._owners
+
+    def alone(self, read: Callable[[], Any]) -> Any:
+        """What ``read`` returns: a read by this process of its own. Its error waits for
+        `settle` (None stands in for the value): raised at once, it would leave the other
+        processes waiting on broadcasts."""
+        if self._error is None:
+            try:
+                return read()
+            except Exception as e:
+                self._error = e
+        return None
+
     def read(self, body: dict[str, Any], dest: torch.Tensor | None) -> torch.Tensor:
-        """The value of a "tensor" node, read into ``dest`` where it fits (as
-        `StepReader.read`); a shared one's bytes are in after `settle`."""
+        """The value of a shared "tensor" node, read into ``dest`` where it fits (as
+        `StepReader.read`); its bytes are in after `settle`."""
         key = _key(body, self._step)
-        owner = self._owners.get(key)
-        if owner is None:
-            return self._reader.read("tensor", body, dest)  # type: ignore[no-any-return]
+        owner = self._owners[key]
         dtype, shape = parse_dtype(body["dtype"]), tuple(body["shape"])
         fits = dest is not None and (dest.dtype, tuple(dest.shape)) == (dtype, shape)
         into = dest if fits and dest is not None and _in_place(dest) else None
         buffer = self._buffers.get(key)
         if buffer is None:
+            ready = threading.Event()
             if owner == self._channel.rank:
-                buffer = self._reader.read("tensor", body, into)
+                buffer = self.alone(lambda: self._reader.read("tensor", body, into, ready.set))
+                if buffer is None:  # what it sends does not count: settle raises
+                    buffer = torch.empty(shape, dtype=dtype)
+                    ready.set()
             else:  # checked before reading, like every node
                 buffer = into if into is not None else torch.empty(shape, dtype=dtype)
+                self.touched |= into is not None
             self._buffers[key] = buffer
-            self._pending.append((buffer, owner))
+            self._pending.append((buffer, owner, ready))
         elif (buffer.dtype, tuple(buffer.shape)) != (dtype, shape):  # a crafted record
             raise CorruptCheckpointError(
                 f"step {self._step}: tensor {body['key']!r} of {body['file']} is read both as "
@@ -112,16 +142,27 @@ class SharedReads:
         return buffer
 
     def settle(self) -> None:
-        """Wait for this process's reads; once every process's checked out, broadcast
-        each shared tensor from its owner and fill the destinations that could not be
-        read into directly."""
-        error = _run(self._reader.settle)
-        _raise_first(error, self._channel.all_gather(describe(error)), "reading its share")
+        """Broadcast each shared tensor from its owner once the owner has it (what failed
+        to read is sent all the same, so that the broadcasts stay matched); then, once
+        every process's reads checked out, fill the destinations that could not be read
+        into directly. Damage found by any process fails this restore on all of them."""
         pending, self._pending = self._pending, []
-        self._channel.broadcast_tensors(
-            [(buffer.detach().reshape(-1).view(torch.uint8), owner) for buffer, owner in pending]
-        )
+        rank, world = self._channel.rank, self._channel.world_size
+        # Owners take turns, so that every process sends while the others do.
+        shares = [[p for p in pending if p[1] == r] for r in range(world)]
+        turns = [p for turn in itertools.zip_longest(*shares) for p in turn if p is not None]
+
+        def when_read() -> Iterator[tuple[torch.Tensor, int]]:
+            for buffer, owner, ready in turns:
+                if owner == rank and self._error is None:  # else it may never be
+                    self._reader.wait(ready)
+                yield buffer.detach().reshape(-1).view(torch.uint8), owner
+
+        self._channel.broadcast_tensors(when_read())
+        error = self._error or _run(self._reader.settle)
+        _raise_first(error, self._channel.all_gather(describe(error)), "reading its share")
         copies, self._copies = self._copies, []
+        self.touched |= bool(copies)
         with torch.no_grad():
             for dest, buffer in copies:
                 dest.copy_(buffer)

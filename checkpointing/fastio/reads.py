@@ -298,6 +298,14 @@ class ParallelReads:
             self._pool = ThreadPoolExecutor(_READERS, thread_name_prefix="checkpointing-read")
         self._in_flight.append(self._pool.submit(run))
 
+    def flush(self) -> None:
+        """Start the reads still waiting to be batched (see `start`)."""
+        self._start_bounced()
+
+    def failed(self) -> bool:
+        """Whether a read started so far has failed (its error comes from `settle`)."""
+        return any(f.done() and f.exception() is not None for f in self._in_flight)
+
     def settle(self) -> None:
         self._start_bounced()
         in_flight, self._in_flight = self._in_flight, []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -59,6 +60,14 @@ class StepReader:
         """Wait for the reads still in flight; raise the first of their errors."""
         self._reads.settle()
 
+    def wait(self, ready: threading.Event) -> None:
+        """Wait until ``ready`` is set (by a read's ``then``) or a read has failed (its
+        error comes from `settle`)."""
+        self._reads.flush()
+        while not ready.wait(0.005):
+            if self._reads.failed():
+                return
+
     def close(self) -> None:
         self._reads.close()
         for f, _ in self._files.values():
@@ -73,12 +82,20 @@ class StepReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, tag: str, body: dict[str, Any], dest: torch.Tensor | None) -> Any:
-        """The value of a "tensor" or "ndarray" tree node (see format.tree.unflatten)."""
+    def read(
+        self,
+        tag: str,
+        body: dict[str, Any],
+        dest: torch.Tensor | None,
+        then: Callable[[], None] | None = None,
+    ) -> Any:
+        """The value of a "tensor" or "ndarray" tree node (see format.tree.unflatten).
+        ``then`` (a "tensor" node's) runs once its bytes are in and verified, perhaps on
+        a helper thread; not if they fail."""
         if tag == "ndarray":
             dtype = numpy_dtype(body["dtype"])
             nbytes = math.prod(body["shape"]) * dtype.itemsize
-            raw = self._tensor({**body, "dtype": "uint8", "shape": [nbytes]}, None)
+            raw = self._tensor({**body, "dtype": "uint8", "shape": [nbytes]}, None, None)
             if dtype.kind == "U":  # its bytes must be code points (numpy fails on others)
                 self.settle()
                 if not valid_text(raw.numpy(), dtype):
@@ -86,7 +103,7 @@ class StepReader:
                         f"{self._path(self._ref(body))}: {body['key']!r} holds invalid text"
                     )
             return raw.numpy().view(dtype).reshape(body["shape"])
-        return self._tensor(body, dest)
+        return self._tensor(body, dest, then)
 
     def check(self, body: dict[str, Any], nbytes: int | None = None) -> None:
         """Check, without reading its bytes, that an array node's bytes are where its
@@ -114,7 +131,9 @@ class StepReader:
                 f"its record says {nbytes}"
             )
 
-    def _tensor(self, body: dict[str, Any], dest: torch.Tensor | None) -> torch.Tensor:
+    def _tensor(
+        self, body: dict[str, Any], dest: torch.Tensor | None, then: Callable[[], None] | None
+    ) -> torch.Tensor:
         dtype, shape = parse_dtype(body["dtype"]), tuple(body["shape"])
         self.check(body)  # before anything is allocated for it
         if "stride" in body:  # a view into a shared storage blob
@@ -123,17 +142,25 @@ class StepReader:
             view = torch.empty(0, dtype=dtype).set_(
                 base.untyped_storage(), body["offset"], shape, tuple(body["stride"])
             )
-            return self._fill(dest, view)
+            return self._then(self._fill(dest, view), then)
+        if dest is None:
+            return self._blob(body, None, dtype, shape, then)
         if (
-            dest is not None
-            and dest.device.type == "cpu"
+            dest.device.type == "cpu"
             and dest.dtype == dtype
             and tuple(dest.shape) == shape
             and dest.is_contiguous()
             and (dest.dim() == 0 or dest.stride(-1) == 1)  # else byte_view would copy
         ):
-            return self._blob(body, dest, dtype, shape)
-        return self._fill(dest, self._blob(body, None, dtype, shape))
+            return self._blob(body, dest, dtype, shape, then)
+        return self._then(self._fill(dest, self._blob(body, None, dtype, shape)), then)
+
+    def _then(self, value: torch.Tensor, then: Callable[[], None] | None) -> torch.Tensor:
+        """``value`` once its bytes are in and verified, having run ``then``."""
+        if then is not None:
+            self.settle()
+            then()
+        return value
 
     def _blob(
         self,
@@ -141,6 +168,7 @@ class StepReader:
         dest: torch.Tensor | None,
         dtype: torch.dtype,
         shape: tuple[int, ...],
+        then: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         ref = self._ref(body)
         memo_key = (ref, body["key"])
@@ -151,7 +179,7 @@ class StepReader:
                     f"{self._path(self._ref(body))}: tensor {body['key']!r} is read both as "
                     f"{known.dtype}{list(known.shape)} and as {dtype}{list(shape)}"
                 )
-            return known
+            return self._then(known, then)
         self.touched |= dest is not None
         f, _ = self._open(ref)
         entry = self._entry(body)
@@ -160,9 +188,13 @@ class StepReader:
         if fd is not None:
             target = torch.empty(shape, dtype=dtype) if dest is None else dest
             data = byte_view(target)
-            self._reads.start(
-                fd, entry.start, data, target.data_ptr(), lambda: self._check(data, body), path
-            )
+
+            def check() -> None:
+                self._check(data, body)
+                if then is not None:
+                    then()
+
+            self._reads.start(fd, entry.start, data, target.data_ptr(), check, path)
             if dest is None:
                 self._memo[memo_key] = target
             return target
@@ -176,6 +208,8 @@ class StepReader:
         self._check(data, body)
         if dest is None:
             self._memo[memo_key] = out
+        if then is not None:
+            then()
         return out
 
     def _fill(self, dest: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:

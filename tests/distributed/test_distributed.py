@@ -144,7 +144,7 @@ def test_replicated_state_is_read_once_between_the_ranks(tmp_path: Path, world: 
     ranks = launch(world, "replicated", tmp_path / "ckpt", tmp_path)
     state = replicated_state()
     model = sum(t.nbytes for t in state["model"].values()) - state["model"]["tied"].nbytes
-    total = model + state["opt"]["m"].nbytes
+    total = model + state["opt"]["m"].nbytes + state["opt"]["v"].nbytes
     own = 300_000 * 4  # each rank's PerRank item, read by that rank alone
     for r, seen in enumerate(ranks):
         assert seen["in_place"] and seen["anew"] and seen["tied"] and seen["all_or_nothing"]

@@ -240,7 +240,8 @@ def replicated_state() -> dict[str, Any]:
     model["bf16"] = torch.randn(700, 1024, generator=g).to(torch.bfloat16)
     model["ids"] = torch.arange(200_000)
     model["small"] = torch.randn(10, generator=g)
-    return {"model": model, "opt": {"m": torch.randn(400, 1000, generator=g), "lr": 0.1}}
+    opt = {"m": torch.randn(400, 1000, generator=g), "v": torch.randn(20, 30, generator=g)}
+    return {"model": model, "opt": {**opt, "lr": 0.1}}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -278,7 +279,10 @@ def replicated(directory: str, rank: int, world: int) -> dict[str, Any]:
         model["w1"] = torch.zeros(300_000, 1).squeeze(1)[::1]  # a view of the right shape
         model["w2"] = torch.zeros(2, 300_000)[1]  # contiguous, not the storage's start
         model["w3"] = torch.zeros(300_000, dtype=torch.float64)  # another dtype: replaced
-        return {"model": model, "opt": {"m": torch.zeros(1000, 400).t(), "lr": 0.0}}
+        # not contiguous: read into new memory, then copied (after "m", which the test
+        # damages: a rank that finds it here must still take part in the broadcasts)
+        opt = {"m": torch.zeros(1000, 400).t(), "v": torch.zeros(30, 20).t()}
+        return {"model": model, "opt": {**opt, "lr": 0.0}}
 
     out: dict[str, Any] = {}
     sync = CheckpointManagerOptions(enable_async_checkpointing=False)
@@ -316,7 +320,7 @@ def replicated(directory: str, rank: int, world: int) -> dict[str, Any]:
         if rank == 0:
             damaged = Path(directory, "step_00000001", "opt.safetensors")
             data = bytearray(damaged.read_bytes())
-            data[-1] ^= 1
+            data[-state["opt"]["v"].nbytes - 1000] ^= 1  # in "m", stored before "v"
             damaged.write_bytes(data)
         dist.barrier()
         try:
