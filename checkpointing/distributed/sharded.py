@@ -43,18 +43,54 @@ def group(rank: int) -> str:
     return f"{NAMED}{DIRECTORY}/rank{rank}"
 
 
+PIECE_MIN_BYTES = 1 << 20
+"""A shard is stored as up to `PIECES` chunks of whole rows, each at least this large."""
+PIECES = 8
+
+
 def shard_blobs(sharded: dict[str, torch.Tensor], rank: int) -> dict[str, list[Blob]]:
     """Blobs of the shards this process writes, by DTensor key; the writer fills their
-    chunk nodes (``offsets``, ``sizes``, then ``file``, ``key``, ``checksum``)."""
+    chunk nodes (``offsets``, ``sizes``, then ``file``, ``key``, ``checksum``).
+
+    A large shard is stored as a few chunks of whole rows (`pieces`): a job restoring on
+    more processes, whose shards are parts of these, then reads and verifies the chunks
+    it needs instead of whole shards of the saving job."""
     out: dict[str, list[Blob]] = {}
+    used = set(sharded)  # the file's keys: a DTensor's, or its pieces'
     for key, tensor in sharded.items():
         box = _local_box(tensor, key)
         if box is None or not math.prod(box[1]) or not _writes(tensor):
             continue
-        node: dict[str, Any] = {"offsets": box[0], "sizes": box[1]}
         local = tensor.to_local().detach()  # type: ignore[attr-defined]
-        out[key] = [Blob(group(rank), key, local, [node])]
+        offsets, sizes = box
+        runs = pieces(sizes, local.element_size())
+        if len(runs) == 1:
+            out[key] = [Blob(group(rank), key, local, [{"offsets": offsets, "sizes": sizes}])]
+            continue
+        out[key] = []
+        for start, end in runs:
+            node = {
+                "offsets": [offsets[0] + start, *offsets[1:]],
+                "sizes": [end - start, *sizes[1:]],
+            }
+            name = f"{key}@{start}"
+            while name in used:
+                name += "'"
+            used.add(name)
+            out[key].append(Blob(group(rank), name, local[start:end], [node]))
     return out
+
+
+def pieces(sizes: Sequence[int], itemsize: int) -> list[tuple[int, int]]:
+    """A shard's rows (first dimension) as (start, end) runs: as many as a power of two
+    up to `PIECES` allows with each at least `PIECE_MIN_BYTES`, so that halving and
+    quartering the number of processes cuts between them."""
+    rows = sizes[0] if sizes else 1
+    count = 1
+    while count * 2 <= min(PIECES, rows, math.prod(sizes) * itemsize // PIECE_MIN_BYTES):
+        count *= 2
+    step = -(-rows // count)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def _local_box(tensor: torch.Tensor, key: str) -> tuple[list[int], list[int]] | None:

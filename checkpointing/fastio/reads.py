@@ -226,7 +226,8 @@ class ParallelReads:
     destination that is page-aligned where the file is are read into as they are, in
     requests of up to `_PIECE` bytes; the rest (small tensors, the ends of large ones,
     memory out of step with the file) is read through a bounce buffer, one request for
-    up to `_PIECE` bytes that follow each other in the file.
+    up to `_PIECE` bytes that follow each other in the file (across gaps of up to
+    `_SMALL` bytes, read and dropped: a partial restore skips what others read).
     """
 
     def __init__(self) -> None:
@@ -272,9 +273,10 @@ class ParallelReads:
     def _bounce(
         self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Countdown
     ) -> None:
+        last_end = self._bounced[-1][0] + len(self._bounced[-1][1]) if self._bounced else 0
         if self._bounced and (
             (fd, path) != self._bounced_file
-            or offset < self._bounced[-1][0] + len(self._bounced[-1][1])
+            or not last_end <= offset <= last_end + _SMALL  # skipping little, if anything
             or offset + len(dest) - self._bounced[0][0] > _PIECE
         ):
             self._start_bounced()

@@ -129,6 +129,57 @@ def sharded_restore(directory: str, rank: int, world: int) -> dict[str, Any]:
     return {"restored": ok}
 
 
+def large_weights() -> dict[str, torch.Tensor]:
+    """Tensors whose shards are stored in pieces (`sharded.pieces`): 8 MiB, and 4.4 MB
+    of an odd number of rows."""
+    g = torch.Generator().manual_seed(5)
+    big, odd = torch.randn(1024, 2048, generator=g), torch.randn(1003, 1100, generator=g)
+    return {"big": big, "odd": odd}
+
+
+def _sharded(full: dict[str, torch.Tensor], world: int, fill: bool) -> dict[str, torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    return {k: distribute_tensor(v if fill else torch.zeros_like(v), mesh, [Shard(0)])
+            for k, v in full.items()}
+
+
+def pieces_save(directory: str, rank: int, world: int) -> dict[str, Any]:
+    with CheckpointManager(directory) as mgr:
+        mgr.save(1, {"model": _sharded(large_weights(), world, fill=True)})
+    return {}
+
+
+def pieces_restore(directory: str, rank: int, world: int) -> dict[str, Any]:
+    """Restore in place on this job's layout; the bytes this rank read (os.preadv)."""
+    full = large_weights()
+    target = _sharded(full, world, fill=False)
+    nbytes = 0
+    real_preadv = os.preadv
+
+    def counting(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+        nonlocal nbytes
+        n = real_preadv(fd, buffers, offset, *flags)
+        nbytes += n
+        return n
+
+    with CheckpointManager(directory, CheckpointManagerOptions(read_only=True)) as mgr:
+        os.preadv = counting
+        try:
+            mgr.restore({"model": target})
+        finally:
+            os.preadv = real_preadv
+    expected = _sharded(full, world, fill=True)
+    same = all(
+        torch.equal(target[k].to_local(), expected[k].to_local())  # type: ignore[attr-defined]
+        for k in full
+    )
+    mine = sum(t.to_local().nbytes for t in target.values())  # type: ignore[attr-defined]
+    return {"restored": same, "read": nbytes, "held": mine}
+
+
 def fsdp_model() -> tuple[nn.Module, torch.optim.Optimizer]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
