@@ -45,7 +45,11 @@ def launch(
         )
         for rank in range(world)
     ]
-    codes = [p.wait(timeout=120) for p in procs]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:  # a hung job must not outlive its test
+        for p in procs:
+            p.kill()
     results = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     if scenario != "killed":
         assert codes == [0] * world
