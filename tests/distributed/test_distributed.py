@@ -202,6 +202,25 @@ def test_replicated_state_is_read_once_between_the_ranks(tmp_path: Path, world: 
     assert sum("failed this restore reading its share" in e for e in errors) == world - 1
 
 
+def test_incremental_saves_of_a_job(tmp_path: Path) -> None:
+    """Unchanged replicated and per-rank tensors are written by the first save alone; the
+    later steps refer to it, retention keeps it, and every kept step restores on every
+    rank (the replicated tensors read once between them)."""
+    ckpt = tmp_path / "ckpt"
+    ranks = launch(2, "incremental", ckpt, tmp_path)
+    assert all(r["steps"] == [1, 3, 4] and r["restored"] == [True] * 3 for r in ranks)
+    record = commit_record(ckpt, 4)
+    assert sorted(record["references"]) == ["1"]
+    assert sorted(record["references"]["1"]) == [
+        "model.safetensors", "own.rank0.safetensors", "own.rank1.safetensors"
+    ]
+    assert sorted(record["files"]) == ["model.safetensors"]  # the adapter alone
+    assert json.loads((ckpt / "step_00000001" / "checkpoint.json").read_text())["step"] == 1
+    with CheckpointManager(ckpt, CheckpointManagerOptions(read_only=True)) as mgr:
+        mgr.verify(4)
+        assert mgr.restore(step=4, items=["model"])["model"]["adapter"].tolist() == [4.0] * 50
+
+
 def test_killed_rank_fails_the_others_and_leaves_no_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     (survivor,) = launch(2, "killed", ckpt, tmp_path)  # rank 1 was SIGKILLed mid-save

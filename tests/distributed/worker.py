@@ -381,6 +381,37 @@ def replicated(directory: str, rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def incremental(directory: str, rank: int, world: int) -> dict[str, Any]:
+    """A frozen base and a trained adapter, replicated, plus each rank's own state, saved
+    incrementally by every rank: what each step refers to, and every step restored."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(600, 1000, generator=g)  # replicated and frozen: written once
+    options = CheckpointManagerOptions(
+        incremental=True, max_to_keep=2, enable_async_checkpointing=False
+    )
+
+    def state(step: int) -> dict[str, Any]:
+        own = torch.full((1000,), float(rank))  # each rank's own, unchanged: written once
+        adapter = torch.full((50,), float(step))  # changes every step
+        return {"model": {"base": base, "adapter": adapter}, "own": PerRank(own)}
+
+    restored = []
+    with CheckpointManager(directory, options) as mgr:
+        for step in range(1, 5):
+            mgr.save(step, state(step))
+        steps = mgr.all_steps()
+        for step in steps:
+            into = {"model": {"base": torch.zeros_like(base), "adapter": torch.zeros(50)},
+                    "own": torch.zeros(1000)}
+            got = mgr.restore(into, step=step)
+            restored.append(
+                torch.equal(got["model"]["base"], base)
+                and got["model"]["adapter"].tolist() == [float(step)] * 50
+                and got["own"].tolist() == [float(rank)] * 1000
+            )
+    return {"steps": steps, "restored": restored}
+
+
 def main() -> None:
     scenario, directory, out = sys.argv[1:4]
     dist.init_process_group("gloo")
