@@ -141,11 +141,11 @@ class CheckpointManager:
         )
         self._remote: NoRemote = NoRemote()
         local = isinstance(self._storage, LocalStorage)
-        if options.incremental and not options.read_only and (remote is not None or not local):
+        if options.incremental and not options.read_only and not local:
             raise InvalidOptionError(
-                "incremental=True saves to a local directory without a remote mirror: a "
-                "step refers to files of earlier steps, which this version does not yet "
-                "follow through object stores and mirrors"
+                "incremental=True saves to a local directory (which a remote= mirror may "
+                "copy): a step refers to files of earlier steps, which this version does "
+                "not yet write straight to object stores"
             )
         if remote is not None:
             self._remote = Mirror(

@@ -86,7 +86,7 @@ class CheckpointManagerOptions:
             save; the step refers to the earlier step's file for the others (a frozen
             base model is stored once), and retention keeps a step while a kept step
             reads from it. The first save of a process is complete. Local directories
-            without a mirror only (docs/format.md).
+            only; a ``remote=`` mirror carries such steps (docs/format.md).
         coordination_timeout_secs: In a torch.distributed job, how long a process waits
             for the others at a collective step (save, restore) before failing with an
             error that names the missing ranks.

@@ -6,7 +6,8 @@ lease (one writer there too), uploads every local step the remote lacks (the com
 record last, so a half-uploaded step stays invisible and the next pass redoes it),
 carries `protect()` and the evaluators' metrics over, and applies the remote tier's own
 retention, which honours the remote's protections, reader leases and recorded metrics
-(`pruning`). A step that retention would delete at once is never uploaded.
+(`pruning`). A step that retention would delete at once is never uploaded; the steps an
+incremental save reads are uploaded before it.
 
 A pass that fails (the network, the store, a second writer) is retried with backoff;
 nothing is raised into the training loop. `status` shows what the remote lacks and the
@@ -186,7 +187,6 @@ class Mirror(NoRemote):
         self._deletes: set[int] = set()
         self._protections: dict[int, bool] = {}  # changes the remote has not seen yet
         self._skipped: frozenset[int] = frozenset()  # remote retention deletes them
-        self._warned_incremental: set[int] = set()  # steps not uploaded: incremental
         self._error: str | None = None
         self._failing_since: float | None = None
         self._synced_at: float | None = None
@@ -380,21 +380,24 @@ class Mirror(NoRemote):
         }
         self._skipped = frozenset(set(self._pruner.decide(extra=ranked).delete) & todo.keys())
         for step in sorted(todo.keys() - self._skipped, reverse=True):
-            if todo[step].references:  # of an earlier run with incremental=True
-                if step not in self._warned_incremental:
-                    self._warned_incremental.add(step)
-                    logger.error(
-                        "step %d is an incremental save, which mirrors do not carry yet: "
-                        "it stays local only", step
-                    )
-                continue
-            with local.reading(step):  # the local retention keeps it meanwhile
-                if step not in local.records:
-                    continue
-                names = (local.folder(step), self._naming.name(step))
-                copy_step(self._local, self.storage, names, todo[step])
-            self.catalog.add(step, todo[step])
-            logger.debug("uploaded step %d to %s", step, self.storage.url)
+            # An incremental save's origins go first: a step is never listed on the
+            # remote before the files it reads are there.
+            for origin in [*sorted(todo[step].references), step]:
+                if origin not in self.catalog.records and not self._copy(origin, todo):
+                    break
+
+    def _copy(self, step: int, todo: dict[int, Record]) -> bool:
+        """Upload a local step; False if it is no longer there."""
+        local = self._local_catalog
+        with local.reading(step):  # the local retention keeps it meanwhile
+            if step not in local.records or step not in todo:
+                logger.error("step %d is gone from the local tier before its upload", step)
+                return False
+            names = (local.folder(step), self._naming.name(step))
+            copy_step(self._local, self.storage, names, todo[step])
+        self.catalog.add(step, todo[step])
+        logger.debug("uploaded step %d to %s", step, self.storage.url)
+        return True
 
     def wait(self) -> None:
         with self._cond:

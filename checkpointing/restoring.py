@@ -180,10 +180,10 @@ class Restorer:
         if self._catalog.record(step) is None:  # only in the remote tier
             storage, folder = self._remote.location(step)
             if not self._read_only and isinstance(self._storage, LocalStorage):
-                folder = self._catalog.folder(step)
-                self._remote.copy_into(step, record, self._storage, folder)
-                self._catalog.add(step, record)
-                yield self._storage.root / folder, set(record.files)
+                for origin in sorted(record.references):  # the steps it reads first
+                    self._download(self._storage, origin, of=step)
+                self._download(self._storage, step)
+                yield self._storage.root / self._catalog.folder(step), set(record.files)
                 return
         else:
             storage, folder = self._storage, self._catalog.folder(step)
@@ -194,14 +194,29 @@ class Restorer:
         with self._cache.holding(storage, folder, record, needed) as held:
             yield held
 
+    def _download(self, local: LocalStorage, step: int, of: int | None = None) -> None:
+        """Make a step of the remote tier a local one (an origin ``of`` an incremental
+        save, which it may already be)."""
+        if self._catalog.record(step) is not None:
+            return
+        record = self._remote.known().get(step)
+        if record is None:
+            raise CorruptCheckpointError(
+                f"step {of} is an incremental save that reads files of step {step}, which "
+                f"neither tier holds; restore another step"
+            )
+        self._remote.copy_into(step, record, local, self._catalog.folder(step))
+        self._catalog.add(step, record)
+
     def _referenced_folder(self, record: Record, origin: int) -> str:
         """The folder of a step whose files hold tensors of ``record`` (an incremental
         save): a step of this local directory."""
         if not isinstance(self._storage, LocalStorage) or self._catalog.record(record.step) is None:
             raise UnsupportedFormatError(
                 f"step {record.step} is an incremental save (it reads tensors of step "
-                f"{origin}), which is restored from the local directory that holds both; "
-                f"copy the directory to local disk to restore it"
+                f"{origin}), which is restored from a local directory that holds both: "
+                f"open a manager on a local directory with remote={self._storage.url!r} "
+                f"(it downloads both), or copy the directory to local disk"
             )
         return self._catalog.folder(origin)
 

@@ -186,12 +186,59 @@ def test_copies_carry_the_steps_they_read(
     assert other.all_steps() == [1]
 
 
-def test_incremental_is_for_local_directories(tmp_path: Path) -> None:
+def test_incremental_saves_to_local_directories(tmp_path: Path) -> None:
     opts = CheckpointManagerOptions(incremental=True)
-    with pytest.raises(InvalidOptionError, match="local directory without a remote mirror"):
-        CheckpointManager(tmp_path / "a", opts, remote=(tmp_path / "mirror").as_uri())
     with pytest.raises(InvalidOptionError, match="local directory"):
         CheckpointManager("memory://bucket/run", opts)
+
+
+def test_a_mirror_carries_incremental_steps_and_a_fresh_node_resumes_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mirror uploads a step's origins before the step; the remote's own retention
+    keeps what kept steps read; a node without local steps downloads both to restore."""
+    from checkpointing import remote_tier
+
+    uploaded: list[int] = []
+    real = remote_tier.copy_step
+
+    def spy(src: Any, dst: Any, names: Any, record: Any, *args: Any) -> Any:
+        uploaded.append(record.step)
+        return real(src, dst, names, record, *args)
+
+    monkeypatch.setattr(remote_tier, "copy_step", spy)
+    remote = (tmp_path / "remote").as_uri()
+    opts = CheckpointManagerOptions(
+        incremental=True, max_to_keep=2, enable_async_checkpointing=False
+    )
+    frozen = {"w": torch.randn(100_000)}
+    state = lambda step: {"frozen": frozen, "n": torch.full((10,), float(step))}  # noqa: E731
+    mgr = CheckpointManager(tmp_path / "node1", opts, remote=remote)
+    mgr.save(1, state(1))
+    mgr.close()  # step 1 uploaded; then a run whose mirror is down for a while:
+    real_pass = remote_tier.Mirror._pass
+    monkeypatch.setattr(remote_tier.Mirror, "_pass", lambda self: None)
+    with CheckpointManager(tmp_path / "node1", opts, remote=remote) as mgr:
+        mgr.save(2, state(2))  # a new process: complete
+        for step in (3, 4):
+            mgr.save(step, state(step))  # they read step 2's files
+        monkeypatch.setattr(remote_tier.Mirror, "_pass", real_pass)
+        uploaded.clear()
+        mgr.wait_until_finished()
+        assert uploaded == [2, 4, 3]  # newest first, its origin before it
+        assert mgr.mirror_status().remote_steps == (2, 3, 4)  # remote keeps 2 for 3, 4
+    with CheckpointManager(remote, CheckpointManagerOptions(read_only=True)) as bucket:
+        reasons = {r.step: r.reasons for r in bucket.retention_report()}[2]
+        assert {"holds tensors of step 3", "holds tensors of step 4"} <= set(reasons)
+        bucket.verify(3)
+    with CheckpointManager(tmp_path / "node2", opts, remote=remote) as fresh:
+        restored = fresh.restore()
+        assert torch.equal(restored["frozen"]["w"], frozen["w"])
+        assert restored["n"].tolist() == [4.0] * 10
+        assert sorted(p.name for p in (tmp_path / "node2").glob("step_*")) == [
+            "step_00000002", "step_00000004"
+        ]
+        fresh.verify(4)
 
 
 def test_the_command_line_lists_verifies_and_copies_incremental_steps(tmp_path: Path) -> None:

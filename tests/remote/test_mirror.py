@@ -149,3 +149,33 @@ def test_an_unreadable_remote_record_is_skipped_like_a_local_one(
     with CheckpointManager(url, options, storage_options=store.options) as remote:
         assert remote.all_steps() == [7, 8, 9], "the remote's retention applied"
         assert list(remote.unreadable_steps()) == [5], "and never deleted what it cannot read"
+
+
+def test_incremental_steps_reach_the_bucket_with_the_files_they_read(
+    store: Store, tmp_path: Path
+) -> None:
+    from checkpointing import UnsupportedFormatError
+
+    url = store.bucket + "/run"
+    opts = CheckpointManagerOptions(
+        incremental=True, max_to_keep=2, enable_async_checkpointing=False
+    )
+    frozen = torch.randn(50_000)
+    with CheckpointManager(
+        tmp_path / "node1", opts, remote=url, storage_options=store.options
+    ) as mgr:
+        for step in range(1, 5):
+            mgr.save(step, {"frozen": frozen, "n": torch.full((4,), float(step))})
+        mgr.wait_until_finished()
+        assert mgr.mirror_status().remote_steps == (1, 3, 4)  # type: ignore[union-attr]
+    with CheckpointManager(
+        tmp_path / "node2", opts, remote=url, storage_options=store.options
+    ) as fresh:  # downloads step 4 and step 1, whose files it reads
+        restored = fresh.restore()
+        assert torch.equal(restored["frozen"], frozen) and restored["n"][0] == 4.0
+        assert steps_in(tmp_path / "node2") == [1, 4]
+    read_only = CheckpointManagerOptions(read_only=True)
+    with CheckpointManager(url, read_only, storage_options=store.options) as bucket:
+        assert bucket.restore(step=1)["n"][0] == 1.0
+        with pytest.raises(UnsupportedFormatError, match="with remote="):
+            bucket.restore(step=4)
