@@ -38,7 +38,6 @@ from checkpointing.errors import (
     ItemNotFoundError,
     PartialRestoreError,
     TargetMismatchError,
-    UnsupportedFormatError,
 )
 from checkpointing.format import tree
 from checkpointing.format.reader import StepReader
@@ -125,27 +124,26 @@ class Restorer:
         nodes = {n: self._item_node(record, n) for n in names}
         targets = {n: _unwrap(None if target is None else target.get(n)) for n in names}
         needed = set().union(*map(tree.files_of, nodes.values()))
-        referenced = (  # an incremental save's: files of earlier steps
-            {s for node in nodes.values() for s in tree.references_of(node)}
-            if record.references
-            else set()
-        )
+        references: dict[int, set[str]] = {}  # an incremental save's: earlier steps' files
+        if record.references:
+            for node in nodes.values():
+                for origin, files in tree.references_of(node).items():
+                    references.setdefault(origin, set()).update(files)
 
         def where(of_step: int) -> str:
             return f"{self._storage.url}/{self._catalog.folder(of_step)}"
 
-        with self._located(record, needed) as (local, downloaded):
-            files = LocalStorage(local.parent, create=False)
-            folders = {s: self._referenced_folder(record, s) for s in referenced}
-            folders[step] = local.name
+        with self._located(record, needed, references) as (paths, downloaded):
+            folders = {s: (LocalStorage(p.parent, create=False), p.name) for s, p in paths.items()}
 
             def open_file(of_step: int, filename: str) -> BinaryIO:
-                return files.open_read(f"{folders[of_step]}/{filename}")
+                store, folder = folders[of_step]
+                return store.open_read(f"{folder}/{filename}")
 
             with StepReader(
                 record,
                 open_file,
-                verify=self._verify and not (needed <= downloaded and not referenced),
+                verify=self._verify and not (needed <= downloaded and not references),
                 where=where,
             ) as reader:
                 restored = restore_items(
@@ -170,55 +168,66 @@ class Restorer:
         return SharedReads(channel, reader, record.step, replicated)
 
     @contextlib.contextmanager
-    def _located(self, record: Record, needed: set[str]) -> Iterator[tuple[Path, set[str]]]:
-        """Hold the local folder of a step with the ``needed`` files in it, and say which
-        files this call downloaded (and so just verified). A local step is read where
-        it is. A remote-only step of a mirrored manager is downloaded into its local
-        directory, where it becomes a local step; a step of a remote directory, or
-        read-only of the remote tier, goes through the cache (`storage.cache`)."""
+    def _located(
+        self, record: Record, needed: set[str], references: Mapping[int, set[str]]
+    ) -> Iterator[tuple[dict[int, Path], set[str]]]:
+        """Hold local folders with the ``needed`` files of a step and the files of earlier
+        steps it reads (``references``): the folder by step, and which of the step's files
+        this call downloaded (and so just verified). A local step is read where it is. A
+        remote-only step of a mirrored manager is downloaded into its local directory,
+        with the steps it reads, where they become local steps; a step of a remote
+        directory, or read-only of the remote tier, goes through the cache
+        (`storage.cache`), as do the steps it reads."""
         step = record.step
-        if self._catalog.record(step) is None:  # only in the remote tier
-            storage, folder = self._remote.location(step)
-            if not self._read_only and isinstance(self._storage, LocalStorage):
-                for origin in sorted(record.references):  # the steps it reads first
-                    self._download(self._storage, origin, of=step)
-                self._download(self._storage, step)
-                yield self._storage.root / self._catalog.folder(step), set(record.files)
-                return
-        else:
-            storage, folder = self._storage, self._catalog.folder(step)
-        if isinstance(storage, LocalStorage):
-            yield storage.root / folder, set()
+        steps = [step, *sorted(references)]
+        local = self._storage
+        if (
+            self._catalog.record(step) is None
+            and not self._read_only
+            and isinstance(local, LocalStorage)
+        ):
+            for s in [*steps[1:], step]:  # the steps it reads first
+                self._download(local, s, of=step)
+            yield {s: local.root / self._catalog.folder(s) for s in steps}, set(record.files)
             return
-        assert isinstance(storage, FsspecStorage)
-        with self._cache.holding(storage, folder, record, needed) as held:
-            yield held
+        paths: dict[int, Path] = {}
+        downloaded: set[str] = set()
+        with contextlib.ExitStack() as held:
+            for s in steps:
+                storage, folder, of_record = self._tier(s, of=step)
+                if isinstance(storage, LocalStorage):
+                    paths[s] = storage.root / folder
+                    continue
+                assert isinstance(storage, FsspecStorage)
+                files = needed if s == step else references[s]
+                paths[s], fetched = held.enter_context(
+                    self._cache.holding(storage, folder, of_record, files)
+                )
+                if s == step:
+                    downloaded = fetched
+            yield paths, downloaded
 
-    def _download(self, local: LocalStorage, step: int, of: int | None = None) -> None:
-        """Make a step of the remote tier a local one (an origin ``of`` an incremental
-        save, which it may already be)."""
-        if self._catalog.record(step) is not None:
-            return
+    def _tier(self, step: int, of: int) -> tuple[Storage, str, Record]:
+        """Where a step is (local tier first) and its record; ``of``: the step that
+        reads it (an incremental save), or itself."""
+        record = self._catalog.record(step)
+        if record is not None:
+            return self._storage, self._catalog.folder(step), record
         record = self._remote.known().get(step)
         if record is None:
             raise CorruptCheckpointError(
                 f"step {of} is an incremental save that reads files of step {step}, which "
                 f"neither tier holds; restore another step"
             )
-        self._remote.copy_into(step, record, local, self._catalog.folder(step))
-        self._catalog.add(step, record)
+        return (*self._remote.location(step), record)
 
-    def _referenced_folder(self, record: Record, origin: int) -> str:
-        """The folder of a step whose files hold tensors of ``record`` (an incremental
-        save): a step of this local directory."""
-        if not isinstance(self._storage, LocalStorage) or self._catalog.record(record.step) is None:
-            raise UnsupportedFormatError(
-                f"step {record.step} is an incremental save (it reads tensors of step "
-                f"{origin}), which is restored from a local directory that holds both: "
-                f"open a manager on a local directory with remote={self._storage.url!r} "
-                f"(it downloads both), or copy the directory to local disk"
-            )
-        return self._catalog.folder(origin)
+    def _download(self, local: LocalStorage, step: int, of: int) -> None:
+        """Make a step of the remote tier a local one (``of``: the step that reads it,
+        or itself), unless it is one already."""
+        if self._catalog.record(step) is None:
+            _, _, record = self._tier(step, of)
+            self._remote.copy_into(step, record, local, self._catalog.folder(step))
+            self._catalog.add(step, record)
 
     def _item_node(self, record: Record, name: str) -> tree.Node:
         """An item's tree; of a `PerRank` item, this process's own."""
@@ -235,20 +244,14 @@ class Restorer:
         return node["per_rank"][self._coordinator.rank]
 
     def verify(self, record: Record) -> None:
-        """Check every file of a step against its record; `CorruptCheckpointError`
-        naming the first bad file."""
+        """Check every file of a step, and those of earlier steps it reads, against its
+        record; `CorruptCheckpointError` naming the first bad file."""
         step = record.step
-        if self._catalog.record(step) is None:
-            storage, folder = self._remote.location(step)
-        else:
-            storage, folder = self._storage, self._catalog.folder(step)
-        listed = [(folder, record.files)] + [
-            (self._referenced_folder(record, origin), files)
-            for origin, files in sorted(record.references.items())
-        ]
-        for of_folder, files in listed:
+        listed = [(step, record.files), *sorted(record.references.items())]
+        for of_step, files in listed:
+            storage, folder, _ = self._tier(of_step, of=step)
             for filename, info in files.items():
-                path = f"{of_folder}/{filename}"
+                path = f"{folder}/{filename}"
                 where = f"{storage.url}/{path}"
                 check_file(functools.partial(storage.open_read, path), info, where)
 

@@ -154,8 +154,6 @@ def test_an_unreadable_remote_record_is_skipped_like_a_local_one(
 def test_incremental_steps_reach_the_bucket_with_the_files_they_read(
     store: Store, tmp_path: Path
 ) -> None:
-    from checkpointing import UnsupportedFormatError
-
     url = store.bucket + "/run"
     opts = CheckpointManagerOptions(
         incremental=True, max_to_keep=2, enable_async_checkpointing=False
@@ -174,8 +172,13 @@ def test_incremental_steps_reach_the_bucket_with_the_files_they_read(
         restored = fresh.restore()
         assert torch.equal(restored["frozen"], frozen) and restored["n"][0] == 4.0
         assert steps_in(tmp_path / "node2") == [1, 4]
+    # an evaluation job on the bucket: both steps' files through its cache
     read_only = CheckpointManagerOptions(read_only=True)
-    with CheckpointManager(url, read_only, storage_options=store.options) as bucket:
-        assert bucket.restore(step=1)["n"][0] == 1.0
-        with pytest.raises(UnsupportedFormatError, match="with remote="):
-            bucket.restore(step=4)
+    with CheckpointManager(
+        url, read_only, storage_options=store.options, cache_dir=tmp_path / "cache"
+    ) as bucket:
+        bucket.verify(4)
+        restored = bucket.restore(step=4)
+        assert torch.equal(restored["frozen"], frozen) and restored["n"][0] == 4.0
+        entries = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
+        assert len(entries) == 2  # step 4's entry and step 1's
