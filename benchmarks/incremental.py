@@ -2,6 +2,7 @@
 checkpoint, against a full save of the same state, the disk, and torch.save.
 
     .venv/bin/python benchmarks/incremental.py [--base-gb 1] [--rank 8] [--rounds 5] [--dir DIR]
+                                               [--all-change]
 
 The state: a frozen GPT-shaped float32 base model of ``--base-gb``, rank-``--rank``
 LoRA adapters on every linear layer of its blocks, and AdamW over the adapters. Before
@@ -67,8 +68,13 @@ def make_state(base_gb: float, rank: int) -> dict[str, Any]:
     return {"model": base, "lora": lora, "optimizer": optimizer}
 
 
-def train_step(state: dict[str, Any]) -> None:
-    """What a training step changes: the adapters and the optimizer's moments."""
+def train_step(state: dict[str, Any], everything: bool = False) -> None:
+    """What a training step changes: the adapters and the optimizer's moments; with
+    ``everything``, the base model too (a full fine-tune)."""
+    if everything:
+        with torch.no_grad():
+            for p in state["model"].parameters():
+                p.add_(1e-3)
     for p in state["lora"].parameters():
         p.grad = torch.randn_like(p) * 1e-3
     state["optimizer"].step()
@@ -90,6 +96,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--dir", type=Path, default=None, help="on the disk to measure")
+    parser.add_argument("--all-change", action="store_true",
+                        help="the base changes at every step too: what incremental=True "
+                        "costs where it saves nothing")
     args = parser.parse_args()
 
     state = make_state(args.base_gb, args.rank)
@@ -146,7 +155,7 @@ def main() -> None:
             for name in order[r % len(order):] + order[: r % len(order)]:
                 if name in (FULL, INCREMENTAL):
                     step += 1
-                    train_step(state)
+                    train_step(state, args.all_change)
                 os.sync()
                 time.sleep(args.settle)
                 t0 = time.perf_counter()
@@ -154,7 +163,7 @@ def main() -> None:
                 seconds[name].append(time.perf_counter() - t0)
                 written[name].append(n)
         step += 1  # a last incremental save, untimed, must restore as the state is
-        train_step(state)
+        train_step(state, args.all_change)
         incremental.save(step, state)
         restored = incremental.restore(step=step)
         for key in ("model", "lora"):
@@ -181,7 +190,8 @@ def report(
             name, f"{s.median:.3f}", f"{s.lo:.3f}-{s.hi:.3f}", f"{n / 1e6:.1f}",
             f"{n / inc_bytes:.0f}x", f"{s.median / inc:.1f}x",
         ])
-    print(f"LoRA fine-tune: base {args.base_gb} GB frozen, rank {args.rank}, state "
+    base = "changing at every step" if args.all_change else "frozen"
+    print(f"LoRA fine-tune: base {args.base_gb} GB {base}, rank {args.rank}, state "
           f"{total / GB:.3f} GB; {args.rounds} rounds, durable saves, medians")
     print(format_table(
         ["method", "median s", "min-max s", "MB written", "bytes vs incr.", "time vs incr."],
