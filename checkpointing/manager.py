@@ -820,15 +820,10 @@ class CheckpointManager:
         return sorted(todo)
 
     def _check_references_copy(self, todo: Mapping[int, Record], other: CheckpointManager) -> None:
-        """Incremental steps go only where the files they read go too: into a local
-        directory, whose step of that number is the one copied or has those very files."""
+        """Incremental steps go only where the files they read go too: the destination's
+        step of that number is the one copied (before, in step order) or has those very
+        files."""
         for step, record in sorted(todo.items()):
-            if record.references and not isinstance(other._storage, LocalStorage):
-                raise CheckpointError(
-                    f"step {step} is an incremental save (it reads files of steps "
-                    f"{sorted(record.references)}), which this version copies only to local "
-                    f"directories; nothing was copied"
-                )
             for origin, files in record.references.items():
                 theirs = todo.get(origin) or other._catalog.record(origin)
                 if theirs is None or any(theirs.files.get(n) != i for n, i in files.items()):

@@ -182,3 +182,11 @@ def test_incremental_steps_reach_the_bucket_with_the_files_they_read(
         assert torch.equal(restored["frozen"], frozen) and restored["n"][0] == 4.0
         entries = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
         assert len(entries) == 2  # step 4's entry and step 1's
+    # copy_to another bucket directory: step 4 goes with step 1, which it reads
+    with (
+        CheckpointManager(tmp_path / "node1", opts) as src,
+        CheckpointManager(store.bucket + "/copy", storage_options=store.options) as dst,
+    ):
+        assert src.copy_to(dst) == [1, 3, 4]
+        dst.verify(4)
+        assert dst.restore(step=4)["n"][0] == 4.0
