@@ -398,8 +398,8 @@ def _drop_unchanged(
     """Point the tree nodes of every blob whose bytes are those last stored (same size,
     dtype and xxh3-64 digest, in a step still committed) at that step's file instead;
     return the blobs left to write and the files so referred to, by step. References go
-    to the step that holds the bytes, never through another reference. Sharded tensors'
-    chunks are always written."""
+    to the step that holds the bytes, never through another reference (a sharded
+    tensor's chunks too: each process compares the chunks it writes)."""
     assert job.stored is not None
     stored = job.stored
 
@@ -407,7 +407,6 @@ def _drop_unchanged(
         was = stored.get((blob.group, blob.key))
         if (
             was is None
-            or blob.group.startswith(tree.NAMED)
             or was.nbytes != blob.nbytes
             or was.dtype != str(blob.tensor.dtype)
             or not job.present(was.step)
@@ -433,11 +432,7 @@ def _stored_by(blobs: list[tree.Blob], record: Record) -> dict[tuple[str, str], 
     out = {}
     for blob in blobs:
         node = blob.nodes[0]
-        if (
-            not blob.group.startswith(tree.NAMED)
-            and "step" not in node  # not a reference: written by this step
-            and node.get("file") in record.files
-        ):
+        if "step" not in node and node.get("file") in record.files:  # written by this step
             out[blob.group, blob.key] = Stored(
                 record.step, node["file"], node["key"], node["checksum"], blob.nbytes,
                 str(blob.tensor.dtype), record.files[node["file"]],

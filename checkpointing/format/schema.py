@@ -240,7 +240,7 @@ class _TreeChecker:
         if step is None:
             files = self._files
         else:
-            _require(not chunk and _is_int(step), f"{path}/step", "not a referenced step")
+            _require(_is_int(step), f"{path}/step", "not a referenced step")
             files = self._references.get(str(step), {})
         _require(
             isinstance(name, str) and name in files,

@@ -292,11 +292,10 @@ def files_of(node: Node) -> set[str]:
     """The data files of its own step that the arrays of a tree live in (a sharded
     tensor: those of all its chunks)."""
     files: set[str] = set()
-    for _, body, _ in walk(node):
-        if "chunks" in body:
-            files.update(chunk["file"] for chunk in body["chunks"])
-        elif "file" in body and "step" not in body:  # (a retired dtensor node has none)
-            files.add(body["file"])
+    for tag, body, _ in walk(node):
+        for stored in body.get("chunks", []) if tag == "dtensor" else [body]:
+            if "file" in stored and "step" not in stored:  # (a retired dtensor node has none)
+                files.add(stored["file"])
     return files
 
 
@@ -304,9 +303,10 @@ def references_of(node: Node) -> dict[int, set[str]]:
     """The files of earlier steps that arrays of a tree live in (an incremental save),
     by step."""
     found: dict[int, set[str]] = {}
-    for _, body, _ in walk(node):
-        if "step" in body:
-            found.setdefault(body["step"], set()).add(body["file"])
+    for tag, body, _ in walk(node):
+        for stored in body.get("chunks", []) if tag == "dtensor" else [body]:
+            if "step" in stored:
+                found.setdefault(stored["step"], set()).add(stored["file"])
     return found
 
 

@@ -212,13 +212,17 @@ def test_incremental_saves_of_a_job(tmp_path: Path) -> None:
     record = commit_record(ckpt, 4)
     assert sorted(record["references"]) == ["1"]
     assert sorted(record["references"]["1"]) == [
-        "model.safetensors", "own.rank0.safetensors", "own.rank1.safetensors"
+        "model.safetensors", "own.rank0.safetensors", "own.rank1.safetensors",
+        "sharded/rank0.safetensors", "sharded/rank1.safetensors",
     ]
     assert sorted(record["files"]) == ["model.safetensors"]  # the adapter alone
-    assert json.loads((ckpt / "step_00000001" / "checkpoint.json").read_text())["step"] == 1
+    (chunks,) = [n["dtensor"]["chunks"] for k, n in record["items"]["sharded"]["dict"]]
+    assert [c["step"] for c in chunks] == [1] * 8  # each rank's four pieces, of step 1
     with CheckpointManager(ckpt, CheckpointManagerOptions(read_only=True)) as mgr:
         mgr.verify(4)
         assert mgr.restore(step=4, items=["model"])["model"]["adapter"].tolist() == [4.0] * 50
+        whole = mgr.restore(step=4, items=["sharded"])["sharded"]["w"]  # on one process
+        assert torch.equal(whole, large_weights()["big"])
 
 
 def test_killed_rank_fails_the_others_and_leaves_no_checkpoint(tmp_path: Path) -> None:

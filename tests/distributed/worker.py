@@ -390,10 +390,13 @@ def incremental(directory: str, rank: int, world: int) -> dict[str, Any]:
         incremental=True, max_to_keep=2, enable_async_checkpointing=False
     )
 
+    sharded = _sharded({"w": large_weights()["big"]}, world, fill=True)  # frozen, FSDP-style
+
     def state(step: int) -> dict[str, Any]:
         own = torch.full((1000,), float(rank))  # each rank's own, unchanged: written once
         adapter = torch.full((50,), float(step))  # changes every step
-        return {"model": {"base": base, "adapter": adapter}, "own": PerRank(own)}
+        model = {"base": base, "adapter": adapter}
+        return {"model": model, "sharded": sharded, "own": PerRank(own)}
 
     restored = []
     with CheckpointManager(directory, options) as mgr:
@@ -402,12 +405,16 @@ def incremental(directory: str, rank: int, world: int) -> dict[str, Any]:
         steps = mgr.all_steps()
         for step in steps:
             into = {"model": {"base": torch.zeros_like(base), "adapter": torch.zeros(50)},
+                    "sharded": _sharded({"w": large_weights()["big"]}, world, fill=False),
                     "own": torch.zeros(1000)}
             got = mgr.restore(into, step=step)
             restored.append(
                 torch.equal(got["model"]["base"], base)
                 and got["model"]["adapter"].tolist() == [float(step)] * 50
                 and got["own"].tolist() == [float(rank)] * 1000
+                and torch.equal(
+                    got["sharded"]["w"].to_local(), sharded["w"].to_local()  # type: ignore[attr-defined]
+                )
             )
     return {"steps": steps, "restored": restored}
 

@@ -154,6 +154,39 @@ def test_crafted_references_are_refused() -> None:
         assert where in str(info.value), (changes, str(info.value))
 
 
+def test_a_sharded_tensors_chunks_may_read_earlier_steps() -> None:
+    """An incremental save of DTensors: each stored chunk may live in an earlier step's
+    file of that process; the same checks as for tensors hold."""
+    info = FileInfo(256, header_checksum=DIGEST, checksum=DIGEST)
+    shard = "sharded/rank0.safetensors"
+
+    def chunk(row: int, **extra: Any) -> dict[str, Any]:
+        return {"offsets": [row, 0], "sizes": [2, 4], "file": shard, "key": f"w@{row}",
+                "checksum": DIGEST, **extra}
+
+    def record(*chunks: dict[str, Any], **overrides: Any) -> bytes:
+        base = sample_record()
+        dtensor = {"dtensor": {"dtype": "float32", "shape": [4, 4], "key": "w",
+                               "chunks": list(chunks)}}
+        items = {**base.items, "sharded": {"dict": [["w", dtensor]]}}
+        files = {**base.files, shard: info}
+        out = sample_record(items=items, files=files, references={3: {shard: info}})
+        body = json.loads(out.to_json())
+        del body["checksum"]
+        return signed({**body, **overrides})
+
+    again = Record.from_json(record(chunk(0, step=3), chunk(2)), WHERE)
+    chunks = again.items["sharded"]["dict"][0][1]["dtensor"]["chunks"]
+    assert [c.get("step") for c in chunks] == [3, None]
+    for bad in (
+        record(chunk(0, step=5), chunk(2)),  # a step the record does not list
+        record(chunk(0, step=3, file="sharded/rank1.safetensors"), chunk(2)),  # nor file
+        record(chunk(0, step=3), chunk(2, step=3, key="w@0")),  # one entry, two places
+    ):
+        with pytest.raises(CorruptCheckpointError, match="malformed"):
+            Record.from_json(bad, WHERE)
+
+
 def test_int_dict_keys_in_items_survive_as_pairs() -> None:
     restored = Record.from_json(sample_record().to_json(), WHERE)
     ((key, _),) = restored.items["extra"]["dict"]
