@@ -4,8 +4,10 @@ broadcast.
 Every process of a data-parallel job restores the same replicated tensors. Read by each
 of them, the state crosses the disk (or the shared filesystem) once per process. Here
 the large tensors are split into contiguous shares of about equal bytes, one per process;
-each process reads and verifies its share, the processes agree that every share checked
-out, and then each tensor is broadcast from the process that read it. Tensors below
+each process reads and verifies its share, broadcasting each tensor as soon as it has it
+(the broadcasts overlap the reads), and then the processes agree that every share
+checked out: damage found by one fails the restore on all, as a damaged file does in a
+single process (`PartialRestoreError` where a target was already written). Tensors below
 `SHARED_MIN_BYTES` are read by every process: a broadcast each would cost more than
 their bytes.
 
