@@ -49,7 +49,7 @@ from checkpointing.pruning import Pruner, StepReport
 from checkpointing.remote_tier import Mirror, MirrorStatus, NoRemote
 from checkpointing.restoring import Restorer, describe_items
 from checkpointing.saving import Saver, SaveStats
-from checkpointing.storage import LocalStorage, open_storage
+from checkpointing.storage import open_storage
 from checkpointing.storage.cache import (
     DEFAULT_MAX_BYTES as DEFAULT_CACHE_MAX_BYTES,
     StepCache,
@@ -140,13 +140,6 @@ class CheckpointManager:
             self._storage, self._naming, primary=primary, read_only=options.read_only
         )
         self._remote: NoRemote = NoRemote()
-        local = isinstance(self._storage, LocalStorage)
-        if options.incremental and not options.read_only and not local:
-            raise InvalidOptionError(
-                "incremental=True saves to a local directory (which a remote= mirror may "
-                "copy): a step refers to files of earlier steps, which this version does "
-                "not yet write straight to object stores"
-            )
         if remote is not None:
             self._remote = Mirror(
                 remote,

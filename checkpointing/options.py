@@ -85,8 +85,8 @@ class CheckpointManagerOptions:
         incremental: Write only the tensors that changed since this process's previous
             save; the step refers to the earlier step's file for the others (a frozen
             base model is stored once), and retention keeps a step while a kept step
-            reads from it. The first save of a process is complete. Local directories
-            only; a ``remote=`` mirror carries such steps (docs/format.md).
+            reads from it. The first save of a process is complete; a ``remote=``
+            mirror carries such steps with the steps they read (docs/format.md).
         coordination_timeout_secs: In a torch.distributed job, how long a process waits
             for the others at a collective step (save, restore) before failing with an
             error that names the missing ranks.

@@ -190,3 +190,29 @@ def test_incremental_steps_reach_the_bucket_with_the_files_they_read(
         assert src.copy_to(dst) == [1, 3, 4]
         dst.verify(4)
         assert dst.restore(step=4)["n"][0] == 4.0
+
+
+def test_incremental_saves_straight_to_a_bucket(store: Store) -> None:
+    """An object-store directory takes incremental saves as a local one does: later
+    steps refer to the first for the frozen tensor, retention keeps it, every kept step
+    restores and verifies (through the cache), crafted deletes are refused."""
+    from checkpointing import CheckpointError
+
+    url = store.bucket + "/incremental"
+    opts = CheckpointManagerOptions(
+        incremental=True, max_to_keep=2, enable_async_checkpointing=False
+    )
+    frozen = torch.randn(50_000)
+    with CheckpointManager(url, opts, storage_options=store.options) as mgr:
+        for step in range(1, 5):
+            mgr.save(step, {"frozen": frozen, "n": torch.full((4,), float(step))})
+        assert mgr.all_steps() == [1, 3, 4]
+        report = {r.step: r.reasons for r in mgr.retention_report()}
+        assert "holds tensors of step 4" in report[1]
+        assert mgr.last_save_stats().nbytes < frozen.nbytes  # type: ignore[union-attr]
+        with pytest.raises(CheckpointError, match="read"):
+            mgr.delete(1)
+        for step in (1, 3, 4):
+            mgr.verify(step)
+            restored = mgr.restore(step=step)
+            assert torch.equal(restored["frozen"], frozen) and restored["n"][0] == step
