@@ -748,9 +748,10 @@ class CheckpointManager:
         """What retention would decide now, deleting nothing.
 
         Returns:
-            A `StepReport` for every committed step: kept or not, and by which rule(s).
+            A `StepReport` for every committed step: kept or not, and by which rule(s),
+            steps that evaluation jobs hold a reader lease on included.
         """
-        return self._pruner.report()
+        return self._pruner.report(self.leased_steps())
 
     def prune(self, *, dry_run: bool = False) -> list[int]:
         """Apply retention now (it also runs after every save).
@@ -778,7 +779,8 @@ class CheckpointManager:
         progress: Callable[[int], object] = lambda n: None,
     ) -> list[int]:
         """Copy the committed steps that ``other`` lacks into it (e.g. local disk to a
-        bucket), each commit record last.
+        bucket), each commit record last; a save of this manager in flight is waited
+        for first.
 
         Then carry this directory's protections, and the metrics evaluation jobs
         recorded, over to the steps both have. Nothing is deleted or unprotected in
@@ -797,6 +799,7 @@ class CheckpointManager:
             CorruptCheckpointError: A source file is damaged; that step is not committed
                 in ``other``.
         """
+        self._join()
         todo = {s: r for s, r in self._catalog.records.items() if s not in other._catalog.records}
         if dry_run:
             return sorted(todo)

@@ -108,9 +108,10 @@ class Pruner:
             references={step: set(r.references) for step, r in records.items()},
         )
 
-    def report(self) -> list[StepReport]:
-        """For every listed step: kept or not, and by which rule(s)."""
-        decision = self.decide()
+    def report(self, leased: Iterable[int] = ()) -> list[StepReport]:
+        """For every listed step: kept or not, and by which rule(s) (``leased``: steps
+        evaluation jobs hold, which retention keeps too)."""
+        decision = self.decide(leased)
         return [
             StepReport(
                 step=step,

@@ -28,6 +28,8 @@ def test_lease_defers_deletion_until_released(tmp_path: Path) -> None:
             trainer.save(2, STATE)
             trainer.save(3, STATE)
             assert trainer.all_steps() == [1, 3], "the leased step survives retention"
+            report = {r.step: r for r in trainer.retention_report()}
+            assert report[1].kept and report[1].reasons == ("in progress",), report[1]
             assert reader.restore(step=1) is not None
         trainer.save(4, STATE)
         assert trainer.all_steps() == [4], "retention catches up once the lease ended"

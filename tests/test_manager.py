@@ -177,3 +177,16 @@ def test_step_naming_on_disk(make_manager, tmp_path: Path) -> None:  # type: ign
     other.save(7, {"x": torch.ones(1)})
     other.wait_until_finished()
     assert (tmp_path / "orbax" / "7" / "checkpoint.json").is_file()
+
+
+def test_copy_to_takes_the_save_in_flight(tmp_path: Path) -> None:
+    """An async save returns before its step is committed; copy_to waits for it, as
+    restore does, instead of copying the steps before it."""
+    with (
+        CheckpointManager(tmp_path / "src") as src,
+        CheckpointManager(tmp_path / "dst") as dst,
+    ):
+        src.save(1, {"x": torch.randn(20_000_000)})  # 80 MB: still being written
+        assert src.copy_to(dst, dry_run=True) == [1]
+        assert src.copy_to(dst) == [1]
+        assert torch.equal(dst.restore(step=1)["x"], src.restore(step=1)["x"])
