@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,25 @@ def sharded_restore(directory: str, rank: int, world: int) -> dict[str, Any]:
     return {"restored": ok}
 
 
+def counted(call: Callable[[], Any]) -> tuple[Any, int]:
+    """What ``call`` returns, and the bytes this process read with direct reads
+    (os.preadv, which the library's readers use) meanwhile."""
+    real_preadv = os.preadv
+    nbytes = 0
+
+    def counting(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
+        nonlocal nbytes
+        n = real_preadv(fd, buffers, offset, *flags)
+        nbytes += n
+        return n
+
+    os.preadv = counting
+    try:
+        return call(), nbytes
+    finally:
+        os.preadv = real_preadv
+
+
 def large_weights() -> dict[str, torch.Tensor]:
     """Tensors whose shards are stored in pieces (`sharded.pieces`): 8 MiB, and 4.4 MB
     of an odd number of rows."""
@@ -156,21 +176,8 @@ def pieces_restore(directory: str, rank: int, world: int) -> dict[str, Any]:
     """Restore in place on this job's layout; the bytes this rank read (os.preadv)."""
     full = large_weights()
     target = _sharded(full, world, fill=False)
-    nbytes = 0
-    real_preadv = os.preadv
-
-    def counting(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
-        nonlocal nbytes
-        n = real_preadv(fd, buffers, offset, *flags)
-        nbytes += n
-        return n
-
     with CheckpointManager(directory, CheckpointManagerOptions(read_only=True)) as mgr:
-        os.preadv = counting
-        try:
-            mgr.restore({"model": target})
-        finally:
-            os.preadv = real_preadv
+        _, nbytes = counted(lambda: mgr.restore({"model": target}))
     expected = _sharded(full, world, fill=True)
     same = all(
         torch.equal(target[k].to_local(), expected[k].to_local())  # type: ignore[attr-defined]
@@ -307,23 +314,6 @@ def replicated(directory: str, rank: int, world: int) -> dict[str, Any]:
     """Replicated state restored by every rank, in place and anew: the bytes each rank
     reads (direct reads: os.preadv), and what every rank ends up with."""
     state = replicated_state()
-    nbytes = 0
-    real_preadv = os.preadv
-
-    def counting(fd: int, buffers: list[Any], offset: int, *flags: int) -> int:
-        nonlocal nbytes
-        n = real_preadv(fd, buffers, offset, *flags)
-        nbytes += n
-        return n
-
-    def counted(call: Any) -> tuple[Any, int]:
-        nonlocal nbytes
-        nbytes = 0
-        os.preadv = counting
-        try:
-            return call(), nbytes
-        finally:
-            os.preadv = real_preadv
 
     def zeros() -> dict[str, Any]:
         model = {k: torch.zeros_like(v) for k, v in state["model"].items()}
