@@ -10,7 +10,10 @@ cache with read-ahead. `open_below` opens a checkpoint's files without following
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import ctypes
+import dataclasses
 import errno
 import fcntl
 import io
@@ -216,26 +219,43 @@ def _pread(fd: int, into: memoryview, offset: int) -> int:
 _PIECE = BOUNCE  # bytes per request of `ParallelReads`, at most
 _SMALL = 64 << 10  # bytes of whole pages below which a destination goes through a bounce
 _READERS = 4  # requests in flight
+_RUN = 4 * _PIECE  # bytes of destinations that follow each other to read as one
+
+
+@dataclasses.dataclass
+class _Run:
+    """Destinations that follow each other in a file and in memory, from ``address``."""
+
+    fd: int
+    path: str
+    offset: int
+    end: int
+    address: int
+    parts: list[tuple[memoryview, Callable[[], None]]]  # (destination, its ``then``)
 
 
 class ParallelReads:
     """Reads into memory on helper threads, with direct I/O, several requests in flight.
 
     Reading into the destination skips the page cache and the copy out of it, and
-    several requests keep the disk busier than one at a time. The whole pages of a
-    destination that is page-aligned where the file is are read into as they are, in
-    requests of up to `_PIECE` bytes; the rest (small tensors, the ends of large ones,
-    memory out of step with the file) is read through a bounce buffer, one request for
-    up to `_PIECE` bytes that follow each other in the file (across gaps of up to
-    `_SMALL` bytes, read and dropped: a partial restore skips what others read).
+    several requests keep the disk busier than one at a time. Destinations that follow
+    each other both in the file and in memory (the row runs of a shard) are read as one
+    range, started once it holds `_RUN` bytes or at `flush`, so the disk gets large
+    requests and the pages they share are read once. The whole pages of a destination
+    that is page-aligned where the file is are read into as they are, in requests of up
+    to `_PIECE` bytes; the rest (small tensors, the ends of large ones, memory out of
+    step with the file) is read through a bounce buffer, one request for up to `_PIECE`
+    bytes that follow each other in the file (across gaps of up to `_SMALL` bytes, read
+    and dropped: a partial restore skips what others read).
     """
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[None]] = []
+        self._run: _Run | None = None  # destinations that may go on, not started yet
         # bytes to read through the bounce buffer, not started yet: (file offset,
         # destination, its tensor), in file order, all of one file
-        self._bounced: list[tuple[int, memoryview, _Countdown]] = []
+        self._bounced: list[tuple[int, memoryview, _Each]] = []
         self._bounced_file: tuple[int, str] = (-1, "")  # (descriptor, path)
 
     def start(
@@ -247,32 +267,66 @@ class ParallelReads:
         then: Callable[[], None],
         path: str,
     ) -> None:
-        """Start filling ``dest`` (at ``address``) with the bytes at ``offset`` of ``fd``
-        (opened with O_DIRECT); ``then`` runs once they are all in, on a helper thread."""
-        end = offset + len(dest)
+        """Fill ``dest`` (at ``address``) with the bytes at ``offset`` of ``fd`` (opened
+        with O_DIRECT); ``then`` runs once they are all in, on a helper thread. The read
+        may wait for the next destinations to join it: `flush` starts it."""
+        run = self._run
+        if (
+            run is not None
+            and (run.fd, run.end, run.address + run.end - run.offset) == (fd, offset, address)
+        ):
+            run.parts.append((dest, then))
+            run.end += len(dest)
+        else:
+            self._start_run()
+            run = self._run = _Run(fd, path, offset, offset + len(dest), address, [(dest, then)])
+        if run.end - run.offset >= _RUN:
+            self._start_run()
+
+    def _start_run(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        offset, end, fd, path = run.offset, run.end, run.fd, run.path
+        if len(run.parts) == 1:
+            dest = run.parts[0][0]
+        else:  # one view of the memory the parts tile
+            dest = memoryview((ctypes.c_char * (end - offset)).from_address(run.address))
+            dest = dest.cast("B")
         first = offset + (-offset % ALIGN)  # the first and last page boundaries in the range
         last = end - end % ALIGN
-        if (address + first - offset) % ALIGN or last - first < _SMALL:  # out of step
+        if (run.address + first - offset) % ALIGN or last - first < _SMALL:  # out of step
             spans = [(a, b, False) for a, b in _pieces(offset, end)]
         else:
             spans = [(offset, first, False), *((a, b, True) for a, b in _pieces(first, last))]
             spans.append((last, end, False))
         spans = [span for span in spans if span[0] < span[1]]
-        if not spans:
-            then()
-            return
-        tensor = _Countdown(len(spans), then)
-        for a, b, as_is in spans:
+        # Each part is done once the spans over it are; each span tells the parts it covers.
+        covering: list[list[_Countdown]] = [[] for _ in spans]
+        nothing: list[Callable[[], None]] = []
+        starts, ends = [a for a, _, _ in spans], [b for _, b, _ in spans]
+        at = offset
+        for part, then in run.parts:
+            over = range(bisect.bisect_right(ends, at), bisect.bisect_left(starts, at + len(part)))
+            if not part or not over:  # nothing to read
+                nothing.append(then)
+            else:
+                countdown = _Countdown(len(over), then)
+                for i in over:
+                    covering[i].append(countdown)
+            at += len(part)
+        for (a, b, as_is), parts in zip(spans, covering, strict=True):
             view = dest[a - offset : b - offset]
+            done = _Each(parts, run.parts)
             if as_is:
                 self._start_bounced()  # first, in file order
-                self._submit(path, _read_into, fd, a, view, tensor)
+                self._submit(path, _read_into, fd, a, view, done)
             else:
-                self._bounce(fd, path, a, view, tensor)
+                self._bounce(fd, path, a, view, done)
+        if nothing:  # on a helper too: their errors come from `settle`, as the others'
+            self._submit(path, _all, nothing)
 
-    def _bounce(
-        self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Countdown
-    ) -> None:
+    def _bounce(self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Each) -> None:
         last_end = self._bounced[-1][0] + len(self._bounced[-1][1]) if self._bounced else 0
         if self._bounced and (
             (fd, path) != self._bounced_file
@@ -301,7 +355,8 @@ class ParallelReads:
         self._in_flight.append(self._pool.submit(run))
 
     def flush(self) -> None:
-        """Start the reads still waiting to be batched (see `start`)."""
+        """Start the reads still waiting for others to join them (see `start`)."""
+        self._start_run()
         self._start_bounced()
 
     def failed(self) -> bool:
@@ -309,7 +364,7 @@ class ParallelReads:
         return any(f.done() and f.exception() is not None for f in self._in_flight)
 
     def settle(self) -> None:
-        self._start_bounced()
+        self.flush()
         in_flight, self._in_flight = self._in_flight, []
         errors = [e for e in (f.exception() for f in in_flight) if e is not None]
         if errors:
@@ -322,12 +377,38 @@ class ParallelReads:
             self._pool = None
         self._in_flight.clear()
         self._bounced.clear()
+        self._run = None
 
 
 def _pieces(start: int, end: int) -> list[tuple[int, int]]:
     """``start`` to ``end``, cut at the multiples of `_PIECE`."""
     cuts = [start, *range(start - start % _PIECE + _PIECE, end, _PIECE), end]
     return list(itertools.pairwise(cuts))
+
+
+class _Each:
+    """Tells each of ``countdowns`` that a span over their parts is done; keeps the
+    parts' memory (``keep``) alive while a read into it is in flight (a run's view of
+    it does not)."""
+
+    def __init__(self, countdowns: list[_Countdown], keep: object) -> None:
+        self._countdowns = countdowns
+        self._keep = keep
+
+    def done(self) -> None:
+        _all([countdown.done for countdown in self._countdowns])
+
+
+def _all(calls: list[Callable[[], None]]) -> None:
+    """Make every call, even after one raised; then raise the first error."""
+    errors = []
+    for call in calls:
+        try:
+            call()
+        except Exception as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 class _Countdown:
@@ -346,12 +427,12 @@ class _Countdown:
             self._then()
 
 
-def _read_into(fd: int, offset: int, dest: memoryview, tensor: _Countdown) -> None:
+def _read_into(fd: int, offset: int, dest: memoryview, tensor: _Each) -> None:
     read_direct(fd, offset, dest)
     tensor.done()
 
 
-def _read_through(fd: int, parts: list[tuple[int, memoryview, _Countdown]]) -> None:
+def _read_through(fd: int, parts: list[tuple[int, memoryview, _Each]]) -> None:
     start = parts[0][0]
     data = read_bounced(fd, start, parts[-1][0] + len(parts[-1][1]) - start)
     source = np.frombuffer(data, dtype=np.uint8)

@@ -7,10 +7,12 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from checkpointing.fastio import direct, reads, writes
 from checkpointing.fastio.reads import DropBehindFile
@@ -264,3 +266,113 @@ def test_the_writer_takes_what_is_queued_in_one_call(
     f._full.put((page, None))
     assert [len(jobs) for jobs, _ in (f._gather(), f._gather())] == [2, 1]
     os.close(f._fd)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3 << 20), min_size=1, max_size=6),
+    lead=st.sampled_from([0, 64, 4096 - 8]),
+    shift=st.sampled_from([0, 64]),
+)
+def test_destinations_that_follow_each_other_are_read_as_one(
+    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], lead: int, shift: int
+) -> None:
+    """The row runs of a shard: destinations next to each other in the file and in
+    memory. They are read in few large requests (the pages they share once), every byte
+    lands where it belongs, and each one's callback runs once, after its bytes are in.
+    ``shift``: memory out of step with the file (read through the bounce buffer)."""
+    total = sum(sizes)
+    data = os.urandom(lead + total)
+    path = tmp_path_factory.mktemp("runs") / "f.bin"
+    path.write_bytes(data)
+    memory = mmap.mmap(-1, lead + shift + total + 4096)
+    base = np.frombuffer(memory, dtype=np.uint8)
+    address = base.ctypes.data + lead + shift
+    done: list[int] = []
+    requests = []
+    preadv = os.preadv
+
+    def counted(fd: int, buffers: list[memoryview], offset: int) -> int:
+        requests.append(len(buffers[0]))
+        return preadv(fd, buffers, offset)
+
+    parallel = reads.ParallelReads()
+    with DropBehindFile(path) as f, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reads.os, "preadv", counted)
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        at = 0
+        for i, size in enumerate(sizes):
+            dest = memoryview(memory)[lead + shift + at : lead + shift + at + size]
+
+            def then(i: int = i, dest: memoryview = dest, start: int = lead + at) -> None:
+                assert dest == data[start : start + len(dest)], f"part {i} not in yet"
+                done.append(i)
+
+            parallel.start(fd, lead + at, dest, address + at, then, str(path))
+            at += size
+        parallel.settle()
+        parallel.close()
+    assert sorted(done) == list(range(len(sizes)))
+    assert memory[lead + shift : lead + shift + total] == data[lead:]
+    pages = -(-(lead % 4096 + total) // 4096)
+    assert len(requests) <= pages // (reads.BOUNCE // 4096) + 3  # whole pieces and the ends
+
+
+def _parts_of_one_run(
+    path: Path, memory: mmap.mmap, thens: list[Callable[[], None]], size: int
+) -> None:
+    """Read ``len(thens)`` destinations of ``size`` bytes that follow each other in the
+    file and in ``memory``, then settle."""
+    address = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+    parallel = reads.ParallelReads()
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        try:
+            for i, then in enumerate(thens):
+                view = memoryview(memory)[i * size : (i + 1) * size]
+                parallel.start(fd, i * size, view, address + i * size, then, str(path))
+            parallel.settle()
+        finally:
+            parallel.close()
+
+
+@pytest.mark.parametrize("size", [0, 100, 8192])
+def test_a_failing_callback_leaves_the_others_of_its_run_told(tmp_path: Path, size: int) -> None:
+    """A destination whose check fails (here: its callback raises), zero-size ones too:
+    the error comes from settle(), and the other destinations read with it are still
+    told that their bytes are in."""
+    data = os.urandom(1 << 20)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    memory = mmap.mmap(-1, 1 << 20)
+    told: list[int] = []
+
+    def bad() -> None:
+        raise ValueError("checksum mismatch")
+
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        _parts_of_one_run(path, memory, [lambda: told.append(0), bad,
+                                         lambda: told.append(2)], size)
+    assert sorted(told) == [0, 2]
+    assert memory[: 3 * size] == data[: 3 * size]
+
+
+def test_a_large_destination_is_read_without_waiting_for_a_flush(tmp_path: Path) -> None:
+    """Destinations wait for others to join them only up to a few requests' worth."""
+    size = 32 << 20
+    path = tmp_path / "f.bin"
+    with path.open("wb") as f:
+        f.truncate(size)
+    memory = mmap.mmap(-1, size)
+    address = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+    ready = threading.Event()
+    parallel = reads.ParallelReads()
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        parallel.start(fd, 0, memoryview(memory), address, ready.set, str(path))
+        assert ready.wait(60), "the read waited for a flush"
+        parallel.settle()
+        parallel.close()
