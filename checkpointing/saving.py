@@ -88,6 +88,9 @@ class SaveJob:
     # step is still committed; blobs unchanged since are not written again.
     stored: dict[tuple[str, str], Stored] | None = None
     present: Callable[[int], bool] = lambda step: False
+    previous: int | None = None  # the step of this process's previous save
+    # the files of earlier steps it refers to, by step (`_refer`)
+    references: dict[int, dict[str, FileInfo]] = dataclasses.field(default_factory=dict)
 
 
 # (the committed record, the coordinator of the thread that committed it, and whether the
@@ -135,6 +138,7 @@ class Saver:
         self._preempted_anywhere = False  # a signal reached some process of the job
         self._present = incremental
         self._stored: dict[tuple[str, str], Stored] = {}  # of this process's saves
+        self._previous: int | None = None  # the step of its last incremental save
         if preemption_signals is not None:
             self._preemption.install(preemption_signals)
 
@@ -228,10 +232,13 @@ class Saver:
         join()
         if self._present is not None:  # where the save just joined stored its blobs
             job.stored, job.present = self._stored, self._present
+            job.previous = self._previous
         self._preemption_saved = self._preemption.triggered or self._preempted_anywhere
         if not self._async:
             self._persist(job, self._coordinator, t0)
             return
+        if job.stored is not None:
+            _drop_frozen(job)
         job.flat.blobs = self._buffers.snapshot(job.flat.blobs)
         blocking = time.perf_counter() - t0
         self._pending_began = started
@@ -254,6 +261,7 @@ class Saver:
         record = write_step(job, self._storage, self._naming, coordinator, self._clock, abandoned)
         if job.stored is not None:
             self._stored = {**job.stored, **_stored_by(job.flat.blobs, record)}
+            self._previous = record.step
         held = blocking is not None and coordinator.world_size > 1
         self._on_commit(record, coordinator, held)
         done = time.perf_counter()
@@ -395,36 +403,63 @@ def write_step(
 def _drop_unchanged(
     job: SaveJob, blobs: list[tree.Blob], parallelism: int
 ) -> tuple[list[tree.Blob], dict[int, dict[str, FileInfo]]]:
-    """Point the tree nodes of every blob whose bytes are those last stored (same size,
-    dtype and xxh3-64 digest, in a step still committed) at that step's file instead;
-    return the blobs left to write and the files so referred to, by step. References go
-    to the step that holds the bytes, never through another reference (a sharded
-    tensor's chunks too: each process compares the chunks it writes)."""
-    assert job.stored is not None
-    stored = job.stored
-
-    def unchanged(blob: tree.Blob) -> Stored | None:
-        was = stored.get((blob.group, blob.key))
-        if (
-            was is None
-            or was.nbytes != blob.nbytes
-            or was.dtype != str(blob.tensor.dtype)
-            or not job.present(was.step)
-        ):
-            return None
-        tensor = blob.tensor if blob.tensor.is_cpu else blob.tensor.cpu()
-        return was if tensors.digest(tensors.byte_view(tensor)) == was.checksum else None
-
+    """Refer every blob of ``blobs`` whose bytes are those last stored to that step's
+    file instead (`_unchanged`); return the blobs left to write and the files so
+    referred to, by step."""
     references: dict[int, dict[str, FileInfo]] = {}
     changed = []
-    for blob, was in zip(blobs, parallel_map(unchanged, blobs, parallelism), strict=True):
+    for blob, was in zip(
+        blobs, parallel_map(lambda b: _unchanged(job, b), blobs, parallelism), strict=True
+    ):
         if was is None:
             changed.append(blob)
-            continue
-        for node in blob.nodes:
-            node.update(file=was.file, key=was.key, checksum=was.checksum, step=was.step)
-        references.setdefault(was.step, {})[was.file] = was.info
+        else:
+            _refer(blob, was, references)
     return changed, references
+
+
+def _drop_frozen(job: SaveJob) -> None:
+    """Before an async incremental save's snapshot, on the training thread: refer the
+    CPU tensors that were unchanged at the previous save and still are, instead of
+    copying them. Hashing reads their bytes once where the copy reads and writes them,
+    so a frozen base costs the training thread less; tensors that changed at the
+    previous save are copied as in any async save, and compared in the background."""
+    assert job.stored is not None
+    kept = []
+    for blob in job.flat.blobs:
+        was = job.stored.get((blob.group, blob.key))
+        if was is not None and was.step != job.previous and blob.tensor.is_cpu:
+            now = _unchanged(job, blob)
+            if now is not None:
+                _refer(blob, now, job.references)
+                continue
+        kept.append(blob)
+    job.flat.blobs = kept
+
+
+def _unchanged(job: SaveJob, blob: tree.Blob) -> Stored | None:
+    """Where ``blob``'s bytes were last stored, if they are the same now (same size,
+    dtype and xxh3-64 digest, in a step still committed)."""
+    assert job.stored is not None
+    was = job.stored.get((blob.group, blob.key))
+    if (
+        was is None
+        or was.nbytes != blob.nbytes
+        or was.dtype != str(blob.tensor.dtype)
+        or not job.present(was.step)
+    ):
+        return None
+    tensor = blob.tensor if blob.tensor.is_cpu else blob.tensor.cpu()
+    return was if tensors.digest(tensors.byte_view(tensor)) == was.checksum else None
+
+
+def _refer(blob: tree.Blob, was: Stored, references: dict[int, dict[str, FileInfo]]) -> None:
+    """Point ``blob``'s tree nodes at the step that holds its bytes, never through
+    another reference (a sharded tensor's chunks too: each process compares the chunks
+    it writes)."""
+    for node in blob.nodes:
+        node.update(file=was.file, key=was.key, checksum=was.checksum, step=was.step)
+    references.setdefault(was.step, {})[was.file] = was.info
 
 
 def _stored_by(blobs: list[tree.Blob], record: Record) -> dict[tuple[str, str], Stored]:
@@ -444,9 +479,15 @@ def _write_files(
     job: SaveJob, writer: StepWriter, parallelism: int
 ) -> tuple[dict[str, FileInfo], dict[int, dict[str, FileInfo]]]:
     """Write a file per group of blobs; return the files, and those of earlier steps
-    that an incremental save refers to. Files are written side by side, so one file's
-    unchanged tensors are hashed while another's changed ones are written."""
+    that an incremental save refers to. An incremental save handles two files at once
+    at least, the largest first: hashing unchanged tensors takes memory bandwidth, not
+    the disk, so one file's frozen tensors are hashed while another's changed ones are
+    written."""
     groups = _group_by_file(job.flat)
+    files_at_once = parallelism
+    if job.stored is not None:
+        files_at_once = max(parallelism, 2)
+        groups = dict(sorted(groups.items(), key=lambda kv: -sum(b.nbytes for b in kv[1])))
 
     def write(name: str) -> tuple[FileInfo | None, dict[int, dict[str, FileInfo]]]:
         blobs = groups[name]
@@ -458,8 +499,8 @@ def _write_files(
         return writer.write(name, lambda f: tensors.write_file(f, blobs, name)), references
 
     files: dict[str, FileInfo] = {}
-    references: dict[int, dict[str, FileInfo]] = {}
-    for name, (info, theirs) in zip(groups, parallel_map(write, list(groups), parallelism),
+    references = {step: dict(listed) for step, listed in job.references.items()}
+    for name, (info, theirs) in zip(groups, parallel_map(write, list(groups), files_at_once),
                                     strict=True):
         if info is not None:
             files[name] = info

@@ -36,6 +36,11 @@ class SnapshotBuffers:
         by_file: dict[str, list[Blob]] = {}
         for blob in blobs:
             by_file.setdefault(blob.group, []).append(blob)
+        # Buffers of tensors this save leaves out (an incremental save refers to their
+        # earlier copy) are freed rather than held for a save that may never want them.
+        self._arenas = {g: a for g, a in self._arenas.items() if g in by_file}
+        wanted = {(blob.group, blob.key) for blob in blobs}
+        self._buffers = {k: b for k, b in self._buffers.items() if k in wanted}
         buffers: dict[tuple[str, str], torch.Tensor] = {}
         for group, members in by_file.items():
             arena = self._arena(group, members)

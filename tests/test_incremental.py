@@ -115,6 +115,40 @@ def test_a_changed_tensor_is_written_again_and_unchanged_state_costs_no_data(
     assert mgr.restore(step=4)["model"]["weight"].dtype == torch.float64
 
 
+def test_async_saves_keep_the_values_at_save_time_as_tensors_freeze_and_thaw(
+    make_manager: Callable[..., CheckpointManager], tmp_path: Path
+) -> None:
+    """An async save compares tensors frozen at earlier saves on the training thread
+    and copies the rest; the step holds the values of the moment save() was called,
+    whatever the training thread writes into them right after."""
+    model = torch.nn.Linear(256, 256)
+    mgr = make_manager(incremental=True, max_to_keep=None, enable_async_checkpointing=True)
+    saved = {}
+    for step in range(8):
+        with torch.no_grad():
+            model.bias.add_(1)  # changes at every step
+            if step in (4, 6):
+                model.weight.add_(1)  # frozen, but for these steps
+        mgr.save(step, {"model": model})
+        saved[step] = snapshot(model)
+        with torch.no_grad():  # while the background writes
+            model.weight.fill_(float("nan"))
+            model.bias.fill_(float("nan"))
+        mgr.wait_until_finished()
+        model.load_state_dict(saved[step])
+    for step in range(8):
+        fresh = torch.nn.Linear(256, 256)
+        mgr.restore({"model": fresh}, step=step)
+        for name, tensor in fresh.state_dict().items():
+            assert torch.equal(tensor, saved[step][name]), (step, name)
+        mgr.verify(step)
+    origin = {1: 0, 2: 0, 3: 0, 5: 4, 7: 6}  # where each step reads the weight from
+    for step in range(8):
+        assert set(references(tmp_path / "ckpt", step)) == (
+            {str(origin[step])} if step in origin else set()
+        ), step
+
+
 def test_a_new_process_starts_with_a_complete_save(tmp_path: Path) -> None:
     opts = CheckpointManagerOptions(
         incremental=True, max_to_keep=1, enable_async_checkpointing=False
