@@ -77,6 +77,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "SavePolicy",
     ),
     "checkpointing.pruning": ("StepReport",),
+    "checkpointing.remote_tier": ("MirrorStatus",),
     "checkpointing.restoring": ("TensorMetadata",),
     "checkpointing.saving": ("SaveStats",),
 }
@@ -151,6 +152,9 @@ if TYPE_CHECKING:
     )
     from checkpointing.pruning import (
         StepReport as StepReport,
+    )
+    from checkpointing.remote_tier import (
+        MirrorStatus as MirrorStatus,
     )
     from checkpointing.restoring import (
         TensorMetadata as TensorMetadata,

@@ -302,7 +302,9 @@ class CheckpointManager:
         return metadata
 
     def best_step(self) -> int | None:
-        """The best committed step by the options' ``best_fn``/``best_metric``.
+        """The best committed step by the options' ``best_fn``/``best_metric``, of
+        either tier when mirrored (local retention may have dropped it; `restore` reads
+        it from the remote).
 
         Between equal scores the newer step wins.
 
@@ -315,7 +317,7 @@ class CheckpointManager:
         rank = KeepBest(1, metric, self.options.best_mode)
         scored = [
             (score, step)
-            for step in self._catalog.listed()
+            for step in self.all_steps()
             if (score := rank.score(self.metrics(step))) is not None
         ]
         return max(scored)[1] if scored else None

@@ -56,14 +56,25 @@ CLOSE_WAIT_SECS = 5.0  # for a pass against a failing remote, at close
 
 @dataclasses.dataclass(frozen=True)
 class MirrorStatus:
-    """Where a mirror stands (`CheckpointManager.mirror_status`)."""
+    """Where a mirror stands (`CheckpointManager.mirror_status`): what a job's health
+    check or dashboard looks at to tell a mirror that keeps up from one that fails.
+
+    Attributes:
+        url: The remote directory.
+        remote_steps: The steps committed on the remote.
+        behind: The steps committed locally and not on the remote yet.
+        last_error: Why the last upload pass or listing failed; None once one succeeded.
+        failing_since: Wall-clock time of the first failure in a row; None when the last
+            pass succeeded.
+        synced_at: Wall-clock time the last pass succeeded; None before one did.
+    """
 
     url: str
-    remote_steps: tuple[int, ...]  # committed on the remote
-    behind: tuple[int, ...]  # committed locally, not on the remote yet
-    last_error: str | None  # why the last pass or listing failed; None once one succeeded
-    failing_since: float | None  # wall-clock time of the first failure in a row
-    synced_at: float | None  # wall-clock time the last pass succeeded
+    remote_steps: tuple[int, ...]
+    behind: tuple[int, ...]
+    last_error: str | None
+    failing_since: float | None
+    synced_at: float | None
 
 
 class NoRemote:

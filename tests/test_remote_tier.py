@@ -5,6 +5,7 @@ tests/remote.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from checkpointing import (
     KeepBest,
     KeepEveryNSteps,
     KeepLatest,
+    MirrorStatus,
     RemoteBehindError,
 )
 from checkpointing.catalog import StepCatalog
@@ -77,7 +79,8 @@ def test_uploads_what_the_remote_lacks_and_applies_its_own_retention(
         mgr.wait_until_finished()
         assert steps_in(remote) == [2, 3] and steps_in(local) == [1, 2, 3]
         status = mgr.mirror_status()
-        assert status is not None and status.behind == () and status.last_error is None
+        assert isinstance(status, MirrorStatus)
+        assert status.behind == () and status.last_error is None
         assert status.remote_steps == (2, 3)
     assert len(uploads) == len(set(uploads)) and set(uploads) <= {1, 2, 3}
     with CheckpointManager(remote, CheckpointManagerOptions(read_only=True)) as reader:
@@ -237,3 +240,20 @@ def test_in_a_job_the_listing_changes_at_the_join(tmp_path: Path) -> None:
     mirror.wait()
     assert not (tmp_path / "remote" / "step_00000001").exists()
     mirror.close()
+
+
+def test_the_best_step_may_be_one_only_the_remote_keeps(tmp_path: Path) -> None:
+    """Local retention keeps the newest step; the remote keeps every step. The best
+    step by its metric is an older one, found on the remote and restored from it."""
+    options = dataclasses.replace(
+        SYNC, retention_policy=KeepLatest(1), best_metric="loss", best_mode="min"
+    )
+    with mirrored(tmp_path / "local", tmp_path / "remote", options=options,
+                  remote_retention=None) as mgr:
+        for step, loss in ((1, 0.5), (2, 0.1), (3, 0.4)):
+            mgr.save(step, {"x": torch.full((2,), float(step))}, metrics={"loss": loss})
+        mgr.wait_until_finished()
+        assert steps_in(tmp_path / "local") == [3]
+        assert mgr.best_step() == 2
+        restored = mgr.restore(step=2)
+        assert restored is not None and torch.equal(restored["x"], torch.full((2,), 2.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -35,20 +36,25 @@ def restored(mgr: CheckpointManager, step: int) -> float:
 
 
 def test_a_second_writer_is_refused_while_the_first_renews(store: Store) -> None:
+    # A lease long enough to be renewed in time on a loaded 2-core CI machine: with the
+    # 1.5 s of the other tests, a renewal once came late and the second writer took over
+    # (as it should, from a writer that stops renewing).
+    ttl = 4.0
+    opts = dataclasses.replace(OPTS, writer_lease_secs=ttl)
     url = store.bucket + "/run"
-    with CheckpointManager(url, OPTS, storage_options=store.options) as first:
+    with CheckpointManager(url, opts, storage_options=store.options) as first:
         first.save(1, state(1))
         with pytest.raises(DirectoryLockedError, match="holds the writer lease"):
-            CheckpointManager(url, OPTS, storage_options=store.options)
-        time.sleep(TTL)  # renewals go on
+            CheckpointManager(url, opts, storage_options=store.options)
+        time.sleep(ttl)  # renewals go on
         with pytest.raises(DirectoryLockedError):
-            CheckpointManager(url, OPTS, storage_options=store.options)
+            CheckpointManager(url, opts, storage_options=store.options)
         with CheckpointManager(url, READ, storage_options=store.options) as reader:
             assert reader.all_steps() == [1], "readers never need the lease"
         first.save(2, state(2))
     started = time.monotonic()
-    with CheckpointManager(url, OPTS, storage_options=store.options) as second:
-        assert time.monotonic() - started < TTL, "a released lease is free at once"
+    with CheckpointManager(url, opts, storage_options=store.options) as second:
+        assert time.monotonic() - started < ttl, "a released lease is free at once"
         assert second.all_steps() == [1, 2]
 
 
