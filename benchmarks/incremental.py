@@ -16,8 +16,11 @@ further along each round, after ``--settle`` idle seconds:
   disk              the full state's bytes written with O_DIRECT, then fsync: the limit
                     of any save that writes them all.
   torch.save        the full state's state_dicts, then fsync.
+  ... async         the two managers with async saves: the time the training thread
+                    waits (the snapshot), each save then finished before the next method.
 
-All saves are synchronous and durable (data and directories fsync'd when they return).
+The other saves are synchronous and durable (data and directories fsync'd when they
+return).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from _common import GB, PAGE, Spread, format_table, fsync_tree, iter_tensors, tr
 
 CHUNK = 64 << 20
 FULL, INCREMENTAL, DISK, TORCH = "ours full", "ours incremental", "disk", "torch.save"
+FULL_ASYNC, INCREMENTAL_ASYNC = "ours full, async", "ours incremental, async"
 
 
 class LoRA(nn.Module):
@@ -105,30 +109,37 @@ def main() -> None:
     train_step(state)
     total = nbytes_of(state)
     root = Path(tempfile.mkdtemp(prefix="incremental-", dir=args.dir))
-    options = CheckpointManagerOptions(enable_async_checkpointing=False, max_to_keep=2)
-    full = CheckpointManager(root / "full", options)
-    incremental = CheckpointManager(
-        root / "incremental", CheckpointManagerOptions(
-            enable_async_checkpointing=False, max_to_keep=2, incremental=True
-        )
-    )
-    incremental.save(0, state)  # its first save writes everything
+    def manager(name: str, asynchronous: bool, incremental: bool) -> CheckpointManager:
+        return CheckpointManager(root / name, CheckpointManagerOptions(
+            enable_async_checkpointing=asynchronous, max_to_keep=2, incremental=incremental
+        ))
+
+    managers = {FULL: manager("full", False, False),
+                INCREMENTAL: manager("incremental", False, True),
+                FULL_ASYNC: manager("full-async", True, False),
+                INCREMENTAL_ASYNC: manager("incremental-async", True, True)}
+    for mgr in managers.values():  # the first save writes everything
+        mgr.save(0, state)
+        mgr.wait_until_finished()
     raw = mmap.mmap(-1, -(-total // PAGE) * PAGE)
     torch.frombuffer(raw, dtype=torch.uint8).random_(256)
-    seconds: dict[str, list[float]] = {m: [] for m in (FULL, INCREMENTAL, DISK, TORCH)}
+    seconds: dict[str, list[float]] = {m: [] for m in (*managers, DISK, TORCH)}
     written: dict[str, list[int]] = {m: [] for m in seconds}
     step = 0
 
-    def ours(mgr: CheckpointManager, name: str) -> Callable[[], int]:
-        def save() -> int:
+    def ours(mgr: CheckpointManager) -> Callable[[], tuple[int, float | None]]:
+        """A save; with async saves, the seconds the training thread waited."""
+
+        def save() -> tuple[int, float | None]:
             mgr.save(step, state)
+            mgr.wait_until_finished()
             stats = mgr.last_save_stats()
             assert stats is not None and stats.step == step
-            return stats.nbytes
+            return stats.nbytes, stats.blocking_secs if stats.background_secs else None
 
         return save
 
-    def disk() -> int:
+    def disk() -> tuple[int, float | None]:
         path = root / "raw.bin"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
         try:
@@ -138,40 +149,42 @@ def main() -> None:
         finally:
             os.close(fd)
         fsync_tree(root)
-        return len(raw)
+        return len(raw), None
 
-    def torch_save() -> int:
+    def torch_save() -> tuple[int, float | None]:
         path = root / "torch" / "state.pt"
         path.parent.mkdir(exist_ok=True)
         torch.save({k: v.state_dict() for k, v in state.items()}, path)
         fsync_tree(path.parent)
-        return path.stat().st_size
+        return path.stat().st_size, None
 
-    methods = {FULL: ours(full, FULL), INCREMENTAL: ours(incremental, INCREMENTAL),
+    methods = {**{name: ours(mgr) for name, mgr in managers.items()},
                DISK: disk, TORCH: torch_save}
     order = list(methods)
     try:
         for r in range(args.rounds):
             for name in order[r % len(order):] + order[: r % len(order)]:
-                if name in (FULL, INCREMENTAL):
+                if name in managers:
                     step += 1
                     train_step(state, args.all_change)
                 os.sync()
                 time.sleep(args.settle)
                 t0 = time.perf_counter()
-                n = methods[name]()
-                seconds[name].append(time.perf_counter() - t0)
+                n, blocking = methods[name]()
+                seconds[name].append(time.perf_counter() - t0 if blocking is None else blocking)
                 written[name].append(n)
         step += 1  # a last incremental save, untimed, must restore as the state is
         train_step(state, args.all_change)
-        incremental.save(step, state)
-        restored = incremental.restore(step=step)
-        for key in ("model", "lora"):
-            for k, v in state[key].state_dict().items():
-                assert torch.equal(restored[key][k], v), f"{key}/{k} differs"
+        for mgr in (managers[INCREMENTAL], managers[INCREMENTAL_ASYNC]):
+            mgr.save(step, state)
+            restored = mgr.restore(step=step)
+            assert restored is not None
+            for key in ("model", "lora"):
+                for k, v in state[key].state_dict().items():
+                    assert torch.equal(restored[key][k], v), f"{key}/{k} differs"
     finally:
-        full.close()
-        incremental.close()
+        for mgr in managers.values():
+            mgr.close()
         shutil.rmtree(root, ignore_errors=True)
     report(seconds, written, total, args)
 
@@ -192,7 +205,8 @@ def report(
         ])
     base = "changing at every step" if args.all_change else "frozen"
     print(f"LoRA fine-tune: base {args.base_gb} GB {base}, rank {args.rank}, state "
-          f"{total / GB:.3f} GB; {args.rounds} rounds, durable saves, medians")
+          f"{total / GB:.3f} GB; {args.rounds} rounds, durable saves (async: the training "
+          f"thread's wait), medians")
     print(format_table(
         ["method", "median s", "min-max s", "MB written", "bytes vs incr.", "time vs incr."],
         rows,
