@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import dataclasses
 import math
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +33,16 @@ def default_settle(size_gb: float) -> float:
     least 3. This VM's host takes freed memory back over seconds (see save_restore.py),
     so memory freed just before is cheaper to reuse; the pause must grow with the size."""
     return max(3.0, 4.0 * size_gb)
+
+
+def size_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that time one state of ``--size-gb`` in rounds."""
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--settle", type=float, default=None,
+                        help="idle seconds before each timed operation (default: 4 per GB "
+                        "of state, at least 3; see save_restore.py)")
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -256,15 +270,33 @@ def nested(state: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- peers
 
 
-def init_gloo() -> None:
-    """A process group of one, which DCP's async_save plans through."""
-    import socket
-
-    import torch.distributed as dist
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def launch_gloo(world: int, args: Sequence[str]) -> list[int]:
+    """Run ``world`` processes of ``python args`` as one job on loopback, with the
+    environment torchrun gives (and one OpenMP thread each); their exit codes."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world),
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                 "OMP_NUM_THREADS": "1"},
+        )
+        for rank in range(world)
+    ]
+    return [p.wait() for p in procs]
+
+
+def init_gloo() -> None:
+    """A process group of one, which DCP's async_save plans through."""
+    import torch.distributed as dist
+
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 

@@ -19,8 +19,6 @@ import argparse
 import mmap
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,15 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from checkpointing import CheckpointManager, CheckpointManagerOptions, SingleProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import GB, Spread, default_settle, format_table, make_cold
+from _common import (
+    GB,
+    Spread,
+    default_settle,
+    format_table,
+    launch_gloo,
+    make_cold,
+    size_options,
+)
 
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
 READ = CheckpointManagerOptions(read_only=True)
@@ -199,12 +205,7 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None)
-    parser.add_argument("--settle", type=float, default=None,
-                        help="idle seconds before each operation (default: 4 per GB of "
-                        "state, at least 3; see save_restore.py)")
+    size_options(parser)
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.settle is None:
@@ -213,22 +214,10 @@ def main() -> None:
         worker(args.size_gb, args.rounds, args.settle, args.worker)
         return
     root = Path(tempfile.mkdtemp(prefix="ckpt-dist-bench-", dir=args.dir))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     try:
-        procs = [
-            subprocess.Popen(
-                [sys.executable, __file__, "--size-gb", str(args.size_gb),
-                 "--rounds", str(args.rounds), "--settle", str(args.settle),
-                 "--worker", str(root)],
-                env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2",
-                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                     "OMP_NUM_THREADS": "1"},
-            )
-            for r in range(2)
-        ]
-        sys.exit(max(p.wait() for p in procs))
+        sys.exit(max(launch_gloo(2, [
+            __file__, "--size-gb", str(args.size_gb), "--rounds", str(args.rounds),
+            "--settle", str(args.settle), "--worker", str(root)])))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ import torch.distributed as dist
 from checkpointing import CheckpointManager, CheckpointManagerOptions
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import GB, Spread, default_settle, format_table, make_cold
+from _common import GB, Spread, default_settle, format_table, launch_gloo, make_cold, size_options
 
 TENSORS = 50
 COLUMNS = 1024
@@ -98,32 +96,16 @@ def worker(job: str, directory: Path, rows: int, settle: float, out: Path) -> No
 
 
 def launch(world: int, job: str, directory: Path, rows: int, settle: float, out: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", job, "--rows", str(rows),
-             "--settle", str(settle), "--out", str(out), "--dir", str(directory)],
-            env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(world),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                 "OMP_NUM_THREADS": "1"},
-        )
-        for r in range(world)
-    ]
-    codes = [p.wait() for p in procs]
+    codes = launch_gloo(world, [
+        __file__, "--worker", job, "--rows", str(rows), "--settle", str(settle),
+        "--out", str(out), "--dir", str(directory)])
     if any(codes):
         sys.exit(f"the {world}-process {job} job failed: exit codes {codes}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None)
-    parser.add_argument("--settle", type=float, default=None,
-                        help="idle seconds before each restore (default: 4 per GB of "
-                        "state, at least 3; see save_restore.py)")
+    size_options(parser)
     parser.add_argument("--worker", choices=("save", "restore"), help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
