@@ -8,14 +8,17 @@ The script starts 2 gloo processes of itself. The state is ~50 float32 tensors o
 or whole on every process (DDP-style: replicated, written once by the primary). Each
 round runs every method once, in a fresh directory: a durable save, then, after the page
 cache is dropped, an in-place restore. Times are wall times of the whole job (barrier
-before, barrier after). Physical limit: both processes writing (reading) their half of
-the bytes with O_DIRECT at once; for restores also that read landing in memory the size
-of the state, as an in-place restore's bytes must (rather than in one reused buffer).
+before, barrier after), each after a full garbage collection (as in save_restore.py: a
+young process otherwise owes its first one to whichever operation triggers it). Physical
+limit: both processes writing (reading) their half of the bytes with O_DIRECT at once,
+from (into) one reused buffer; and from (into) memory the size of the state, as a save's
+(an in-place restore's) bytes must come from (land in) the state's own memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import mmap
 import os
 import shutil
@@ -50,7 +53,7 @@ READ = CheckpointManagerOptions(read_only=True)
 CHUNK = 64 << 20
 SINGLE = "ours, 1 process (the other idle)"
 DISK = "disk O_DIRECT, 2 processes"
-DISK_INTO_MEMORY = "disk O_DIRECT into the state's memory, 2 processes"
+DISK_STATE_MEMORY = "disk O_DIRECT, the state's memory, 2 processes"
 
 
 def states(nbytes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -67,9 +70,10 @@ def states(nbytes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor
 
 
 def raw(nbytes: int) -> tuple[Callable[[Path], None], ...]:
-    """O_DIRECT write+fsync of this process's ``nbytes``; their read into one reused
-    buffer (the disk's speed); their read into memory of their size, touched before (what
-    an in-place restore must do: land every byte in the state's own memory)."""
+    """O_DIRECT write+fsync of this process's ``nbytes`` and their read, from and into
+    one reused buffer (the disk's speed); and from and into memory of their size, touched
+    before (what a save and an in-place restore must do: every byte comes from, or lands
+    in, the state's own memory)."""
     buf = mmap.mmap(-1, CHUNK)
     buf.write(os.urandom(CHUNK))
     view = memoryview(buf)
@@ -77,11 +81,13 @@ def raw(nbytes: int) -> tuple[Callable[[Path], None], ...]:
     state_memory = mmap.mmap(-1, max(nbytes, 1))
     torch.frombuffer(state_memory, dtype=torch.uint8).fill_(1)
 
-    def write(d: Path) -> None:
+    def write(d: Path, source: Callable[[int, int], memoryview] = lambda at, n: view[:n]) -> None:
         fd = os.open(d / f"raw{dist.get_rank()}", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
         try:
+            at = 0
             for n in sizes:
-                os.write(fd, view[:n])
+                os.write(fd, source(at, n))
+                at += n
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -96,10 +102,10 @@ def raw(nbytes: int) -> tuple[Callable[[Path], None], ...]:
         finally:
             os.close(fd)
 
-    def read_into_state_memory(d: Path) -> None:
-        read(d, lambda at, n: memoryview(state_memory)[at : at + n])
+    def state_memory_at(at: int, n: int) -> memoryview:
+        return memoryview(state_memory)[at : at + n]
 
-    return write, read, read_into_state_memory
+    return write, read, lambda d: write(d, state_memory_at), lambda d: read(d, state_memory_at)
 
 
 def worker(size_gb: float, rounds: int, settle: float, root: Path) -> None:
@@ -109,7 +115,8 @@ def worker(size_gb: float, rounds: int, settle: float, root: Path) -> None:
     nbytes = int(size_gb * GB)
     sharded, full = states(nbytes)
     state_bytes = sum(t.numel() * 4 for t in full.values())
-    raw_write, raw_read, raw_read_into = raw(state_bytes // dist.get_world_size() // 4096 * 4096)
+    share = state_bytes // dist.get_world_size() // 4096 * 4096
+    raw_write, raw_read, raw_write_from, raw_read_into = raw(share)
 
     # Managers are opened before the timing (a run opens one once) and closed after.
     def ours_save(state: dict[str, torch.Tensor]) -> Callable[[Path], None]:
@@ -142,7 +149,7 @@ def worker(size_gb: float, rounds: int, settle: float, root: Path) -> None:
         "ours, 2 ranks, replicated (DDP)": (ours_save(full), ours_restore(full)),
         SINGLE: (ours_save(full), ours_restore(full)),
         DISK: (raw_write, raw_read),
-        DISK_INTO_MEMORY: (raw_write, raw_read_into),
+        DISK_STATE_MEMORY: (raw_write_from, raw_read_into),
     }
     times: dict[tuple[str, str], list[float]] = {}
     managers: dict[Path, CheckpointManager | None] = {}
@@ -155,6 +162,7 @@ def worker(size_gb: float, rounds: int, settle: float, root: Path) -> None:
                 managers[d] = manager(d, op, name)
                 if op == "restore" and rank == 0:
                     make_cold(d)
+                gc.collect()  # as save_restore.py: no collection owed from earlier work
                 dist.barrier()
                 time.sleep(settle)
                 dist.barrier()
@@ -181,8 +189,6 @@ def report(
            for op in ("save", "restore")}
     rows = []
     for (name, op), ts in times.items():
-        if (name, op) == (DISK_INTO_MEMORY, "save"):  # the same as DISK's
-            continue
         s = Spread.of(ts)
         rows.append([
             f"{name}: {'durable save' if op == 'save' else 'cold restore in place'}",
@@ -196,11 +202,12 @@ def report(
     print("x disk / x DCP: that time / this time (above 1 is faster)\n")
     print(format_table(
         ["method", "median s", "min-max s", "GB/s", "x disk", "x DCP"], rows))
-    into = Spread.of(times[(DISK_INTO_MEMORY, "restore")]).median
-    print(f"\nin-place restores against the disk's read into the state's memory ({into:.3f} s):")
-    for (name, op), ts in times.items():
-        if op == "restore" and name.startswith("ours"):
-            print(f"  {name}: {into / Spread.of(ts).median:.2f}x")
+    for op, against in (("save", "write from"), ("restore", "read into")):
+        own = Spread.of(times[(DISK_STATE_MEMORY, op)]).median
+        print(f"\n{op}s against the disk's {against} the state's memory ({own:.3f} s):")
+        for (name, op_), ts in times.items():
+            if op_ == op and name.startswith("ours"):
+                print(f"  {name}: {own / Spread.of(ts).median:.2f}x")
 
 
 def main() -> None:

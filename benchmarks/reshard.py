@@ -8,12 +8,14 @@ Each round then starts one job of each size, taking turns at going first, that r
 the step cold (page cache dropped) in place: into DTensors sharded by rows over its
 processes, or, in one process without torch.distributed, into whole tensors (an
 evaluation job). Times are of the restore in the whole job (barrier before and after),
-not of starting processes or building the target.
+not of starting processes or building the target, after a full garbage collection (as
+in save_restore.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -81,6 +83,7 @@ def worker(job: str, directory: Path, rows: int, settle: float, out: Path) -> No
         with CheckpointManager(directory, CheckpointManagerOptions(read_only=True)) as mgr:
             if rank == 0:
                 make_cold(directory)
+            gc.collect()  # as save_restore.py: no collection owed from building the target
             barrier()
             time.sleep(settle)
             barrier()
