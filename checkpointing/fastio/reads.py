@@ -1,8 +1,8 @@
 """Local files read at the disk's speed, and opened safely.
 
-Reads go around the page cache (O_DIRECT): `read_direct` into page-aligned memory as
-it is, `read_bounced` through a page-aligned buffer for memory out of step with the
-file, and `ParallelReads` keeps several such requests in flight on helper threads (a
+Reads go around the page cache (O_DIRECT): `read_direct` into aligned memory as it
+is, `read_bounced` through a page-aligned buffer for memory out of step with the file,
+and `ParallelReads` keeps several such requests in flight on helper threads (a
 restore's tensors). Where O_DIRECT is refused, `DropBehindFile` reads through the page
 cache with read-ahead. `open_below` opens a checkpoint's files without following links
 (checkpoints are untrusted). docs/decisions.md has the measurements behind each choice.
@@ -175,7 +175,8 @@ BOUNCE = 4 << 20  # the most bytes `read_bounced` reads at once
 def read_direct(fd: int, offset: int, dest: memoryview) -> None:
     """Fill ``dest`` with the bytes at ``offset`` of ``fd``, a descriptor opened with
     O_DIRECT: no page cache, no copy. ``dest``'s address, ``offset`` and ``len(dest)``
-    must be multiples of the page size. Raises EOFError when the file ends first."""
+    must be aligned as the file wants (`direct.alignment`). Raises EOFError when the
+    file ends first."""
     _read_at_least(fd, dest, offset, len(dest))
 
 
@@ -217,7 +218,7 @@ def _pread(fd: int, into: memoryview, offset: int) -> int:
 
 
 _PIECE = BOUNCE  # bytes per request of `ParallelReads`, at most
-_SMALL = 64 << 10  # bytes of whole pages below which a destination goes through a bounce
+_SMALL = 64 << 10  # aligned bytes below which a destination goes through a bounce
 _READERS = 4  # requests in flight
 _RUN = 4 * _PIECE  # bytes of destinations that follow each other to read as one
 
@@ -241,10 +242,11 @@ class ParallelReads:
     several requests keep the disk busier than one at a time. Destinations that follow
     each other both in the file and in memory (the row runs of a shard) are read as one
     range, started once it holds `_RUN` bytes or at `flush`, so the disk gets large
-    requests and the pages they share are read once. The whole pages of a destination
-    that is page-aligned where the file is are read into as they are, in requests of up
-    to `_PIECE` bytes; the rest (small tensors, the ends of large ones, memory out of
-    step with the file) is read through a bounce buffer, one request for up to `_PIECE`
+    requests and the pages they share are read once. A destination in step with the
+    file at the filesystem's direct-I/O alignment (`direct.alignment`: often finer than
+    a page) is read into as it is, its aligned middle in requests of up to `_PIECE`
+    bytes; the rest (small tensors, the ends of large ones, memory out of step with the
+    file) is read through a bounce buffer, one request for up to `_PIECE`
     bytes that follow each other in the file (across gaps of up to `_SMALL` bytes, read
     and dropped: a partial restore skips what others read).
     """
@@ -257,6 +259,7 @@ class ParallelReads:
         # destination, its tensor), in file order, all of one file
         self._bounced: list[tuple[int, memoryview, _Each]] = []
         self._bounced_file: tuple[int, str] = (-1, "")  # (descriptor, path)
+        self._alignments: dict[int, tuple[int, int]] = {}  # descriptor: direct.alignment
 
     def start(
         self,
@@ -293,9 +296,13 @@ class ParallelReads:
         else:  # one view of the memory the parts tile
             dest = memoryview((ctypes.c_char * (end - offset)).from_address(run.address))
             dest = dest.cast("B")
-        first = offset + (-offset % ALIGN)  # the first and last page boundaries in the range
-        last = end - end % ALIGN
-        if (run.address + first - offset) % ALIGN or last - first < _SMALL:  # out of step
+        if fd not in self._alignments:
+            self._alignments[fd] = direct.alignment(fd)
+        memory, offsets = self._alignments[fd]
+        step = max(memory, offsets)
+        first = offset + (-offset % step)  # the first and last aligned offsets in the range
+        last = end - end % step
+        if (run.address + first - offset) % memory or last - first < _SMALL:  # out of step
             spans = [(a, b, False) for a, b in _pieces(offset, end)]
         else:
             spans = [(offset, first, False), *((a, b, True) for a, b in _pieces(first, last))]
@@ -377,6 +384,7 @@ class ParallelReads:
             self._pool = None
         self._in_flight.clear()
         self._bounced.clear()
+        self._alignments.clear()
         self._run = None
 
 

@@ -272,7 +272,7 @@ def test_the_writer_takes_what_is_queued_in_one_call(
 @given(
     sizes=st.lists(st.integers(0, 3 << 20), min_size=1, max_size=6),
     lead=st.sampled_from([0, 64, 4096 - 8]),
-    shift=st.sampled_from([0, 64]),
+    shift=st.sampled_from([0, 64, 512]),
 )
 def test_destinations_that_follow_each_other_are_read_as_one(
     tmp_path_factory: pytest.TempPathFactory, sizes: list[int], lead: int, shift: int
@@ -280,7 +280,8 @@ def test_destinations_that_follow_each_other_are_read_as_one(
     """The row runs of a shard: destinations next to each other in the file and in
     memory. They are read in few large requests (the pages they share once), every byte
     lands where it belongs, and each one's callback runs once, after its bytes are in.
-    ``shift``: memory out of step with the file (read through the bounce buffer)."""
+    ``shift``: memory out of step with the file (read through the bounce buffer), or
+    in step at a finer alignment than a page (which the filesystem may accept)."""
     total = sum(sizes)
     data = os.urandom(lead + total)
     path = tmp_path_factory.mktemp("runs") / "f.bin"
@@ -317,6 +318,60 @@ def test_destinations_that_follow_each_other_are_read_as_one(
     assert memory[lead + shift : lead + shift + total] == data[lead:]
     pages = -(-(lead % 4096 + total) // 4096)
     assert len(requests) <= pages // (reads.BOUNCE // 4096) + 3  # whole pieces and the ends
+
+
+def test_the_filesystem_s_direct_io_alignment_is_what_it_accepts(tmp_path: Path) -> None:
+    """`direct.alignment` reports powers of two up to a page; a direct read at exactly
+    that alignment (not a page's) is accepted and reads the right bytes."""
+    data = os.urandom(1 << 20)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    memory = mmap.mmap(-1, 1 << 20)
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        at_memory, at_offset = direct.alignment(fd)
+        assert all(0 < n <= mmap.PAGESIZE and not n & (n - 1) for n in (at_memory, at_offset))
+        step = max(at_memory, at_offset)
+        reads.read_direct(fd, step, memoryview(memory)[at_memory : at_memory + 8 * step])
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT, "the read was refused"
+        assert memory[at_memory : at_memory + 8 * step] == data[step : 9 * step]
+
+
+def test_memory_in_step_at_the_filesystem_s_alignment_is_read_into_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destination whose address and file offset differ by a multiple of the direct-I/O
+    alignment the filesystem reports, but not of a page, is read without a bounce."""
+    size = 4 << 20
+    data = os.urandom(size + 8192)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    memory = mmap.mmap(-1, size + 8192)
+    base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+    into: list[tuple[int, int]] = []  # (address, length) of each request's buffer
+    preadv = os.preadv
+
+    def recorded(fd: int, buffers: list[memoryview], offset: int) -> int:
+        into.append((np.frombuffer(buffers[0], dtype=np.uint8).ctypes.data, len(buffers[0])))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(reads.os, "preadv", recorded)
+    parallel = reads.ParallelReads()
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        at_memory, at_offset = direct.alignment(fd)
+        if max(at_memory, at_offset) == mmap.PAGESIZE:
+            pytest.skip("this filesystem wants page-aligned direct I/O")
+        offset, lead = 4096 + 64, 4096 - max(at_memory, at_offset) + 64  # in step, not by a page
+        dest = memoryview(memory)[lead : lead + size]
+        parallel.start(fd, offset, dest, base + lead, lambda: None, str(path))
+        parallel.settle()
+        parallel.close()
+    assert memory[lead : lead + size] == data[offset : offset + size]
+    in_place = sum(n for a, n in into if base <= a < base + len(memory))
+    assert in_place >= size - 2 * mmap.PAGESIZE, "only the ends may go through a bounce"
 
 
 def _parts_of_one_run(
