@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
         ).returncode
     checks = [
         [str(PY), "-m", "ruff", "check", "."],
-        [str(PY), "-m", "mypy", "checkpointing", "trainer_adapters"],
+        [str(PY), "-m", "mypy", "checkpointing", "trainer_adapters", "benchmarks"],
         [str(VENV / "bin" / "lint-imports")],  # the layering in pyproject.toml
         [*docs, "-d", str(VENV / "site")],  # the documentation site, checked
         [str(PY), "-m", "pytest", *argv[1:]],

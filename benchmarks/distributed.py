@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
@@ -65,7 +65,9 @@ def states(nbytes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor
     rows = max(2, nbytes // 50 // 4096 // 2 * 2)
     g = torch.Generator().manual_seed(0)
     full = {f"layer{i}.weight": torch.randn(rows, 1024, generator=g) for i in range(50)}
-    sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
+    sharded: dict[str, torch.Tensor] = {
+        k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()
+    }
     return sharded, full
 
 

@@ -19,6 +19,7 @@ The servers run on loopback, so this measures client overhead, not a network.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import socket
@@ -79,7 +80,7 @@ def new_bucket(protocol: str, options: dict[str, Any]) -> str:
     return f"{protocol}://{name}"
 
 
-def turns(r: int, methods: list[tuple[str, T]]) -> list[tuple[str, T]]:
+def turns(r: int, methods: list[T]) -> list[T]:
     """``methods`` rotated by round ``r``: each goes first as often as the others."""
     shift = r % len(methods)
     return methods[shift:] + methods[:shift]
@@ -148,7 +149,9 @@ def main() -> None:
                     fsync_tree(work / "get")
 
                 # Each pair takes turns at going first; every operation starts settled.
-                for name, fn in turns(r, [("ours save", ours_save), ("raw put", raw_put)]):
+                writes: list[tuple[str, Callable[[], Any]]] = [
+                    ("ours save", ours_save), ("raw put", raw_put)]
+                for name, fn in turns(r, writes):
                     record(f"{protocol}: {name}", fn, settle=args.settle)
                 wanted = step_of(bucket, options)  # as a restore has it before downloading
 
@@ -156,11 +159,11 @@ def main() -> None:
                     with StepCache(work / "fetched").holding(*wanted):
                         pass
 
-                reads = [
+                reads: list[tuple[str, Callable[[], Any]]] = [
                     ("ours download", ours_download),
                     ("raw get", raw_get),
                     ("raw get + fsync", durable_get),
-                    ("ours restore", lambda mgr=mgr: mgr.restore(state)),
+                    ("ours restore", functools.partial(mgr.restore, state)),
                 ]
                 for name, fn in turns(r, reads):
                     for leftover in ("cache", "fetched", "get"):
