@@ -8,6 +8,7 @@ import ctypes.util
 import dataclasses
 import math
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -319,6 +320,34 @@ def meta_manager(asynchronous: bool) -> Any:
     )
     storage = LocalFileSystemStorageConfig(use_direct_io=False)
     return MetaManager(dataclasses.replace(config, storage_config=storage))
+
+
+META_FIRST, META = "torch-checkpointing first", "torch-checkpointing warm"
+
+
+class AsyncBench(Protocol):
+    """What `meta_async_saves` needs of a benchmark of async saves."""
+
+    state: dict[str, Any]
+    root: Path
+    warm: int
+
+    def measure(self, op: str, start: Callable[[], Callable[[], object]]) -> None: ...
+
+
+def meta_async_saves(b: AsyncBench) -> None:
+    """Async saves of Meta's torch-checkpointing, staging in this process and writing in
+    its own: the first (`META_FIRST`), then ``b.warm`` more (`META`)."""
+    manager = meta_manager(asynchronous=True)
+    for i in range(b.warm + 1):
+        d = b.root / f"meta-{i}"
+
+        def start(d: Path = d) -> Callable[[], object]:
+            return meta_async_start(manager, d, nested(b.state))
+
+        b.measure(META_FIRST if i == 0 else META, start)
+        shutil.rmtree(d)
+    manager.close()
 
 
 def meta_async_start(manager: Any, directory: Path, state: dict[str, Any]) -> Callable[[], None]:

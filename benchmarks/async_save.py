@@ -62,6 +62,8 @@ from checkpointing import CheckpointManager, CheckpointManagerOptions
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (
     GB,
+    META,
+    META_FIRST,
     PeakRSS,
     Spread,
     default_settle,
@@ -70,8 +72,7 @@ from _common import (
     has_meta,
     init_gloo,
     iter_tensors,
-    meta_async_start,
-    meta_manager,
+    meta_async_saves,
     nested,
     state_nbytes,
     transformer_with_adam,
@@ -81,7 +82,6 @@ ASYNC = CheckpointManagerOptions(enable_async_checkpointing=True, max_to_keep=1)
 SYNC = dataclasses.replace(ASYNC, enable_async_checkpointing=False)
 
 FIRST, WARM, SYNC_OP, FLOOR, DCP = "async first", "async warm", "sync", "copy floor", "DCP"
-META_FIRST, META = "torch-checkpointing first", "torch-checkpointing warm"
 
 LIBC = ctypes.CDLL("libc.so.6")
 
@@ -172,20 +172,6 @@ def dcp_async_save(b: SaveBench) -> None:
         shutil.rmtree(d)
 
 
-def meta_async_save(b: SaveBench) -> None:
-    """Meta's torch-checkpointing: staging in this process, writing in its own."""
-    manager = meta_manager(asynchronous=True)
-    for i in range(b.warm + 1):
-        d = b.root / f"meta-{i}"
-
-        def start(d: Path = d) -> Callable[[], object]:
-            return meta_async_start(manager, d, nested(b.state))
-
-        b.measure(META_FIRST if i == 0 else META, start)
-        shutil.rmtree(d)
-    manager.close()
-
-
 def warm_up(root: Path) -> None:
     """Pay the once-per-process costs (thread pools, planners, imports) before timing."""
     tiny = {"model": nn.Linear(4, 4)}
@@ -207,7 +193,7 @@ def bench_size(size_gb: float, args: argparse.Namespace, root: Path) -> SaveBenc
         lambda: dcp_async_save(b),
     ]
     if has_meta():
-        methods.append(lambda: meta_async_save(b))
+        methods.append(lambda: meta_async_saves(b))
     for r in range(args.rounds):
         for method in methods[r % len(methods):] + methods[: r % len(methods)]:
             method()

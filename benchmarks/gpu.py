@@ -44,14 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (
     GB,
+    META,
+    META_FIRST,
     Spread,
     format_table,
     fsync_tree,
     has_meta,
     init_gloo,
     iter_tensors,
-    meta_async_start,
-    meta_manager,
+    meta_async_saves,
     nested,
     transformer_with_adam,
 )
@@ -59,9 +60,7 @@ from _common import (
 from checkpointing import CheckpointManager, CheckpointManagerOptions
 
 FLOOR, FIRST, WARM = "pinned D2H", "ours first", "ours warm"
-DCP, DCP_PINNED, META_FIRST, META = (
-    "DCP default", "DCP pinned stager", "torch-checkpointing first", "torch-checkpointing warm"
-)
+DCP, DCP_PINNED = "DCP default", "DCP pinned stager"
 
 
 @dataclasses.dataclass
@@ -162,19 +161,6 @@ def dcp(b: Bench, pinned: bool) -> None:
         stager.close()
 
 
-def meta(b: Bench) -> None:
-    manager = meta_manager(asynchronous=True)
-    for i in range(b.warm + 1):
-        d = b.root / f"meta-{i}"
-
-        def start(d: Path = d) -> Callable[[], object]:
-            return meta_async_start(manager, d, nested(b.state))
-
-        b.measure(META_FIRST if i == 0 else META, start)
-        shutil.rmtree(d)
-    manager.close()
-
-
 def gpu_state(size_gb: float) -> dict[str, Any]:
     model, optimizer = transformer_with_adam(int(size_gb * GB))
     model.cuda()  # the same Parameter objects: the optimizer's state keys still hold
@@ -207,7 +193,7 @@ def main() -> int:
         DCP_PINNED: lambda: dcp(b, True),
     }
     if has_meta():
-        methods["torch-checkpointing"] = lambda: meta(b)
+        methods["torch-checkpointing"] = lambda: meta_async_saves(b)
     failed: dict[str, str] = {}  # a peer that fails is reported, and the rest measured
     order = list(methods)
     try:
