@@ -1,11 +1,11 @@
 """Local files read at the disk's speed, and opened safely.
 
 Reads go around the page cache (O_DIRECT): `read_direct` into aligned memory as it
-is, `read_bounced` through a page-aligned buffer for memory out of step with the file,
-and `ParallelReads` keeps several such requests in flight on helper threads (a
-restore's tensors). Where O_DIRECT is refused, `DropBehindFile` reads through the page
-cache with read-ahead. `open_below` opens a checkpoint's files without following links
-(checkpoints are untrusted). docs/decisions.md has the measurements behind each choice.
+is, `read_bounced` through a page-aligned buffer for small reads, and `ParallelReads`
+keeps several such requests in flight on helper threads (a restore's tensors). Where
+O_DIRECT is refused, `DropBehindFile` reads through the page cache with read-ahead.
+`open_below` opens a checkpoint's files without following links (checkpoints are
+untrusted). docs/decisions.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -242,13 +242,14 @@ class ParallelReads:
     several requests keep the disk busier than one at a time. Destinations that follow
     each other both in the file and in memory (the row runs of a shard) are read as one
     range, started once it holds `_RUN` bytes or at `flush`, so the disk gets large
-    requests and the pages they share are read once. A destination in step with the
-    file at the filesystem's direct-I/O alignment (`direct.alignment`: often finer than
-    a page) is read into as it is, its aligned middle in requests of up to `_PIECE`
-    bytes; the rest (small tensors, the ends of large ones, memory out of step with the
-    file) is read through a bounce buffer, one request for up to `_PIECE`
-    bytes that follow each other in the file (across gaps of up to `_SMALL` bytes, read
-    and dropped: a partial restore skips what others read).
+    requests and the pages they share are read once. The aligned middle of a large
+    destination is read into its own memory in requests of up to `_PIECE` bytes: as it
+    is where the memory is in step with the file at the filesystem's direct-I/O
+    alignment (`direct.alignment`: often finer than a page), else a few bytes early and
+    then moved into place (a restarted job's tensors lie anywhere). The rest (small
+    tensors, the ends of large ones) is read through a bounce buffer, one request for up
+    to `_PIECE` bytes that follow each other in the file (across gaps of up to `_SMALL`
+    bytes, read and dropped: a partial restore skips what others read).
     """
 
     def __init__(self) -> None:
@@ -290,7 +291,7 @@ class ParallelReads:
         run, self._run = self._run, None
         if run is None:
             return
-        offset, end, fd, path = run.offset, run.end, run.fd, run.path
+        offset, end, fd = run.offset, run.end, run.fd
         if len(run.parts) == 1:
             dest = run.parts[0][0]
         else:  # one view of the memory the parts tile
@@ -300,14 +301,32 @@ class ParallelReads:
             self._alignments[fd] = direct.alignment(fd)
         memory, offsets = self._alignments[fd]
         step = max(memory, offsets)
+        shift = (run.address - offset) % memory  # how far out of step the memory is
         first = offset + (-offset % step)  # the first and last aligned offsets in the range
+        if first - offset < shift:  # shifted reads land before ``first``: inside the run
+            first += step
         last = end - end % step
-        if (run.address + first - offset) % memory or last - first < _SMALL:  # out of step
-            spans = [(a, b, False) for a, b in _pieces(offset, end)]
+        if last - first < _SMALL:  # too little to read as it is
+            self._start_bounced_run(run, dest, [(offset, end)])
+        elif not shift:
+            self._start_bounced_run(run, dest, [(offset, first), (last, end)], (first, last))
         else:
-            spans = [(offset, first, False), *((a, b, True) for a, b in _pieces(first, last))]
-            spans.append((last, end, False))
-        spans = [span for span in spans if span[0] < span[1]]
+            self._start_shifted_run(run, dest, shift, first, last)
+
+    def _start_bounced_run(
+        self,
+        run: _Run,
+        dest: memoryview,
+        bounced: list[tuple[int, int]],
+        as_is: tuple[int, int] | None = None,
+    ) -> None:
+        """Read ``run`` into ``dest``: the ``bounced`` ranges of the file through a bounce
+        buffer, the ``as_is`` range (aligned, in step) straight into ``dest``."""
+        offset, fd, path = run.offset, run.fd, run.path
+        spans = [(a, b, False) for start, stop in bounced for a, b in _pieces(start, stop)]
+        if as_is is not None:
+            spans += [(a, b, True) for a, b in _pieces(*as_is)]
+        spans = sorted(span for span in spans if span[0] < span[1])
         # Each part is done once the spans over it are; each span tells the parts it covers.
         covering: list[list[_Countdown]] = [[] for _ in spans]
         nothing: list[Callable[[], None]] = []
@@ -322,16 +341,45 @@ class ParallelReads:
                 for i in over:
                     covering[i].append(countdown)
             at += len(part)
-        for (a, b, as_is), parts in zip(spans, covering, strict=True):
+        for (a, b, straight), parts in zip(spans, covering, strict=True):
             view = dest[a - offset : b - offset]
             done = _Each(parts, run.parts)
-            if as_is:
+            if straight:
                 self._start_bounced()  # first, in file order
                 self._submit(path, _read_into, fd, a, view, done)
             else:
                 self._bounce(fd, path, a, view, done)
         if nothing:  # on a helper too: their errors come from `settle`, as the others'
             self._submit(path, _all, nothing)
+
+    def _start_shifted_run(
+        self, run: _Run, dest: memoryview, shift: int, first: int, last: int
+    ) -> None:
+        """Read ``run`` into memory ``shift`` bytes out of step with the file: its aligned
+        middle (``first`` to ``last``) straight into ``dest`` but ``shift`` bytes early,
+        where the memory is aligned, then moved into place in one memmove once all of it
+        is in. Through a bounce buffer instead, every byte would also be copied, and on
+        some disks (virtio) direct reads into small reused buffers run far slower than
+        into the destination (docs/decisions.md). The tail is read through a bounce
+        buffer into place; the head too, but kept aside until the move, as the early
+        middle overlaps it."""
+        offset, end, fd, path = run.offset, run.end, run.fd, run.path
+        head = memoryview(bytearray(first - offset))
+        address = run.address
+
+        def moved() -> None:
+            ctypes.memmove(address + first - offset, address + first - offset - shift, last - first)
+            dest[: len(head)] = head
+            _all([then for _, then in run.parts])
+
+        pieces = _pieces(first, last)
+        everything = _Each([_Countdown(len(pieces) + 2, moved)], run.parts)  # + head, tail
+        self._bounce(fd, path, offset, head, everything)
+        self._start_bounced()  # first, in file order
+        for a, b in pieces:
+            view = dest[a - offset - shift : b - offset - shift]
+            self._submit(path, _read_into, fd, a, view, everything)
+        self._bounce(fd, path, last, dest[last - offset : end - offset], everything)
 
     def _bounce(self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Each) -> None:
         last_end = self._bounced[-1][0] + len(self._bounced[-1][1]) if self._bounced else 0

@@ -30,9 +30,8 @@ class StepReader:
     Tensors of local files with direct I/O are read into their destination, or into a
     new tensor, and verified on helper threads (`fastio.reads.ParallelReads`): they are
     returned before their bytes are in, and `settle` waits for them. New tensors are
-    plain ``torch.empty`` ones (their pages fault in as the helpers copy into them),
-    mostly out of step with the file, so mostly read through bounce buffers, which beat
-    reading into fresh memory directly and mapping the file (docs/decisions.md).
+    plain ``torch.empty`` ones (their pages fault in as the helpers read into them),
+    which beats mapping the file (docs/decisions.md).
     """
 
     def __init__(

@@ -272,7 +272,7 @@ def test_the_writer_takes_what_is_queued_in_one_call(
 @given(
     sizes=st.lists(st.integers(0, 3 << 20), min_size=1, max_size=6),
     lead=st.sampled_from([0, 64, 4096 - 8]),
-    shift=st.sampled_from([0, 64, 512]),
+    shift=st.sampled_from([0, 1, 64, 512, 4095]),
 )
 def test_destinations_that_follow_each_other_are_read_as_one(
     tmp_path_factory: pytest.TempPathFactory, sizes: list[int], lead: int, shift: int
@@ -280,8 +280,9 @@ def test_destinations_that_follow_each_other_are_read_as_one(
     """The row runs of a shard: destinations next to each other in the file and in
     memory. They are read in few large requests (the pages they share once), every byte
     lands where it belongs, and each one's callback runs once, after its bytes are in.
-    ``shift``: memory out of step with the file (read through the bounce buffer), or
-    in step at a finer alignment than a page (which the filesystem may accept)."""
+    ``shift``: memory out of step with the file (read early and moved into place), or
+    in step at a finer alignment than a page (which the filesystem may accept). The
+    memory around the destinations is left alone."""
     total = sum(sizes)
     data = os.urandom(lead + total)
     path = tmp_path_factory.mktemp("runs") / "f.bin"
@@ -316,6 +317,7 @@ def test_destinations_that_follow_each_other_are_read_as_one(
         parallel.close()
     assert sorted(done) == list(range(len(sizes)))
     assert memory[lead + shift : lead + shift + total] == data[lead:]
+    assert not any(memory[: lead + shift]) and not any(memory[lead + shift + total :])
     pages = -(-(lead % 4096 + total) // 4096)
     assert len(requests) <= pages // (reads.BOUNCE // 4096) + 3  # whole pieces and the ends
 
@@ -372,6 +374,47 @@ def test_memory_in_step_at_the_filesystem_s_alignment_is_read_into_as_it_is(
     assert memory[lead : lead + size] == data[offset : offset + size]
     in_place = sum(n for a, n in into if base <= a < base + len(memory))
     assert in_place >= size - 2 * mmap.PAGESIZE, "only the ends may go through a bounce"
+
+
+@pytest.mark.parametrize("shift", [1, 64, 448, 4032])
+def test_memory_out_of_step_is_read_into_early_and_moved_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: int
+) -> None:
+    """A large destination out of step with the file: nearly all its bytes are read
+    straight into its own memory (not a bounce buffer), land in place, and the memory
+    around it is left as it was."""
+    size = (8 << 20) + 777
+    data = os.urandom(size + 8192)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    memory = mmap.mmap(-1, size + 16384)
+    memory.write(b"\xa5" * len(memory))
+    base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+    into: list[tuple[int, int]] = []  # (address, length) of each request's buffer
+    preadv = os.preadv
+
+    def recorded(fd: int, buffers: list[memoryview], offset: int) -> int:
+        into.append((np.frombuffer(buffers[0], dtype=np.uint8).ctypes.data, len(buffers[0])))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(reads.os, "preadv", recorded)
+    offset, lead = 4096 + 100, 4096 + 100 + shift
+    done = threading.Event()
+    parallel = reads.ParallelReads()
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        dest = memoryview(memory)[lead : lead + size]
+        parallel.start(fd, offset, dest, base + lead, done.set, str(path))
+        parallel.settle()
+        parallel.close()
+    assert done.is_set()
+    assert memory[lead : lead + size] == data[offset : offset + size]
+    assert memory[:lead] == b"\xa5" * lead and memory[lead + size :] == b"\xa5" * (
+        len(memory) - lead - size
+    )
+    in_place = sum(n for a, n in into if base <= a < base + len(memory))
+    assert in_place >= size - 3 * mmap.PAGESIZE, "only the ends may go through a bounce"
 
 
 def _parts_of_one_run(
