@@ -307,21 +307,22 @@ class ParallelReads:
             first += step
         last = end - end % step
         if last - first < _SMALL:  # too little to read as it is
-            self._start_bounced_run(run, dest, [(offset, end)])
+            self._start_straight_run(run, dest, [(offset, end)])
         elif not shift:
-            self._start_bounced_run(run, dest, [(offset, first), (last, end)], (first, last))
+            self._start_straight_run(run, dest, [(offset, first), (last, end)], (first, last))
         else:
             self._start_shifted_run(run, dest, shift, first, last)
 
-    def _start_bounced_run(
+    def _start_straight_run(
         self,
         run: _Run,
         dest: memoryview,
         bounced: list[tuple[int, int]],
         as_is: tuple[int, int] | None = None,
     ) -> None:
-        """Read ``run`` into ``dest``: the ``bounced`` ranges of the file through a bounce
-        buffer, the ``as_is`` range (aligned, in step) straight into ``dest``."""
+        """Read ``run`` into ``dest``: the ``as_is`` range of the file (aligned, in step
+        with the memory) straight into it, the ``bounced`` ranges through a bounce
+        buffer."""
         offset, fd, path = run.offset, run.fd, run.path
         spans = [(a, b, False) for start, stop in bounced for a, b in _pieces(start, stop)]
         if as_is is not None:
@@ -373,13 +374,15 @@ class ParallelReads:
             _all([then for _, then in run.parts])
 
         pieces = _pieces(first, last)
-        everything = _Each([_Countdown(len(pieces) + 2, moved)], run.parts)  # + head, tail
+        spans = len(pieces) + 1 + (end > last)  # the middle's, the head, the tail if any
+        everything = _Each([_Countdown(spans, moved)], run.parts)
         self._bounce(fd, path, offset, head, everything)
         self._start_bounced()  # first, in file order
         for a, b in pieces:
             view = dest[a - offset - shift : b - offset - shift]
             self._submit(path, _read_into, fd, a, view, everything)
-        self._bounce(fd, path, last, dest[last - offset : end - offset], everything)
+        if end > last:
+            self._bounce(fd, path, last, dest[last - offset : end - offset], everything)
 
     def _bounce(self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Each) -> None:
         last_end = self._bounced[-1][0] + len(self._bounced[-1][1]) if self._bounced else 0
