@@ -340,6 +340,19 @@ def test_the_filesystem_s_direct_io_alignment_is_what_it_accepts(tmp_path: Path)
         assert memory[at_memory : at_memory + 8 * step] == data[step : 9 * step]
 
 
+def _requests_recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (address, length) of the buffer of each read request from now on."""
+    into: list[tuple[int, int]] = []
+    preadv = os.preadv
+
+    def recorded(fd: int, buffers: list[memoryview], offset: int) -> int:
+        into.append((np.frombuffer(buffers[0], dtype=np.uint8).ctypes.data, len(buffers[0])))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(reads.os, "preadv", recorded)
+    return into
+
+
 def test_memory_in_step_at_the_filesystem_s_alignment_is_read_into_as_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,14 +364,7 @@ def test_memory_in_step_at_the_filesystem_s_alignment_is_read_into_as_it_is(
     path.write_bytes(data)
     memory = mmap.mmap(-1, size + 8192)
     base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
-    into: list[tuple[int, int]] = []  # (address, length) of each request's buffer
-    preadv = os.preadv
-
-    def recorded(fd: int, buffers: list[memoryview], offset: int) -> int:
-        into.append((np.frombuffer(buffers[0], dtype=np.uint8).ctypes.data, len(buffers[0])))
-        return preadv(fd, buffers, offset)
-
-    monkeypatch.setattr(reads.os, "preadv", recorded)
+    into = _requests_recorded(monkeypatch)
     parallel = reads.ParallelReads()
     with DropBehindFile(path) as f:
         fd = f.direct()
@@ -372,7 +378,7 @@ def test_memory_in_step_at_the_filesystem_s_alignment_is_read_into_as_it_is(
         parallel.settle()
         parallel.close()
     assert memory[lead : lead + size] == data[offset : offset + size]
-    in_place = sum(n for a, n in into if base <= a < base + len(memory))
+    in_place = sum(n for address, n in into if base <= address < base + len(memory))
     assert in_place >= size - 2 * mmap.PAGESIZE, "only the ends may go through a bounce"
 
 
@@ -391,14 +397,7 @@ def test_memory_out_of_step_is_read_into_early_and_moved_into_place(
     memory = mmap.mmap(-1, size + 16384)
     memory.write(b"\xa5" * len(memory))
     base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
-    into: list[tuple[int, int]] = []  # (address, length) of each request's buffer
-    preadv = os.preadv
-
-    def recorded(fd: int, buffers: list[memoryview], offset: int) -> int:
-        into.append((np.frombuffer(buffers[0], dtype=np.uint8).ctypes.data, len(buffers[0])))
-        return preadv(fd, buffers, offset)
-
-    monkeypatch.setattr(reads.os, "preadv", recorded)
+    into = _requests_recorded(monkeypatch)
     offset, lead = 4096 + 100, 4096 + 100 + shift
     done = threading.Event()
     parallel = reads.ParallelReads()
@@ -414,7 +413,7 @@ def test_memory_out_of_step_is_read_into_early_and_moved_into_place(
     assert memory[:lead] == b"\xa5" * lead and memory[lead + size :] == b"\xa5" * (
         len(memory) - lead - size
     )
-    in_place = sum(n for a, n in into if base <= a < base + len(memory))
+    in_place = sum(n for address, n in into if base <= address < base + len(memory))
     assert in_place >= size - 3 * mmap.PAGESIZE, "only the ends may go through a bounce"
 
 
