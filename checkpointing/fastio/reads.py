@@ -221,6 +221,7 @@ _PIECE = BOUNCE  # bytes per request of `ParallelReads`, at most
 _SMALL = 64 << 10  # aligned bytes below which a destination goes through a bounce
 _READERS = 4  # requests in flight
 _RUN = 4 * _PIECE  # bytes of destinations that follow each other to read as one
+_SEGMENT = 16 * _PIECE  # bytes of memory out of step moved into place at once
 
 
 @dataclasses.dataclass
@@ -311,7 +312,7 @@ class ParallelReads:
         elif not shift:
             self._start_straight_run(run, dest, [(offset, first), (last, end)], (first, last))
         else:
-            self._start_shifted_run(run, dest, shift, first, last)
+            self._start_shifted_run(run, dest, shift, step)
 
     def _start_straight_run(
         self,
@@ -353,36 +354,47 @@ class ParallelReads:
         if nothing:  # on a helper too: their errors come from `settle`, as the others'
             self._submit(path, _all, nothing)
 
-    def _start_shifted_run(
-        self, run: _Run, dest: memoryview, shift: int, first: int, last: int
-    ) -> None:
-        """Read ``run`` into memory ``shift`` bytes out of step with the file: its aligned
-        middle (``first`` to ``last``) straight into ``dest`` but ``shift`` bytes early,
-        where the memory is aligned, then moved into place in one memmove once all of it
-        is in. Through a bounce buffer instead, every byte would also be copied, and on
-        some disks (virtio) direct reads into small reused buffers run far slower than
-        into the destination (docs/decisions.md). The tail is read through a bounce
-        buffer into place; the head too, but kept aside until the move, as the early
-        middle overlaps it."""
-        offset, end, fd, path = run.offset, run.end, run.fd, run.path
-        head = memoryview(bytearray(first - offset))
-        address = run.address
+    def _start_shifted_run(self, run: _Run, dest: memoryview, shift: int, step: int) -> None:
+        """Read ``run`` into memory ``shift`` bytes out of step with the file, in segments
+        of up to `_SEGMENT` bytes: the aligned middle of each straight into ``dest`` but
+        ``shift`` bytes early, where the memory is aligned, then moved into place in one
+        memmove once all of it is in. Through a bounce buffer instead, every byte would
+        also be copied, and on some disks (virtio) direct reads into small reused buffers
+        run far slower than into the destination (docs/decisions.md). A segment's head
+        goes through a bounce buffer and is written after its move (the early middle
+        overlaps it); the tail of the run through a bounce buffer into place. Segments
+        stay inside their own bytes, so each moves as soon as it is in."""
+        offset, end, fd, path, address = run.offset, run.end, run.fd, run.path, run.address
+        last = end - end % step
+        starts = [offset, *range(offset - offset % _SEGMENT + _SEGMENT, last, _SEGMENT)]
+        ends = [*starts[1:], last]
+        all_in = _Countdown(len(starts) + (end > last), lambda: _all([t for _, t in run.parts]))
+        whole = _Each([all_in], run.parts)
+        for start, stop in zip(starts, ends, strict=True):
+            first = start + (-start % step)
+            if first - start < shift:  # the early middle must land inside the segment
+                first += step
+            if first >= stop:  # too short to shift: all through the bounce buffer
+                self._bounce(fd, path, start, dest[start - offset : stop - offset], whole)
+                continue
+            head = memoryview(bytearray(first - start))
 
-        def moved() -> None:
-            ctypes.memmove(address + first - offset, address + first - offset - shift, last - first)
-            dest[: len(head)] = head
-            _all([then for _, then in run.parts])
+            def moved(start: int = start, first: int = first, stop: int = stop,
+                      head: memoryview = head) -> None:  # fmt: skip
+                at = address + first - offset
+                ctypes.memmove(at, at - shift, stop - first)
+                dest[start - offset : first - offset] = head
+                whole.done()
 
-        pieces = _pieces(first, last)
-        spans = len(pieces) + 1 + (end > last)  # the middle's, the head, the tail if any
-        everything = _Each([_Countdown(spans, moved)], run.parts)
-        self._bounce(fd, path, offset, head, everything)
-        self._start_bounced()  # first, in file order
-        for a, b in pieces:
-            view = dest[a - offset - shift : b - offset - shift]
-            self._submit(path, _read_into, fd, a, view, everything)
+            pieces = _pieces(first, stop)
+            segment = _Each([_Countdown(len(pieces) + 1, moved)], run.parts)  # + the head
+            self._bounce(fd, path, start, head, segment)
+            self._start_bounced()  # first, in file order
+            for a, b in pieces:
+                view = dest[a - offset - shift : b - offset - shift]
+                self._submit(path, _read_into, fd, a, view, segment)
         if end > last:
-            self._bounce(fd, path, last, dest[last - offset : end - offset], everything)
+            self._bounce(fd, path, last, dest[last - offset : end - offset], whole)
 
     def _bounce(self, fd: int, path: str, offset: int, dest: memoryview, tensor: _Each) -> None:
         last_end = self._bounced[-1][0] + len(self._bounced[-1][1]) if self._bounced else 0
