@@ -11,8 +11,8 @@ cache is dropped, an in-place restore. Times are wall times of the whole job (ba
 before, barrier after), each after a full garbage collection (as in save_restore.py: a
 young process otherwise owes its first one to whichever operation triggers it). Physical
 limit: both processes writing (reading) their half of the bytes with O_DIRECT at once,
-from (into) one reused buffer; and from (into) memory the size of the state, as a save's
-(an in-place restore's) bytes must come from (land in) the state's own memory.
+from (into) one reused buffer; and from (into) the sharded state's own tensors, as a
+save's (an in-place restore's) bytes must come from (land in) the state's memory.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ from _common import (
 SYNC = CheckpointManagerOptions(enable_async_checkpointing=False)
 READ = CheckpointManagerOptions(read_only=True)
 CHUNK = 64 << 20
+ALIGN = 4096  # of direct I/O's memory, a multiple of what any filesystem asks
 SINGLE = "ours, 1 process (the other idle)"
 DISK = "disk O_DIRECT, 2 processes"
-DISK_STATE_MEMORY = "disk O_DIRECT, the state's memory, 2 processes"
+DISK_STATE_MEMORY = "disk O_DIRECT, the shards' own memory, 2 processes"
 
 
 def states(nbytes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -71,43 +72,43 @@ def states(nbytes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor
     return sharded, full
 
 
-def raw(nbytes: int) -> tuple[Callable[[Path], None], ...]:
+def raw(
+    nbytes: int, tensors: list[torch.Tensor]
+) -> tuple[Callable[[Path], None], ...]:
     """O_DIRECT write+fsync of this process's ``nbytes`` and their read, from and into
-    one reused buffer (the disk's speed); and from and into memory of their size, touched
-    before (what a save and an in-place restore must do: every byte comes from, or lands
-    in, the state's own memory)."""
+    one reused buffer (the disk's speed); and from and into ``tensors`` themselves (this
+    process's shards: what a save and an in-place restore must do, as every byte comes
+    from, or lands in, the state's own memory), each tensor's bytes from its first
+    aligned address on, back to back in the file."""
     buf = mmap.mmap(-1, CHUNK)
     buf.write(os.urandom(CHUNK))
     view = memoryview(buf)
-    sizes = [min(CHUNK, nbytes - p) for p in range(0, nbytes, CHUNK)]
-    state_memory = mmap.mmap(-1, max(nbytes, 1))
-    torch.frombuffer(state_memory, dtype=torch.uint8).fill_(1)
+    in_buffer = [view[: min(CHUNK, nbytes - p)] for p in range(0, nbytes, CHUNK)]
+    in_tensors = []
+    for t in tensors:
+        head = -t.data_ptr() % ALIGN
+        whole = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+        aligned = whole[head : head + (len(whole) - head) // ALIGN * ALIGN]
+        in_tensors += [aligned[p : p + CHUNK] for p in range(0, len(aligned), CHUNK)]
 
-    def write(d: Path, source: Callable[[int, int], memoryview] = lambda at, n: view[:n]) -> None:
+    def write(d: Path, views: list[memoryview] = in_buffer) -> None:
         fd = os.open(d / f"raw{dist.get_rank()}", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
         try:
-            at = 0
-            for n in sizes:
-                os.write(fd, source(at, n))
-                at += n
+            for v in views:
+                os.write(fd, v)
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def read(d: Path, into: Callable[[int, int], memoryview] = lambda at, n: view[:n]) -> None:
+    def read(d: Path, views: list[memoryview] = in_buffer) -> None:
         fd = os.open(d / f"raw{dist.get_rank()}", os.O_RDONLY | os.O_DIRECT)
         try:
-            at = 0
-            for n in sizes:
-                os.readv(fd, [into(at, n)])
-                at += n
+            for v in views:
+                os.readv(fd, [v])
         finally:
             os.close(fd)
 
-    def state_memory_at(at: int, n: int) -> memoryview:
-        return memoryview(state_memory)[at : at + n]
-
-    return write, read, lambda d: write(d, state_memory_at), lambda d: read(d, state_memory_at)
+    return write, read, lambda d: write(d, in_tensors), lambda d: read(d, in_tensors)
 
 
 def worker(size_gb: float, rounds: int, settle: float, root: Path) -> None:
@@ -118,7 +119,8 @@ def worker(size_gb: float, rounds: int, settle: float, root: Path) -> None:
     sharded, full = states(nbytes)
     state_bytes = sum(t.numel() * 4 for t in full.values())
     share = state_bytes // dist.get_world_size() // 4096 * 4096
-    raw_write, raw_read, raw_write_from, raw_read_into = raw(share)
+    local = [t.to_local() for t in sharded.values()]  # type: ignore[attr-defined]
+    raw_write, raw_read, raw_write_from, raw_read_into = raw(share, local)
 
     # Managers are opened before the timing (a run opens one once) and closed after.
     def ours_save(state: dict[str, torch.Tensor]) -> Callable[[Path], None]:
@@ -206,7 +208,7 @@ def report(
         ["method", "median s", "min-max s", "GB/s", "x disk", "x DCP"], rows))
     for op, against in (("save", "write from"), ("restore", "read into")):
         own = Spread.of(times[(DISK_STATE_MEMORY, op)]).median
-        print(f"\n{op}s against the disk's {against} the state's memory ({own:.3f} s):")
+        print(f"\n{op}s against the disk's {against} the shards' own memory ({own:.3f} s):")
         for (name, op_), ts in times.items():
             if op_ == op and name.startswith("ours"):
                 print(f"  {name}: {own / Spread.of(ts).median:.2f}x")
