@@ -72,9 +72,7 @@ def states(nbytes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor
     return sharded, full
 
 
-def raw(
-    nbytes: int, tensors: list[torch.Tensor]
-) -> tuple[Callable[[Path], None], ...]:
+def raw(nbytes: int, tensors: list[torch.Tensor]) -> tuple[Callable[[Path], None], ...]:
     """O_DIRECT write+fsync of this process's ``nbytes`` and their read, from and into
     one reused buffer (the disk's speed); and from and into ``tensors`` themselves (this
     process's shards: what a save and an in-place restore must do, as every byte comes
@@ -87,7 +85,8 @@ def raw(
     in_tensors = []
     for t in tensors:
         head = -t.data_ptr() % ALIGN
-        whole = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+        flat = t.detach().reshape(-1).view(torch.uint8).numpy()
+        whole = memoryview(flat).cast("B")  # type: ignore[arg-type]
         aligned = whole[head : head + (len(whole) - head) // ALIGN * ALIGN]
         in_tensors += [aligned[p : p + CHUNK] for p in range(0, len(aligned), CHUNK)]
 
