@@ -33,11 +33,12 @@ from checkpointing.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    InvalidOptionError,
     RemoteStorageError,
     UnsupportedFormatError,
 )
 from checkpointing.format import schema
-from checkpointing.format.naming import StepNaming
+from checkpointing.format.naming import ReaderNaming, StepNaming
 from checkpointing.format.record import MAX_RECORD_BYTES, RECORD_NAME, Record, from_json_value
 from checkpointing.storage import Storage
 
@@ -58,6 +59,9 @@ class Scan:
     unreadable: dict[int, CheckpointError]  # step -> why its record cannot be used
     protected: set[int]
     evaluator_metrics: dict[int, dict[str, Any]]
+    # committed folders this naming does not list, though a reader's finds them
+    # (`format.naming.ReaderNaming`): bare numbers, ``checkpoint_<n>``
+    named_otherwise: list[str] = dataclasses.field(default_factory=list)
 
 
 class StepCatalog:
@@ -82,6 +86,7 @@ class StepCatalog:
         self._held_back: frozenset[int] = frozenset()  # committed, listed from the join
         self._held_listed: dict[int, Record] = {}  # deleted, listed until the join
         self._reading: dict[int, int] = {}  # step -> restores reading it
+        self._named_otherwise: list[str] = []  # see `Scan.named_otherwise`
 
     # ------------------------------------------------------------------ reading
 
@@ -92,6 +97,11 @@ class StepCatalog:
         scan = Scan({}, {}, {}, {}, self._load_protected(), self.load_evaluator_metrics())
         names = self._storage.committed(RECORD_NAME)
         found = [(step, n) for n in names if (step := self._naming.parse(n)) is not None]
+        reader = ReaderNaming(self._naming)
+        scan.named_otherwise = sorted(
+            (n for n in names if self._naming.parse(n) is None and reader.parse(n) is not None),
+            key=lambda n: reader.parse(n) or 0,
+        )
         # Where two folders hold one step (step_5 and step_00000005), today's name wins.
         found.sort(key=lambda s_n: (s_n[0], s_n[1] != self._naming.name(s_n[0]), s_n[1]))
         for step, name in found:
@@ -127,6 +137,7 @@ class StepCatalog:
             self._unreadable = scan.unreadable
             self._protected = frozenset(scan.protected)
             self._evaluator_metrics = scan.evaluator_metrics
+            self._named_otherwise = scan.named_otherwise
 
     def _read_record(self, name: str, step: int) -> Record:
         """The record in folder ``name``, which must be of ``step``."""
@@ -181,6 +192,20 @@ class StepCatalog:
         """Steps whose folder holds a record that cannot be used: damaged, of a newer
         format, or of another step."""
         return self._unreadable
+
+    def refuse_named_otherwise(self) -> None:
+        """Raise if the directory holds committed steps in folders this naming does not
+        list: a writer would resume from scratch beside them, and never prune them."""
+        names = self._named_otherwise
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise InvalidOptionError(
+                f"{self._storage.url} holds checkpoints in folders named otherwise than "
+                f"this manager names steps ({self._naming.name(0)!r} for step 0): {shown}. "
+                f"Open it with the options that wrote them (step_prefix=None for bare "
+                f"numbers, step_naming=checkpoint_n_naming() for checkpoint_<n>), or use "
+                f"another directory"
+            )
 
     def refuse_unreadable(self, step: int | None, *, latest: bool) -> None:
         """Raise if ``step`` is unreadable or, restoring the ``latest``, if a newer step

@@ -200,6 +200,7 @@ class CheckpointManager:
             )
             self.reload()
             if not options.read_only:
+                self._catalog.refuse_named_otherwise()
                 self._remote.start()
         except BaseException:
             if hasattr(self, "_saver"):

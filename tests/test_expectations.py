@@ -222,6 +222,37 @@ def test_readers_find_steps_of_writers_named_otherwise(
         assert restored is not None and float(restored["x"][0]) == 7.0
 
 
+@pytest.mark.parametrize(
+    ("writer_naming", "folder"),
+    [
+        ({"step_prefix": None, "step_format_fixed_length": None}, "7"),  # Orbax's
+        ({"step_naming": "checkpoint_n"}, "checkpoint_7"),  # Accelerate's
+    ],
+)
+def test_a_writer_named_otherwise_refuses_instead_of_starting_afresh(
+    tmp_path: Path, writer_naming: dict[str, object], folder: str
+) -> None:
+    """A default writer on such a directory listed no steps: restore(missing_ok=True)
+    returned None and training started from scratch beside the old steps (a new user's
+    trial)."""
+    from checkpointing import checkpoint_n_naming
+
+    if writer_naming.get("step_naming") == "checkpoint_n":
+        writer_naming = {"step_naming": checkpoint_n_naming()}
+    options = CheckpointManagerOptions(enable_async_checkpointing=False, **writer_naming)  # type: ignore[arg-type]
+    with CheckpointManager(tmp_path, options) as writer:
+        writer.save(7, {"x": torch.full((2,), 7.0)})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InvalidOptionError, match=rf"named otherwise.*{folder}.*step_prefix=None"):
+        CheckpointManager(tmp_path, SYNC)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with CheckpointManager(tmp_path, options) as writer:  # the options that wrote them
+        assert writer.all_steps() == [7]
+        writer.save(8, {"x": torch.full((2,), 8.0)})
+    with CheckpointManager(tmp_path, CheckpointManagerOptions(read_only=True)) as reader:
+        assert reader.all_steps() == [7, 8]
+
+
 def test_wait_for_new_checkpoint_returns_when_one_is_committed(tmp_path: Path) -> None:
     from checkpointing import wait_for_new_checkpoint
 
