@@ -544,7 +544,9 @@ class CheckpointManager:
                 ``load_state_dict`` are loaded in place, tensors of matching shape and
                 dtype are filled in place. Without it, the saved items come back as
                 containers of CPU tensors.
-            step: The step to restore; the latest committed one by default.
+            step: The step to restore; the latest committed one by default. A
+                read-only manager looks again (`reload`) for a step it has not listed,
+                as the steps `checkpoints_iterator` yields.
             items: Only these items, reading only their bytes.
             missing_ok: Return None instead of raising when there is no checkpoint.
             all_or_nothing: Read the step into new memory first (as much again as the
@@ -579,6 +581,8 @@ class CheckpointManager:
             )
         if step is None or step == self._saver.pending_step:
             self._join()  # a save in flight is about to be the step asked for
+        if step is not None and self.options.read_only and step not in self.all_steps():
+            self.reload()  # an evaluation job handed a step saved since it listed
         wanted = step if step is not None else self.latest_step()
         if self._coordinator.world_size > 1:  # everyone restores the primary's choice
             wanted = self._coordinator.broadcast(wanted)

@@ -33,6 +33,25 @@ def test_iterator_yields_the_newest_then_waits_and_times_out(tmp_path: Path) -> 
     assert seen == [3, 5]
 
 
+def test_an_evaluator_restores_each_step_the_iterator_yields(tmp_path: Path) -> None:
+    """An evaluation job opened one read-only manager, then restored each step the
+    iterator handed it: every one after the first raised CheckpointNotFoundError (call
+    reload()), as the manager's listing was older than the step (a new user's trial)."""
+    with _writer(tmp_path) as mgr:
+        mgr.save(1, {"x": torch.full((3,), 1.0)})
+        evaluator = CheckpointManager(tmp_path, CheckpointManagerOptions(read_only=True))
+        seen = []
+        for step in checkpoints_iterator(str(tmp_path), timeout=0.3, poll_interval_secs=0.05):
+            restored = evaluator.restore(step=step)
+            assert restored is not None
+            seen.append((step, float(restored["x"][0])))
+            if step < 3:
+                mgr.save(step + 1, {"x": torch.full((3,), step + 1.0)})
+        assert evaluator.latest_step() == 3
+        evaluator.close()
+    assert seen == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
 def test_every_step_yields_each_in_order(tmp_path: Path) -> None:
     with _writer(tmp_path) as mgr:
         for step in (1, 2, 3):
