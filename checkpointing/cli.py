@@ -261,16 +261,20 @@ def _sync(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     if not args.command:
         raise CheckpointError("watch needs a command after --, e.g. -- echo {step} {path}")
+    seen = 0
     with _open(args.directory, args) as mgr:
         for step in mgr.iter_new_checkpoints(
             timeout=args.timeout, poll_interval_secs=args.poll, every_step=args.every_step
         ):
+            seen += 1
             path = mgr.step_directory(step)
             command = [part.format(step=step, path=path) for part in args.command]
             print(f"step {step}: {shlex.join(command)}", flush=True)
             code = subprocess.call(command)
             if code:
                 print(f"command exited with {code}", file=sys.stderr)
+    if not seen and args.timeout is not None:  # a mistyped directory is not a quiet run
+        print(f"no checkpoint in {args.directory} within {args.timeout:g} s", file=sys.stderr)
     return 0
 
 
@@ -480,10 +484,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's advice names Python arguments; here it names what a command line can do.
+_COMMAND_LINE_TERMS = (
+    (
+        "open this one with read_only=True to read",
+        "ls, inspect, verify, watch and export read it meanwhile; prune it, or sync into "
+        "it, once that writer has stopped",
+    ),
+    (
+        "the endpoint in storage_options",
+        "the endpoint (--storage-option client_kwargs.endpoint_url=URL)",
+    ),
+)
+
+
+def _in_command_line_terms(message: str) -> str:
+    for library, command_line in _COMMAND_LINE_TERMS:
+        message = message.replace(library, command_line)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = _parser().parse_args(argv[: len(argv) - len(command) - (1 if command else 0)])
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv[: len(argv) - len(command) - (1 if command else 0)])
+    if extra:
+        hint = "; the command to run goes after --" if args.name == "watch" else ""
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     args.command = command
     for stream in (sys.stdout, sys.stderr):  # names from a checkpoint may not encode
         if hasattr(stream, "reconfigure"):
@@ -498,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 0
     except (CheckpointError, OSError) as e:
-        print(f"checkpointing: error: {e}", file=sys.stderr)
+        print(f"checkpointing: error: {_in_command_line_terms(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

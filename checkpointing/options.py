@@ -43,12 +43,15 @@ class CheckpointManagerOptions:
     retention rule keeps it; deletion runs after a commit.
 
     Attributes:
-        save_interval_steps: Save when ``step % n == 0``. When no save rule at all is
-            configured, every ``save()`` call saves (as if this were 1).
+        save_interval_steps: Save when ``step % n == 0``. When none of this,
+            ``save_on_steps`` and ``save_interval_secs`` is set, every ``save()`` call
+            saves (as if this were 1), whatever the initial and preemption rules say.
         save_on_steps: Explicit steps to save at.
-        save_interval_secs: Save when this long has passed since the last committed
-            save (seconds or timedelta; stored as seconds).
-        save_on_initial: Save the first step seen when the directory has no checkpoint.
+        save_interval_secs: Save when this long has passed since the newest save began
+            (an async save still being written counts), or nothing was saved yet
+            (seconds or timedelta; stored as seconds).
+        save_on_initial: Also save the first step seen when the directory has no
+            checkpoint.
         save_on_preemption: Install a handler of ``preemption_signals`` (chained to any
             existing one); after a signal, ``should_save`` says yes and
             ``reached_preemption`` is True.
@@ -63,8 +66,8 @@ class CheckpointManagerOptions:
         best_fn: A best rule: rank checkpoints by this function of their metrics.
         best_metric: A best rule: rank checkpoints by this metric (a key, or a
             ``"/"``-separated path into nested metrics); set this or ``best_fn``.
-        best_mode: Whether the best rule's highest ("max") or lowest ("min") value is
-            best.
+        best_mode: Whether the best rule's highest ("max", the default, as Orbax's) or
+            lowest ("min": losses) value is best.
         keep_checkpoints_without_metrics: With a best rule, never delete unranked ones.
         always_keep_latest: Never delete the newest checkpoint (the resume point). False
             reproduces Orbax, which may delete it when it ranks outside the best N.

@@ -329,9 +329,9 @@ def restore_items(
         if not (reader.touched or (share is not None and share.touched)):
             raise
         raise PartialRestoreError(
-            f"{e}. The target was partly overwritten with this step's values before the "
-            f"damage was found: restore another step into it, or pass all_or_nothing=True "
-            f"to change it only once everything checked out"
+            f"{str(e).rstrip('.')}. The target was partly overwritten with this step's "
+            f"values before the damage was found: restore another step into it, or pass "
+            f"all_or_nothing=True to change it only once everything checked out"
         ) from e
     for obj, state in loads:
         if not _loads_as_torch(obj):

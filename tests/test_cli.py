@@ -151,6 +151,25 @@ def test_watch_runs_a_command_per_new_checkpoint(ckpt: Path, tmp_path: Path) -> 
     ]
 
 
+def test_watch_says_where_its_command_goes_and_when_it_saw_nothing(
+    ckpt: Path, tmp_path: Path
+) -> None:
+    forgot = run("watch", str(ckpt), "echo", "{step}")
+    assert forgot.returncode == 2 and "the command to run goes after --" in forgot.stderr
+    nothing = run("watch", str(tmp_path / "mistyped"), "--timeout", "0.3", "--", "true")
+    assert nothing.returncode == 0
+    assert f"no checkpoint in {tmp_path / 'mistyped'} within 0.3 s" in nothing.stderr
+
+
+def test_a_locked_directory_is_explained_in_command_line_terms(ckpt: Path) -> None:
+    """The library's advice (read_only=True) means nothing to a shell user."""
+    with CheckpointManager(ckpt, CheckpointManagerOptions(enable_async_checkpointing=False)):
+        out = run("prune", str(ckpt), "--max-to-keep", "1")
+    assert out.returncode == 2 and "another CheckpointManager is writing" in out.stderr
+    assert "read_only" not in out.stderr and "once that writer has stopped" in out.stderr
+    assert run("ls", str(ckpt)).returncode == 0
+
+
 def test_export_writes_plain_safetensors(ckpt: Path, tmp_path: Path) -> None:
     target = tmp_path / "model.safetensors"
     out = run("export", str(ckpt), "--step", "20", "--item", "model", str(target))

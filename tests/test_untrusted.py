@@ -339,8 +339,9 @@ def test_corrupt_data_found_late_says_the_target_changed(tmp_path: Path) -> None
             mgr.restore({"model": target}, all_or_nothing=True)
         assert not isinstance(staged.value, PartialRestoreError)
         assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
-        with pytest.raises(PartialRestoreError, match="partly overwritten"):
+        with pytest.raises(PartialRestoreError, match="partly overwritten") as partial:
             mgr.restore({"model": target})
+        assert "checksum mismatch" in str(partial.value) and ".." not in str(partial.value)
 
 
 def test_a_target_that_does_not_fit_is_left_unchanged(tmp_path: Path) -> None:
