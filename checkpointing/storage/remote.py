@@ -131,11 +131,25 @@ class FsspecStorage(Storage):
             if self._answered:
                 return
             outcome: list[BaseException | None] = []
+            bucket = self.root.split("/")[0] if _has_buckets(self.fs) else None
+
+            def reachable() -> bool:
+                """Whether the directory exists or, not made yet, its bucket does."""
+                return bool(self.fs.exists(self.root)) or bucket is None or bool(
+                    self.fs.exists(bucket)
+                )
 
             def probe() -> None:
                 try:
-                    retrying(FIRST_CONTACT_SECS)(lambda: self.fs.exists(self.root))
-                    outcome.append(None)
+                    if retrying(FIRST_CONTACT_SECS)(reachable):
+                        outcome.append(None)
+                    else:  # else a reader would wait forever on a mistyped bucket
+                        outcome.append(
+                            RemoteStorageError(
+                                f"{self.url}: there is no bucket {bucket!r}. Check the URL "
+                                f"and the credentials"
+                            )
+                        )
                 except BaseException as e:
                     outcome.append(e)
 
@@ -148,6 +162,8 @@ class FsspecStorage(Storage):
                     f"URL, the endpoint in storage_options and the network"
                 )
             error = outcome[0]
+            if isinstance(error, CheckpointError):
+                raise error
             if error is not None and not isinstance(error, FileNotFoundError):
                 raise self._typed(error, FIRST_CONTACT_SECS) from error
             self._answered = True
@@ -277,6 +293,11 @@ def _version(info: dict[str, Any]) -> str:
         if info.get(key):
             return f"{info[key]}-{info.get('size')}"
     return f"?-{info.get('size')}"
+
+
+def _has_buckets(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether the first part of a path on ``fs`` names a bucket (S3, GCS)."""
+    return bool({"s3", "s3a", "gs", "gcs"} & set(_protocols(fs)))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

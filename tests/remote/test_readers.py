@@ -7,9 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from conftest import Store, fresh_fs
 
@@ -135,3 +137,18 @@ def test_an_evaluator_over_many_steps_stays_within_the_cache_bound(
         assert restored(evaluator, 3, items=["a"]) == {"a": 3.0}
         gets = [r for r in map(str, store.proxy.requests) if "safetensors" in r]
         assert gets and all("b.safetensors" not in r for r in gets), gets
+
+
+def test_a_missing_bucket_is_an_error_for_readers_too(store: Store, tmp_path: Path) -> None:
+    """A reader of a mistyped bucket saw an empty directory: an evaluation job waited
+    forever, `checkpointing ls` listed nothing and exited 0 (a new user's trial)."""
+    from checkpointing import RemoteStorageError, checkpoints_iterator
+
+    missing = f"{store.protocol}://no-such-bucket-{uuid.uuid4().hex[:12]}/run1"
+    with pytest.raises(RemoteStorageError, match="there is no bucket"):
+        CheckpointManager(missing, READ, storage_options=store.options)
+    with pytest.raises(RemoteStorageError, match="there is no bucket"):
+        next(checkpoints_iterator(missing, timeout=5, storage_options=store.options))
+    not_yet = f"{store.bucket}/not-made-yet"  # a bucket without the run: it may come
+    with CheckpointManager(not_yet, READ, storage_options=store.options) as mgr:
+        assert mgr.all_steps() == []
