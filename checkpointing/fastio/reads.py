@@ -208,12 +208,14 @@ def _pread(fd: int, into: memoryview, offset: int) -> int:
     try:
         return os.preadv(fd, [into], offset)
     except OSError as e:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if e.errno != errno.EINVAL or not flags & (direct.O_DIRECT or 0):
+        if e.errno != errno.EINVAL:
             raise
     # Direct I/O refused (a device with larger blocks, some FUSE filesystems): go on
-    # through the page cache, for every reader of this descriptor.
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~(direct.O_DIRECT or 0))
+    # through the page cache, for every reader of this descriptor. Another helper may
+    # have turned it off already, after this request was refused: try again all the same.
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & (direct.O_DIRECT or 0):
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~(direct.O_DIRECT or 0))
     return os.preadv(fd, [into], offset)
 
 
@@ -262,6 +264,8 @@ class ParallelReads:
         self._bounced: list[tuple[int, memoryview, _Each]] = []
         self._bounced_file: tuple[int, str] = (-1, "")  # (descriptor, path)
         self._alignments: dict[int, tuple[int, int]] = {}  # descriptor: direct.alignment
+        # the memory read into since the last settle: disjoint (start, end), sorted
+        self._landing: list[tuple[int, int]] = []
 
     def start(
         self,
@@ -274,7 +278,14 @@ class ParallelReads:
     ) -> None:
         """Fill ``dest`` (at ``address``) with the bytes at ``offset`` of ``fd`` (opened
         with O_DIRECT); ``then`` runs once they are all in, on a helper thread. The read
-        may wait for the next destinations to join it: `flush` starts it."""
+        may wait for the next destinations to join it: `flush` starts it. Memory that
+        reads started before still land in (tied weights restored from untied ones) is
+        read into once they are done: two reads at once would mix their bytes, and an
+        out-of-step read, moved in place after landing early, is not even idempotent."""
+        if dest and self._lands_in(address, address + len(dest)):
+            self.settle()
+        if dest:
+            bisect.insort(self._landing, (address, address + len(dest)))
         run = self._run
         if (
             run is not None
@@ -287,6 +298,12 @@ class ParallelReads:
             run = self._run = _Run(fd, path, offset, offset + len(dest), address, [(dest, then)])
         if run.end - run.offset >= _RUN:
             self._start_run()
+
+    def _lands_in(self, start: int, end: int) -> bool:
+        """Whether a read started since the last settle lands in ``start``..``end``."""
+        i = bisect.bisect_left(self._landing, (start, start))
+        before = i > 0 and self._landing[i - 1][1] > start
+        return before or (i < len(self._landing) and self._landing[i][0] < end)
 
     def _start_run(self) -> None:
         run, self._run = self._run, None
@@ -435,6 +452,7 @@ class ParallelReads:
 
     def settle(self) -> None:
         self.flush()
+        self._landing = []
         in_flight, self._in_flight = self._in_flight, []
         errors = [e for e in (f.exception() for f in in_flight) if e is not None]
         if errors:
@@ -448,6 +466,7 @@ class ParallelReads:
         self._in_flight.clear()
         self._bounced.clear()
         self._alignments.clear()
+        self._landing = []
         self._run = None
 
 
@@ -507,7 +526,13 @@ def _read_through(fd: int, parts: list[tuple[int, memoryview, _Each]]) -> None:
     start = parts[0][0]
     data = read_bounced(fd, start, parts[-1][0] + len(parts[-1][1]) - start)
     source = np.frombuffer(data, dtype=np.uint8)
-    for offset, dest, tensor in parts:
-        at = offset - start
-        np.copyto(np.frombuffer(dest, dtype=np.uint8), source[at : at + len(dest)])
-        tensor.done()
+
+    def land(offset: int, dest: memoryview, tensor: _Each) -> Callable[[], None]:
+        def call() -> None:
+            at = offset - start
+            np.copyto(np.frombuffer(dest, dtype=np.uint8), source[at : at + len(dest)])
+            tensor.done()
+
+        return call
+
+    _all([land(*part) for part in parts])  # a ``then`` that raises skips no other

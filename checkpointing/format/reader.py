@@ -52,6 +52,8 @@ class StepReader:
         self._files: dict[FileRef, tuple[BinaryIO, dict[str, Entry]]] = {}
         self._maps: dict[FileRef, mmap.mmap | None] = {}
         self._memo: dict[tuple[FileRef, str], torch.Tensor] = {}
+        # (tensor, address, bytes) read into a caller's memory: tied weights read once
+        self._read_into: set[tuple[tuple[FileRef, str], int, int]] = set()
         self._reads = ParallelReads()
         self.touched = False  # whether bytes were read into a caller's tensor (``dest``)
 
@@ -74,6 +76,7 @@ class StepReader:
         self._files.clear()
         self._maps.clear()
         self._memo.clear()
+        self._read_into.clear()
 
     def __enter__(self) -> StepReader:
         return self
@@ -187,6 +190,11 @@ class StepReader:
         if fd is not None:
             target = torch.empty(shape, dtype=dtype) if dest is None else dest
             data = byte_view(target)
+            into = (memo_key, target.data_ptr(), len(data))
+            if into in self._read_into:  # the same bytes, into the same memory
+                return self._then(target, then)
+            if dest is not None:
+                self._read_into.add(into)
 
             def check() -> None:
                 self._check(data, body)

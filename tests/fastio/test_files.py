@@ -474,3 +474,95 @@ def test_a_large_destination_is_read_without_waiting_for_a_flush(tmp_path: Path)
         assert ready.wait(60), "the read waited for a flush"
         parallel.settle()
         parallel.close()
+
+
+@pytest.mark.parametrize("size", [200 << 10, 8 << 20])
+@pytest.mark.parametrize("shift", [0, 64, 100])
+def test_memory_read_into_twice_holds_the_later_bytes_and_each_callback_its_own(
+    tmp_path: Path, size: int, shift: int
+) -> None:
+    """Tied weights: one memory read into twice, the same bytes (a tied tensor under two
+    names) or others (tied weights restored from untied ones). Out of step, the two
+    reads' early landings and moves mixed: wrong bytes in most trials (found by an
+    attack on the read path)."""
+    data = os.urandom(2 * size + 8192)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    memory = mmap.mmap(-1, size + 8192)
+    memory.write(b"\xa5" * len(memory))
+    base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+    at = 4096 + shift
+    dest = memoryview(memory)[at : at + size]
+    for first, second in ((4096, 4096), (4096, 4096 + size)):  # the same bytes, others
+        seen: list[bool] = []
+        parallel = reads.ParallelReads()
+        with DropBehindFile(path) as f:
+            fd = f.direct()
+            assert fd is not None, "this filesystem has O_DIRECT"
+            for offset in (first, second):
+                expected = data[offset : offset + size]
+
+                def check(expected: bytes = expected, seen: list[bool] = seen) -> None:
+                    seen.append(dest == expected)
+
+                parallel.start(fd, offset, dest, base + at, check, str(path))
+            parallel.settle()
+            parallel.close()
+        assert seen == [True, True], "each callback sees its own read's bytes"
+        assert dest == data[second : second + size]
+        assert memory[:at] == b"\xa5" * at and memory[at + size :] == b"\xa5" * (8192 - at)
+
+
+def test_direct_reads_refused_on_every_helper_at_once_all_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Helpers whose direct reads were all refused: the first turns direct I/O off for
+    the descriptor; the others, seeing it off already, raised EINVAL instead of trying
+    again (half the trials, found by an attack on the read path)."""
+    size = 32 << 20  # 8 requests, 4 at once
+    data = os.urandom(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    # said to accept any memory: reads go straight into memory the disk refuses
+    monkeypatch.setattr(reads.direct, "alignment", lambda fd: (1, 512))
+    for _ in range(5):
+        memory = mmap.mmap(-1, size + 4096)
+        base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+        done = threading.Event()
+        parallel = reads.ParallelReads()
+        with DropBehindFile(path) as f:
+            fd = f.direct()
+            assert fd is not None, "this filesystem has O_DIRECT"
+            dest = memoryview(memory)[1 : 1 + size]
+            parallel.start(fd, 0, dest, base + 1, done.set, str(path))
+            parallel.settle()
+            parallel.close()
+        assert done.is_set() and dest == data
+
+
+def test_a_failing_callback_leaves_the_others_of_its_bounce_read_told(tmp_path: Path) -> None:
+    """Small destinations that follow each other in the file but not in memory share one
+    bounce read: one whose callback raises left the next unfilled and untold."""
+    data = os.urandom(1 << 20)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    memory = mmap.mmap(-1, 1 << 20)
+    base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+    told: list[int] = []
+
+    def bad() -> None:
+        raise ValueError("checksum mismatch")
+
+    parallel = reads.ParallelReads()
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        for i, then in enumerate([lambda: told.append(0), bad, lambda: told.append(2)]):
+            at = 1000 * i  # gaps in memory: not one run
+            view = memoryview(memory)[at : at + 100]
+            parallel.start(fd, 100 * i, view, base + at, then, str(path))
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            parallel.settle()
+        parallel.close()
+    assert told == [0, 2]
+    assert memory[2000:2100] == data[200:300]

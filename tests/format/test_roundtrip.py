@@ -382,6 +382,46 @@ def test_tied_weights_restore_sharing_storage(tmp_path: Path) -> None:
     assert len(entries) == 1, f"the tied weight must be stored once, got {entries}"
 
 
+def _tied_at(rows: int, lead: int) -> torch.nn.Module:
+    """A tied model of ``rows`` x 512 floats whose weight lies ``lead`` floats into its
+    memory: out of step with the file for most leads."""
+    model = torch.nn.Module()
+    room = torch.zeros(rows * 512 + 1024)
+    model.emb = torch.nn.Embedding(rows, 512)
+    model.emb.weight = torch.nn.Parameter(room[lead : lead + rows * 512].view(rows, 512))
+    model.head = torch.nn.Linear(512, rows, bias=False)
+    model.head.weight = model.emb.weight
+    return model
+
+
+@pytest.mark.parametrize("rows", [200, 4096])  # 400 KB, 8 MiB
+def test_tied_weights_restore_in_place_wherever_they_lie(tmp_path: Path, rows: int) -> None:
+    """Restored in place, a tied weight is read into one memory under both names: out
+    of step with the file, the two reads mixed, and half the restores failed with a
+    false checksum mismatch (or, unverified, loaded wrong weights; found by an attack on
+    the read path). Tied weights saved untied restore as torch loads them: the later
+    name's values."""
+    torch.manual_seed(0)
+    saved = _tied_at(rows, 0)
+    untied = {"emb.weight": torch.randn(rows, 512), "head.weight": torch.randn(rows, 512)}
+    with CheckpointManager(tmp_path, SYNC) as mgr:
+        mgr.save(1, {"model": saved})
+        mgr.save(2, {"model": untied})
+    for verify in (True, False):
+        options = CheckpointManagerOptions(read_only=True, verify_checksums=verify)
+        for lead in range(25, 32):  # 100-124 bytes out of step
+            with CheckpointManager(tmp_path, options) as mgr:
+                fresh = _tied_at(rows, lead)
+                mgr.restore({"model": fresh}, step=1)
+                assert torch.equal(fresh.emb.weight, saved.emb.weight)
+                fresh = _tied_at(rows, lead)
+                mgr.restore({"model": fresh}, step=2)
+                reference = _tied_at(rows, lead)
+                reference.load_state_dict(untied)
+                assert torch.equal(fresh.emb.weight, reference.emb.weight)
+                assert fresh.emb.weight.data_ptr() == fresh.head.weight.data_ptr()
+
+
 def test_overlapping_views_restore_sharing_storage(tmp_path: Path) -> None:
     base = torch.arange(24, dtype=torch.float64)
     state = {
