@@ -99,6 +99,7 @@ def _retention_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_to_keep": args.max_to_keep,
         "keep_period": args.keep_period,
+        "keep_time_interval": args.keep_time_interval,
         "best_metric": args.best_metric,
         "best_mode": args.best_mode,
     }
@@ -128,7 +129,8 @@ def _ls(args: argparse.Namespace) -> int:
     if mirror:
         lacks = f"lacks {', '.join(map(str, mirror.behind))}" if mirror.behind else "in line"
         print(f"remote {mirror.url}: {len(remote)} step(s), {lacks}")
-    known_rules = any(v is not None for v in (args.max_to_keep, args.keep_period, args.best_metric))
+    rules = (args.max_to_keep, args.keep_period, args.keep_time_interval, args.best_metric)
+    known_rules = any(v is not None for v in rules)
     table = []
     for r in rows:
         when = datetime.datetime.fromtimestamp(r.committed_at, datetime.timezone.utc)
@@ -148,7 +150,7 @@ def _ls(args: argparse.Namespace) -> int:
     if not known_rules and rows:
         print(
             "(the writer's retention rules are not known here: give --max-to-keep, "
-            "--keep-period, --best-metric to see what they keep)"
+            "--keep-period, --keep-time-interval, --best-metric to see what they keep)"
         )
     return 0
 
@@ -433,6 +435,7 @@ def _parser() -> argparse.ArgumentParser:
     def retention(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--max-to-keep", type=int)
         sub.add_argument("--keep-period", type=int)
+        sub.add_argument("--keep-time-interval", type=float, metavar="SECONDS")
         sub.add_argument("--best-metric", help="'/'-separated path into the metrics")
         sub.add_argument("--best-mode", choices=("min", "max"), default="max")
 

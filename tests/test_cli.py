@@ -45,6 +45,18 @@ def test_ls_table_and_json(ckpt: Path) -> None:
     assert [r["step"] for r in rows] == [10, 20, 30] and rows[0]["metrics"] == {"loss": 0.5}
 
 
+def test_ls_and_prune_know_the_time_interval_rule(ckpt: Path) -> None:
+    """Without it, `ls` marked a step the writer keeps by keep_time_interval as deleted at
+    the next save, and `prune` with the same flags deleted it (a new user's trial)."""
+    rules = ["--max-to-keep", "1", "--keep-time-interval", "3600"]
+    table = run("ls", str(ckpt), *rules)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert "one per 3600s" in lines[1] and "deleted at next save" in lines[2]
+    assert run("prune", str(ckpt), *rules).stdout.strip() == "deleted 1 step(s): 20"
+    assert [r["step"] for r in json.loads(run("ls", str(ckpt), "--json").stdout)] == [10, 30]
+
+
 def test_inspect_reads_headers_only(ckpt: Path) -> None:
     out = run("inspect", str(ckpt), "--step", "20")
     assert out.returncode == 0, out.stderr
