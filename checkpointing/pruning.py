@@ -86,15 +86,18 @@ class Pruner:
             for step, r in sorted(records.items())
         ]
         for rule in best_rules_ranking_nothing(self._policy, infos):
-            if rule not in self._warned:
+            # Only once it has to choose: an evaluator may not have scored the first ones.
+            if rule not in self._warned and len(infos) > rule.n:
                 self._warned.append(rule)
                 seen = sorted((infos[-1].metrics or {}).keys())
+                by = repr(rule.metric) if isinstance(rule.metric, str) else "best_fn"
                 logger.warning(
-                    "the retention rule 'keep the best %d by %r' ranks none of the %d steps: "
-                    "none has a finite number there (metrics of the newest: %s). The other "
-                    "rules decide alone; check best_metric / best_fn",
+                    "retention keeps the best %d by %s, yet none of the %d steps has a "
+                    "finite number there (metrics of the newest: %s); the other rules "
+                    "decide alone. Check best_metric / best_fn, or that the evaluation job "
+                    "records it (record_metrics)",
                     rule.n,
-                    rule.metric,
+                    by,
                     len(infos),
                     seen or "none",
                 )

@@ -78,9 +78,10 @@ def test_a_best_rule_that_ranks_nothing_is_said_once(
     ):
         for step in range(1, 5):
             mgr.save(step, {"x": torch.zeros(1)}, metrics={"val/loss": 1.0 / step})
-    said = [r.getMessage() for r in caplog.records if "ranks none" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "none of the" in r.getMessage()]
     assert len(said) == 1, said
-    assert "'val_loss'" in said[0] and "val/loss" in said[0], said[0]
+    assert "best 1 by 'val_loss'" in said[0] and "val/loss" in said[0], said[0]
+    assert "none of the 2 steps" in said[0], "said once it has to choose, not at the first"
 
 
 @pytest.mark.parametrize(
