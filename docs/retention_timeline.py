@@ -91,6 +91,9 @@ def _is_rule(row: str, reason: str) -> bool:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help, and nothing else
     target = Path(__file__).with_name("retention.svg")
     target.write_text(svg())
     print(f"wrote {target}")
