@@ -190,10 +190,10 @@ class StepReader:
         if fd is not None:
             target = torch.empty(shape, dtype=dtype) if dest is None else dest
             data = byte_view(target)
-            into = (memo_key, target.data_ptr(), len(data))
-            if into in self._read_into:  # the same bytes, into the same memory
-                return self._then(target, then)
             if dest is not None:
+                into = (memo_key, dest.data_ptr(), len(data))
+                if into in self._read_into:  # the same bytes, into the same memory
+                    return self._then(dest, then)
                 self._read_into.add(into)
 
             def check() -> None:
