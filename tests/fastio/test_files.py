@@ -400,14 +400,7 @@ def test_memory_out_of_step_is_read_into_early_and_moved_into_place(
     into = _requests_recorded(monkeypatch)
     offset, lead = 4096 + 100, 4096 + 100 + shift
     done = threading.Event()
-    parallel = reads.ParallelReads()
-    with DropBehindFile(path) as f:
-        fd = f.direct()
-        assert fd is not None, "this filesystem has O_DIRECT"
-        dest = memoryview(memory)[lead : lead + size]
-        parallel.start(fd, offset, dest, base + lead, done.set, str(path))
-        parallel.settle()
-        parallel.close()
+    _read_all(path, [(offset, memoryview(memory)[lead : lead + size], base + lead, done.set)])
     assert done.is_set()
     assert memory[lead : lead + size] == data[offset : offset + size]
     assert memory[:lead] == b"\xa5" * lead and memory[lead + size :] == b"\xa5" * (
@@ -417,23 +410,32 @@ def test_memory_out_of_step_is_read_into_early_and_moved_into_place(
     assert in_place >= size - 4 * mmap.PAGESIZE, "only the ends may go through a bounce"
 
 
+Read = tuple[int, memoryview, int, Callable[[], None]]  # offset, memory, its address, then
+
+
+def _read_all(path: Path, started: list[Read]) -> None:
+    """Start the reads of ``path`` with direct I/O, in order, then settle."""
+    parallel = reads.ParallelReads()
+    with DropBehindFile(path) as f:
+        fd = f.direct()
+        assert fd is not None, "this filesystem has O_DIRECT"
+        try:
+            for offset, dest, address, then in started:
+                parallel.start(fd, offset, dest, address, then, str(path))
+            parallel.settle()
+        finally:
+            parallel.close()
+
+
 def _parts_of_one_run(
     path: Path, memory: mmap.mmap, thens: list[Callable[[], None]], size: int
 ) -> None:
     """Read ``len(thens)`` destinations of ``size`` bytes that follow each other in the
     file and in ``memory``, then settle."""
     address = np.frombuffer(memory, dtype=np.uint8).ctypes.data
-    parallel = reads.ParallelReads()
-    with DropBehindFile(path) as f:
-        fd = f.direct()
-        assert fd is not None, "this filesystem has O_DIRECT"
-        try:
-            for i, then in enumerate(thens):
-                view = memoryview(memory)[i * size : (i + 1) * size]
-                parallel.start(fd, i * size, view, address + i * size, then, str(path))
-            parallel.settle()
-        finally:
-            parallel.close()
+    views = [memoryview(memory)[i * size : (i + 1) * size] for i in range(len(thens))]
+    _read_all(path, [(i * size, v, address + i * size, t)
+                     for i, (v, t) in enumerate(zip(views, thens, strict=True))])  # fmt: skip
 
 
 @pytest.mark.parametrize("size", [0, 100, 8192])
@@ -495,19 +497,11 @@ def test_memory_read_into_twice_holds_the_later_bytes_and_each_callback_its_own(
     dest = memoryview(memory)[at : at + size]
     for first, second in ((4096, 4096), (4096, 4096 + size)):  # the same bytes, others
         seen: list[bool] = []
-        parallel = reads.ParallelReads()
-        with DropBehindFile(path) as f:
-            fd = f.direct()
-            assert fd is not None, "this filesystem has O_DIRECT"
-            for offset in (first, second):
-                expected = data[offset : offset + size]
 
-                def check(expected: bytes = expected, seen: list[bool] = seen) -> None:
-                    seen.append(dest == expected)
+        def check(offset: int, seen: list[bool] = seen) -> Callable[[], None]:
+            return lambda: seen.append(dest == data[offset : offset + size])
 
-                parallel.start(fd, offset, dest, base + at, check, str(path))
-            parallel.settle()
-            parallel.close()
+        _read_all(path, [(o, dest, base + at, check(o)) for o in (first, second)])
         assert seen == [True, True], "each callback sees its own read's bytes"
         assert dest == data[second : second + size]
         assert memory[:at] == b"\xa5" * at and memory[at + size :] == b"\xa5" * (8192 - at)
@@ -529,14 +523,8 @@ def test_direct_reads_refused_on_every_helper_at_once_all_go_on(
         memory = mmap.mmap(-1, size + 4096)
         base = np.frombuffer(memory, dtype=np.uint8).ctypes.data
         done = threading.Event()
-        parallel = reads.ParallelReads()
-        with DropBehindFile(path) as f:
-            fd = f.direct()
-            assert fd is not None, "this filesystem has O_DIRECT"
-            dest = memoryview(memory)[1 : 1 + size]
-            parallel.start(fd, 0, dest, base + 1, done.set, str(path))
-            parallel.settle()
-            parallel.close()
+        dest = memoryview(memory)[1 : 1 + size]
+        _read_all(path, [(0, dest, base + 1, done.set)])
         assert done.is_set() and dest == data
 
 
@@ -553,16 +541,11 @@ def test_a_failing_callback_leaves_the_others_of_its_bounce_read_told(tmp_path: 
     def bad() -> None:
         raise ValueError("checksum mismatch")
 
-    parallel = reads.ParallelReads()
-    with DropBehindFile(path) as f:
-        fd = f.direct()
-        assert fd is not None, "this filesystem has O_DIRECT"
-        for i, then in enumerate([lambda: told.append(0), bad, lambda: told.append(2)]):
-            at = 1000 * i  # gaps in memory: not one run
-            view = memoryview(memory)[at : at + 100]
-            parallel.start(fd, 100 * i, view, base + at, then, str(path))
-        with pytest.raises(ValueError, match="checksum mismatch"):
-            parallel.settle()
-        parallel.close()
+    thens = [lambda: told.append(0), bad, lambda: told.append(2)]
+    # gaps in memory: not one run
+    started = [(100 * i, memoryview(memory)[1000 * i : 1000 * i + 100], base + 1000 * i, then)
+               for i, then in enumerate(thens)]  # fmt: skip
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        _read_all(path, started)
     assert told == [0, 2]
     assert memory[2000:2100] == data[200:300]
