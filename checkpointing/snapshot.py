@@ -10,6 +10,7 @@ which is also what makes reusing the buffers safe.
 from __future__ import annotations
 
 import mmap
+import threading
 
 import torch
 
@@ -38,9 +39,12 @@ class SnapshotBuffers:
             by_file.setdefault(blob.group, []).append(blob)
         # Buffers of tensors this save leaves out (an incremental save refers to their
         # earlier copy) are freed rather than held for a save that may never want them.
-        self._arenas = {g: a for g, a in self._arenas.items() if g in by_file}
         wanted = {(blob.group, blob.key) for blob in blobs}
+        left_out: list[object] = [a for g, a in self._arenas.items() if g not in by_file]
+        left_out += [b for k, b in self._buffers.items() if k not in wanted]
+        self._arenas = {g: a for g, a in self._arenas.items() if g in by_file}
         self._buffers = {k: b for k, b in self._buffers.items() if k in wanted}
+        _free_aside(left_out)
         buffers: dict[tuple[str, str], torch.Tensor] = {}
         for group, members in by_file.items():
             arena = self._arena(group, members)
@@ -95,3 +99,10 @@ class SnapshotBuffers:
             buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.device.type == "cuda")
             self._buffers[key] = buf
         return buf
+
+
+def _free_aside(buffers: list[object]) -> None:
+    """Drop the last references to ``buffers`` on a thread of their own: the kernel takes
+    a while to unmap gigabytes, which the training thread should not wait for."""
+    if buffers:
+        threading.Thread(target=buffers.clear, name="checkpointing-free", daemon=True).start()
