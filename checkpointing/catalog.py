@@ -97,11 +97,10 @@ class StepCatalog:
         scan = Scan({}, {}, {}, {}, self._load_protected(), self.load_evaluator_metrics())
         names = self._storage.committed(RECORD_NAME)
         found = [(step, n) for n in names if (step := self._naming.parse(n)) is not None]
+        listed = {n for _, n in found}
         reader = ReaderNaming(self._naming)
-        scan.named_otherwise = sorted(
-            (n for n in names if self._naming.parse(n) is None and reader.parse(n) is not None),
-            key=lambda n: reader.parse(n) or 0,
-        )
+        otherwise = {n: s for n in names if n not in listed and (s := reader.parse(n)) is not None}
+        scan.named_otherwise = sorted(otherwise, key=otherwise.__getitem__)
         # Where two folders hold one step (step_5 and step_00000005), today's name wins.
         found.sort(key=lambda s_n: (s_n[0], s_n[1] != self._naming.name(s_n[0]), s_n[1]))
         for step, name in found:

@@ -282,10 +282,11 @@ class ParallelReads:
         reads started before still land in (tied weights restored from untied ones) is
         read into once they are done: two reads at once would mix their bytes, and an
         out-of-step read, moved in place after landing early, is not even idempotent."""
-        if dest and self._lands_in(address, address + len(dest)):
-            self.settle()
         if dest:
-            bisect.insort(self._landing, (address, address + len(dest)))
+            span = (address, address + len(dest))
+            if self._lands_in(*span):
+                self.settle()
+            bisect.insort(self._landing, span)
         run = self._run
         if (
             run is not None
